@@ -1,0 +1,178 @@
+"""The `aepsl` command: one subcommand per pipeline stage, with shared conventions.
+
+Every stage command takes a config file (or none, for the defaults), `--out DIR`, and trailing
+`key=value` overrides of any config key. Bad input ends with one line on stderr and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+
+from aepsl import __version__
+from aepsl.config import Config, load_config, save_config
+from aepsl.errors import UserError
+
+Command = Callable[[argparse.Namespace], int | None]
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def _writable_out(path: str) -> Path:
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".aepsl-write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"{out}: output folder is not writable ({exc.strerror})") from None
+    return out
+
+
+# ------------------------------------------------------------------ commands
+
+
+def cmd_synth(args: argparse.Namespace) -> None:
+    from aepsl.data.synth import make_synth
+
+    root = make_synth(args.out, n=args.n, size=args.size, seed=args.seed)
+    print(f"wrote a folder dataset to {root}")
+
+
+def cmd_data_info(args: argparse.Namespace) -> None:
+    from aepsl.data.datasets import image_size, load_dataset, validate
+
+    config = _config(args)
+    data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
+    print(f"dataset: {data.root} ({config.data.format}), {data.num_classes} classes")
+    for reason, count in data.skipped.items():
+        print(f"skipped: {count} image(s) with {reason}")
+    names = ["images", "masks", "saliency"] + data.classes
+    print(f"{'split':<12}" + "".join(f"{n[:10]:>11}" for n in names))
+    for split, samples in data.splits.items():
+        counts = [
+            len(samples),
+            sum(s.mask is not None for s in samples),
+            sum(s.saliency is not None for s in samples),
+        ] + [sum(k + 1 in s.labels for s in samples) for k in range(data.num_classes)]
+        print(f"{split:<12}" + "".join(f"{c:>11}" for c in counts))
+        if samples:
+            sizes = [image_size(s.image) for s in samples[:200]]
+            heights, widths = zip(*sizes, strict=True)
+            print(
+                f"{'':<12}image size (first {len(sizes)}): height {min(heights)}-{max(heights)}, "
+                f"width {min(widths)}-{max(widths)}"
+            )
+        if args.check:
+            validate(data, split)
+            print(f"{'':<12}all images and masks decode and agree in size")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from aepsl.data.datasets import load_dataset
+    from aepsl.evaluation import evaluate_folder, format_table
+    from aepsl.io import write_json
+
+    config = _config(args)
+    pred_dir = Path(args.pred_dir)
+    if not pred_dir.is_dir():
+        raise UserError(f"{pred_dir}: prediction folder not found")
+    out = _writable_out(args.out or args.pred_dir)
+    data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
+    split = args.split or config.data.val_split
+    result = evaluate_folder(pred_dir, data.split(split), data.classes, args.pred_ignore)
+    result["split"] = split
+    print(format_table(result))
+    write_json(out / "metrics.json", result)
+    save_config(config, out)
+    print(f"wrote {out / 'metrics.json'}")
+
+
+def cmd_mine(args: argparse.Namespace) -> None:
+    from aepsl.mine.stage import run_mine
+
+    config = _config(args)
+    out = _writable_out(args.out)
+    save_config(config, out)
+    run_mine(config, out)
+
+
+# ------------------------------------------------------------------ parser
+
+
+def _stage_parser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help, description=help)
+    parser.add_argument("config", nargs="?", help="YAML config file (default: built-in defaults)")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    return parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aepsl",
+        description="AE-PSL weakly-supervised semantic segmentation: image tags in, masks out.",
+    )
+    parser.add_argument("--version", action="version", version=f"aepsl {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("synth", help="write a synthetic folder dataset with ground truth")
+    p.add_argument("out", help="folder to write")
+    p.add_argument("--n", type=int, default=240, help="number of images (default 240)")
+    p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_synth)
+
+    p = _stage_parser(sub, "data-info", "print counts per split and class, sizes, masks")
+    p.add_argument("--check", action="store_true", help="decode every image and mask")
+    p.set_defaults(func=cmd_data_info)
+
+    p = sub.add_parser("evaluate", help="score index PNGs against ground truth (mIoU)")
+    p.add_argument("pred_dir", help="folder of <id>.png index predictions")
+    p.add_argument("config", nargs="?", help="YAML config file naming the dataset")
+    p.add_argument("overrides", nargs="*", metavar="key=value")
+    p.add_argument("--split", help="split to score (default: data.val_split)")
+    p.add_argument("--out", help="where to write metrics.json (default: PRED_DIR)")
+    p.add_argument(
+        "--pred-ignore",
+        choices=["exclude", "background"],
+        default="exclude",
+        help="predicted 255 pixels: excluded (default) or counted as background",
+    )
+    p.set_defaults(func=cmd_evaluate)
+
+    p = _stage_parser(sub, "mine", "stage 1: mine object regions by adversarial erasing")
+    p.add_argument("--out", required=True, help="run folder (writes OUT/mine)")
+    p.set_defaults(func=cmd_mine)
+    return parser
+
+
+def _split_overrides(args: argparse.Namespace) -> None:
+    """A first positional holding '=' is an override, not a config path."""
+    if getattr(args, "config", None) and "=" in args.config and not Path(args.config).exists():
+        args.overrides = [args.config, *args.overrides]
+        args.config = None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _split_overrides(args)
+    warnings.simplefilter("default")
+    try:
+        args.func(args)
+    except UserError as exc:
+        if args.debug:
+            raise
+        print(f"aepsl {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"aepsl {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    return 0

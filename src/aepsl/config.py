@@ -1,0 +1,199 @@
+"""Typed, validated configuration: YAML presets plus `key=value` overrides from the command line.
+
+The schema is the documentation: every setting the method leaves open is a field here, with the
+default we chose and why. Unknown keys and wrong types are one-line errors naming the key.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import platform
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from aepsl.errors import UserError
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(Section):
+    format: Literal["folder", "voc"] = "folder"
+    root: str | None = Field(None, description="dataset root folder")
+    train_split: str = "train"
+    val_split: str = "val"
+    empty_labels: Literal["skip", "error"] = Field(
+        "skip", description="images with an empty label set: skip them (counted) or fail"
+    )
+    image_size: int = Field(
+        256, gt=31, description="train-time crop side; evaluation and CAMs use full images"
+    )
+    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+
+
+class ModelConfig(Section):
+    backbone: Literal["tiny", "vgg16", "resnet50"] = "vgg16"
+    weights: str = Field(
+        "imagenet",
+        description="'imagenet' (torchvision cache), 'none' (random init) or a state-dict path",
+    )
+
+
+class MineConfig(Section):
+    steps: int = Field(3, ge=1, le=10, description="adversarial erasing steps K (paper: 3)")
+    epochs: int = Field(15, ge=1, description="classifier training epochs per step")
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(0.01, gt=0, description="SGD learning rate of the new layers")
+    backbone_lr_mult: float = Field(
+        0.1, ge=0, description="learning-rate multiplier of pretrained backbone layers"
+    )
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    threshold_mode: Literal["relative", "quantile"] = Field(
+        "relative",
+        description="relative: erase H >= threshold; quantile: erase the top `threshold` "
+        "fraction of pixels by CAM value",
+    )
+    threshold: float = Field(0.5, gt=0, lt=1)
+    cam_scales: list[float] = Field(default_factory=lambda: [1.0])
+    cam_flip: bool = False
+    save_cams: bool = False
+    auto_stop: bool = Field(
+        False, description="stop when a step's final loss exceeds auto_stop_factor x step 1's"
+    )
+    auto_stop_factor: float = Field(2.0, gt=1)
+    checkpoint_every: int = Field(1, ge=1, description="epochs between resumable checkpoints")
+    visualise: int = Field(4, ge=0, description="images per step drawn to vis/")
+
+
+class Config(Section):
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        "bf16", description="autocast dtype; fp16 needs CUDA"
+    )
+    channels_last: bool = True
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    mine: MineConfig = Field(default_factory=MineConfig)
+
+
+def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys += _all_keys(annotation, f"{prefix}{name}.")
+        else:
+            keys.append(f"{prefix}{name}")
+    return keys
+
+
+ALL_KEYS = _all_keys(Config)
+
+
+def _closest(key: str) -> str:
+    match = difflib.get_close_matches(key, ALL_KEYS, n=1, cutoff=0.0)
+    return f"; did you mean '{match[0]}'?" if match else ""
+
+
+def _check_keys(tree: dict[str, Any], model: type[BaseModel], prefix: str, source: str) -> None:
+    for name, value in tree.items():
+        key = f"{prefix}{name}"
+        if name not in model.model_fields:
+            raise UserError(f"{source}: unknown config key '{key}'{_closest(key)}")
+        annotation = model.model_fields[name].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if not isinstance(value, dict):
+                raise UserError(f"{source}: config key '{key}' must be a section (mapping)")
+            _check_keys(value, annotation, f"{key}.", source)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    if "=" not in text:
+        raise UserError(f"override '{text}' is not of the form key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+    """Load a YAML preset (or the defaults when `path` is None) and apply `key=value` overrides."""
+    tree: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise UserError(f"{path}: config file not found") from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: cannot read config file ({exc})") from None
+        try:
+            tree = yaml.safe_load(text) or {}
+        except yaml.YAMLError as exc:
+            raise UserError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+        if not isinstance(tree, dict):
+            raise UserError(f"{path}: config file must be a mapping of keys to values")
+    _check_keys(tree, Config, "", source)
+    for text in overrides:
+        parts, value = parse_override(text)
+        _check_keys(_nest(parts, value), Config, "", "command line")
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise UserError(f"command line: config key '{'.'.join(parts)}' is not a section")
+        node[parts[-1]] = value
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        key = ".".join(str(p) for p in error["loc"])
+        got = error.get("input")
+        raise UserError(
+            f"{source}: config key '{key}': {error['msg']} (got {got!r})"
+        ) from None
+
+
+def _nest(parts: list[str], value: Any) -> dict[str, Any]:
+    tree: Any = value
+    for part in reversed(parts):
+        tree = {part: tree}
+    return tree
+
+
+def resolved_config(config: Config) -> dict[str, Any]:
+    """The config as written beside outputs, with the versions that produced them."""
+    import numpy
+    import torch
+    import torchvision
+
+    from aepsl import __version__
+
+    return {
+        **config.model_dump(mode="json"),
+        "versions": {
+            "aepsl": __version__,
+            "torch": str(torch.__version__),
+            "torchvision": str(torchvision.__version__),
+            "numpy": str(numpy.__version__),
+            "python": platform.python_version(),
+        },
+    }
+
+
+def save_config(config: Config, out: str | os.PathLike, name: str = "config.yaml") -> Path:
+    from aepsl.io import write_text
+
+    path = Path(out) / name
+    write_text(path, yaml.safe_dump(resolved_config(config), sort_keys=False))
+    return path

@@ -1,0 +1,323 @@
+"""Dataset readers. A dataset is a list of classes and named splits of samples; pixels are read
+lazily, so a split of any size costs only its file names and label sets in memory.
+
+Formats (see the README for the full description):
+- `folder`: ROOT/images/<id>.(jpg|jpeg|png), ROOT/classes.txt, ROOT/labels.csv (image,labels),
+  optional ROOT/masks/<id>.png, ROOT/splits/<split>.txt, ROOT/saliency/<id>.png.
+- `voc`: PASCAL VOC 2012 (VOCdevkit/VOC2012) with the optional SBD `SegmentationClassAug/`.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import warnings
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from aepsl.errors import UserError
+from aepsl.io import IGNORE, read_image, read_index_png
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+VOC_CLASSES = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
+    "train", "tvmonitor",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: its id, files, and image-level labels as class indices 1..C."""
+
+    id: str
+    image: Path
+    labels: tuple[int, ...]
+    mask: Path | None = None
+    saliency: Path | None = None
+
+
+@dataclass
+class Dataset:
+    root: Path
+    classes: list[str]  # class k (1..C) is classes[k - 1]; 0 is background
+    splits: dict[str, list[Sample]]
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def split(self, name: str) -> list[Sample]:
+        if name not in self.splits:
+            known = ", ".join(sorted(self.splits)) or "none"
+            raise UserError(f"{self.root}: no split named '{name}' (splits: {known})")
+        return self.splits[name]
+
+    def has_split(self, name: str) -> bool:
+        return name in self.splits
+
+
+def check_id(image_id: str, source: str) -> str:
+    """Ids become file names in every output folder: refuse anything but a plain name."""
+    if (
+        not image_id
+        or image_id in (".", "..")
+        or "/" in image_id
+        or "\\" in image_id
+        or "\x00" in image_id
+        or image_id != image_id.strip()
+    ):
+        raise UserError(f"{source}: image id {image_id!r} is not a plain file name")
+    return image_id
+
+
+def load_image(sample: Sample) -> np.ndarray:
+    return read_image(sample.image)
+
+
+def load_mask(sample: Sample, shape: tuple[int, int], num_classes: int) -> np.ndarray:
+    """Read a ground-truth mask and check it against its image's size and the class count."""
+    assert sample.mask is not None
+    mask = read_index_png(sample.mask)
+    if mask.shape != tuple(shape):
+        raise UserError(
+            f"{sample.mask}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+            f"{shape[1]}x{shape[0]}"
+        )
+    bad = (mask > num_classes) & (mask != IGNORE)
+    if bad.any():
+        raise UserError(
+            f"{sample.mask}: label {int(mask[bad].max())} is out of range "
+            f"(0..{num_classes} or 255)"
+        )
+    return mask
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) from the header only, after EXIF rotation."""
+    with Image.open(path) as image:
+        width, height = image.size
+        orientation = image.getexif().get(0x0112, 1)
+    return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
+def validate(dataset: Dataset, split: str) -> None:
+    """Decode every image and mask of a split once; raises UserError on the first bad file."""
+    for sample in dataset.split(split):
+        image = load_image(sample)
+        if sample.mask is not None:
+            load_mask(sample, image.shape[:2], dataset.num_classes)
+
+
+# ---------------------------------------------------------------- folder
+
+
+def _read_lines(path: Path) -> list[str]:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def _find_image(folder: Path, image_id: str) -> Path | None:
+    for ext in IMAGE_EXTENSIONS + tuple(e.upper() for e in IMAGE_EXTENSIONS):
+        path = folder / f"{image_id}{ext}"
+        if path.is_file():
+            return path
+    return None
+
+
+def _labels_from_mask(path: Path, num_classes: int) -> tuple[int, ...]:
+    values = np.unique(read_index_png(path))
+    bad = [int(v) for v in values if v > num_classes and v != IGNORE]
+    if bad:
+        raise UserError(f"{path}: label {bad[0]} is out of range (0..{num_classes} or 255)")
+    return tuple(int(v) for v in values if 0 < v <= num_classes)
+
+
+def load_folder(root: Path, empty_labels: str = "skip") -> Dataset:
+    if not root.is_dir():
+        raise UserError(f"{root}: dataset folder not found")
+    classes_path = root / "classes.txt"
+    if not classes_path.is_file():
+        raise UserError(f"{classes_path}: missing (one class name per line, no background)")
+    classes = _read_lines(classes_path)
+    if not classes:
+        raise UserError(f"{classes_path}: lists no classes")
+    if len(set(classes)) != len(classes):
+        dup = next(c for c in classes if classes.count(c) > 1)
+        raise UserError(f"{classes_path}: class '{dup}' is listed twice")
+    if len(classes) >= IGNORE:
+        raise UserError(f"{classes_path}: at most 254 classes fit in an index PNG")
+    index = {name: k + 1 for k, name in enumerate(classes)}
+
+    labels_path = root / "labels.csv"
+    if not labels_path.is_file():
+        raise UserError(f"{labels_path}: missing (header 'image,labels')")
+    try:
+        text = labels_path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{labels_path}: not UTF-8 text (byte {exc.start})") from None
+    rows = list(csv.reader(io.StringIO(text)))
+    if not rows or [c.strip() for c in rows[0]] != ["image", "labels"]:
+        got = ",".join(rows[0]) if rows else "nothing"
+        raise UserError(f"{labels_path}: header must be 'image,labels', got '{got}'")
+
+    images_dir, masks_dir, sal_dir = root / "images", root / "masks", root / "saliency"
+    samples: dict[str, Sample] = {}
+    skipped: dict[str, int] = {}
+    for line_no, row in enumerate(rows[1:], start=2):
+        if not row or all(not c.strip() for c in row):
+            continue
+        where = f"{labels_path}:{line_no}"
+        if len(row) != 2:
+            raise UserError(f"{where}: expected 2 columns (image,labels), got {len(row)}")
+        image_id = check_id(row[0].strip(), where)
+        if image_id in samples:
+            raise UserError(f"{where}: duplicate image id '{image_id}'")
+        names = row[1].split()
+        unknown = [n for n in names if n not in index]
+        if unknown:
+            raise UserError(f"{where}: unknown class name '{unknown[0]}' (not in classes.txt)")
+        labels = tuple(sorted({index[n] for n in names}))
+        if not labels:
+            if empty_labels == "error":
+                raise UserError(f"{where}: image '{image_id}' has an empty label set")
+            skipped["empty label set"] = skipped.get("empty label set", 0) + 1
+            continue
+        image = _find_image(images_dir, image_id)
+        if image is None:
+            raise UserError(f"{images_dir / image_id}.(jpg|jpeg|png): image file not found")
+        mask = masks_dir / f"{image_id}.png"
+        sal = sal_dir / f"{image_id}.png"
+        samples[image_id] = Sample(
+            image_id,
+            image,
+            labels,
+            mask if mask.is_file() else None,
+            sal if sal.is_file() else None,
+        )
+    if not samples:
+        raise UserError(f"{labels_path}: no labelled images")
+
+    splits_dir = root / "splits"
+    splits: dict[str, list[Sample]] = {}
+    if splits_dir.is_dir() and any(splits_dir.glob("*.txt")):
+        for split_file in sorted(splits_dir.glob("*.txt")):
+            ids = [check_id(i, str(split_file)) for i in _read_lines(split_file)]
+            if len(set(ids)) != len(ids):
+                dup = next(i for i in ids if ids.count(i) > 1)
+                raise UserError(f"{split_file}: duplicate image id '{dup}'")
+            missing = [i for i in ids if i not in samples]
+            if missing:
+                raise UserError(f"{split_file}: image id '{missing[0]}' is not in labels.csv")
+            splits[split_file.stem] = [samples[i] for i in ids]
+    else:
+        splits["train"] = list(samples.values())
+    _warn_skipped(root, skipped)
+    return Dataset(root, classes, splits, skipped)
+
+
+def _warn_skipped(root: Path, skipped: dict[str, int]) -> None:
+    for reason, count in skipped.items():
+        warnings.warn(f"{root}: skipped {count} image(s) with {reason}", stacklevel=3)
+
+
+# ---------------------------------------------------------------- PASCAL VOC
+
+
+def _voc_labels_from_xml(path: Path) -> tuple[int, ...]:
+    try:
+        tree = ET.parse(path)
+    except ET.ParseError as exc:
+        raise UserError(f"{path}: invalid XML ({exc})") from None
+    labels = set()
+    for obj in tree.getroot().iter("object"):
+        name = obj.find("name")
+        if name is None:
+            continue
+        text = (name.text or "").strip()
+        if text in VOC_CLASSES:
+            labels.add(VOC_CLASSES.index(text) + 1)
+    return tuple(sorted(labels))
+
+
+def load_voc(root: Path, empty_labels: str = "skip") -> Dataset:
+    """PASCAL VOC 2012. `root` is VOCdevkit/VOC2012 (or a folder containing it)."""
+    if (root / "VOC2012").is_dir():
+        root = root / "VOC2012"
+    images_dir = root / "JPEGImages"
+    if not images_dir.is_dir():
+        raise UserError(f"{images_dir}: not found; data.root must be VOCdevkit/VOC2012")
+    sets_dir = root / "ImageSets" / "Segmentation"
+    split_files = sorted(sets_dir.glob("*.txt")) if sets_dir.is_dir() else []
+    split_files += [p for p in (root / "train_aug.txt",) if p.is_file()]
+    if not split_files:
+        raise UserError(f"{sets_dir}: no split files (train.txt, val.txt, ...)")
+    mask_dirs = [root / "SegmentationClass", root / "SegmentationClassAug"]
+    sal_dir = root / "saliency"
+    cache: dict[str, Sample | None] = {}
+    skipped: dict[str, int] = {}
+    splits: dict[str, list[Sample]] = {}
+    for split_file in split_files:
+        samples = []
+        for raw in _read_lines(split_file):
+            # SBD-style lists give "/JPEGImages/<id>.jpg /SegmentationClassAug/<id>.png".
+            first = raw.split()[0]
+            image_id = check_id(Path(first).stem if "/" in first else first, str(split_file))
+            if image_id not in cache:
+                cache[image_id] = _voc_sample(root, image_id, mask_dirs, sal_dir, skipped,
+                                              empty_labels, split_file.stem == "test")
+            if cache[image_id] is not None:
+                samples.append(cache[image_id])
+        splits[split_file.stem] = samples
+    _warn_skipped(root, skipped)
+    return Dataset(root, list(VOC_CLASSES), splits, skipped)
+
+
+def _voc_sample(
+    root: Path,
+    image_id: str,
+    mask_dirs: list[Path],
+    sal_dir: Path,
+    skipped: dict[str, int],
+    empty_labels: str,
+    is_test: bool,
+) -> Sample | None:
+    image = root / "JPEGImages" / f"{image_id}.jpg"
+    if not image.is_file():
+        raise UserError(f"{image}: image file not found")
+    mask = next((d / f"{image_id}.png" for d in mask_dirs if (d / f"{image_id}.png").is_file()),
+                None)
+    xml = root / "Annotations" / f"{image_id}.xml"
+    if mask is not None:
+        labels = _labels_from_mask(mask, len(VOC_CLASSES))
+    elif xml.is_file():
+        labels = _voc_labels_from_xml(xml)
+    else:
+        labels = ()
+    if not labels and not is_test:
+        if empty_labels == "error":
+            raise UserError(f"{image}: image '{image_id}' has an empty label set")
+        skipped["empty label set"] = skipped.get("empty label set", 0) + 1
+        return None
+    sal = sal_dir / f"{image_id}.png"
+    return Sample(image_id, image, labels, mask, sal if sal.is_file() else None)
+
+
+def load_dataset(format: str, root: str | Path | None, empty_labels: str = "skip") -> Dataset:
+    if root is None:
+        raise UserError("config key 'data.root' is not set (the dataset folder)")
+    root = Path(root)
+    if format == "folder":
+        return load_folder(root, empty_labels)
+    if format == "voc":
+        return load_voc(root, empty_labels)
+    raise UserError(f"unknown data.format '{format}' (folder or voc)")

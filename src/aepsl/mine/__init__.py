@@ -1,0 +1,1 @@
+"""Stage 1, adversarial erasing: train, localise with CAMs, erase, repeat."""

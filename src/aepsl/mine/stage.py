@@ -1,0 +1,437 @@
+"""`aepsl mine`: K steps of adversarial erasing (ALGORITHM.md, stage 1).
+
+Layout of OUT/mine (each file written atomically; a re-run skips finished work):
+  manifest.json              hash of the settings that produced this folder
+  mean_pixel.json            the fill colour of erased pixels
+  step<t>/checkpoint.pt      resumable training state (removed when the step's training ends)
+  step<t>/classifier.pt      the trained classifier's state dict
+  step<t>/train.json         final training loss of the step
+  step<t>/regions/<id>.png   regions mined at step t (k = class, 255 = conflict)
+  step<t>/cams/<id>.npz      with mine.save_cams: keys, cams (float16, K x H x W, in [0, 1])
+  step<t>/vis/<id>.png       erased image | CAM | regions, for a few images
+  step<t>/done.json          the step's metrics, written last
+  regions/<id>.png           union over steps, same encoding
+  metrics.json               per step: loss, val mAP, region precision / recall
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+from aepsl.config import Config
+from aepsl.data.datasets import Dataset, Sample, load_dataset, load_mask
+from aepsl.evaluation import average_precision, region_scores
+from aepsl.io import (
+    PALETTE,
+    atomic_path,
+    load_checkpoint,
+    read_index_png,
+    save_checkpoint,
+    write_index_png,
+    write_json,
+    write_png,
+)
+from aepsl.mine.cam import (
+    max_normalise,
+    regions_to_label_map,
+    threshold_regions,
+    union_label_maps,
+    upsample_relu,
+)
+from aepsl.mine.data import ErasedImages, collate_list, mean_pixel
+from aepsl.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+from aepsl.models.classifier import CamClassifier, build_classifier
+from aepsl.runtime import (
+    autocast,
+    check_precision,
+    prepare_model,
+    seed_everything,
+    select_device,
+    to_device,
+)
+
+
+def settings_hash(config: Config) -> str:
+    """Hash of every setting that changes what `mine` writes."""
+    relevant = {
+        "seed": config.seed,
+        "data": config.data.model_dump(exclude={"num_workers"}),
+        "model": config.model.model_dump(),
+        "mine": config.mine.model_dump(exclude={"visualise", "checkpoint_every"}),
+        "precision": config.precision,
+    }
+    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def step_dir(out: Path, step: int) -> Path:
+    return out / "mine" / f"step{step}"
+
+
+def run_mine(config: Config, out: Path) -> dict[str, Any]:
+    """Run (or resume) all erasing steps; returns the metrics written to OUT/mine/metrics.json."""
+    device = select_device(config)
+    check_precision(config, device)
+    data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
+    train = data.split(config.data.train_split)
+    mine_dir = out / "mine"
+    _claim(mine_dir, settings_hash(config))
+    fill = _mean_pixel(mine_dir, train)
+    writer = SummaryWriter(str(mine_dir / "tensorboard"))
+    steps: list[dict[str, Any]] = []
+    first_loss = None
+    for step in range(1, config.mine.steps + 1):
+        folder = step_dir(out, step)
+        done = folder / "done.json"
+        if done.is_file():
+            record = json.loads(done.read_text())
+        else:
+            previous = [step_dir(out, s) / "regions" for s in range(1, step)]
+            model, loss = _train_step(config, data, train, previous, fill, folder, device, step,
+                                      writer)
+            record = {"step": step, "train_loss": loss}
+            stop = (
+                config.mine.auto_stop
+                and first_loss is not None
+                and loss > config.mine.auto_stop_factor * first_loss
+            )
+            if stop:
+                record["stopped"] = (
+                    f"final loss {loss:.4f} > {config.mine.auto_stop_factor} x step 1's "
+                    f"{first_loss:.4f}: regions of this step are not used"
+                )
+            else:
+                _extract_regions(config, data, train, previous, fill, folder, model, device)
+                record["val_mAP"] = _val_map(config, data, model, device)
+                record.update(_score_regions(data, train, out, step))
+            write_json(done, record)
+        first_loss = record["train_loss"] if first_loss is None else first_loss
+        steps.append(record)
+        print(_step_line(record))
+        if "stopped" in record:
+            break
+    used = [r["step"] for r in steps if "stopped" not in r]
+    _write_union(out, train, used)
+    metrics = {
+        "steps": steps,
+        "steps_used": used,
+        "threshold_mode": config.mine.threshold_mode,
+        "threshold": config.mine.threshold,
+        "mean_pixel": fill,
+        "region_metrics": "precision = correctly mined / mined pixels; recall = correctly "
+        "mined / ground-truth object pixels; conflicts count as mined, never correct",
+    }
+    write_json(mine_dir / "metrics.json", metrics)
+    writer.close()
+    return metrics
+
+
+def _claim(mine_dir: Path, digest: str) -> None:
+    """Start over when the folder was produced by different settings; otherwise resume."""
+    manifest = mine_dir / "manifest.json"
+    if manifest.is_file():
+        if json.loads(manifest.read_text()).get("settings_hash") == digest:
+            return
+        print(f"{mine_dir}: settings changed since the last run; mining again")
+        shutil.rmtree(mine_dir)
+    write_json(manifest, {"settings_hash": digest})
+
+
+def _mean_pixel(mine_dir: Path, train: list[Sample]) -> list[float]:
+    path = mine_dir / "mean_pixel.json"
+    if path.is_file():
+        return json.loads(path.read_text())["mean_pixel"]
+    fill = mean_pixel(train)
+    write_json(path, {"mean_pixel": fill})
+    return fill
+
+
+def _step_line(record: dict[str, Any]) -> str:
+    parts = [f"step {record['step']}: loss {record['train_loss']:.4f}"]
+    if record.get("val_mAP") is not None:
+        parts.append(f"val mAP {record['val_mAP']:.3f}")
+    for key in ("step", "union"):
+        scores = record.get(f"{key}_regions")
+        if scores:
+            parts.append(f"{key} P {scores['precision']:.3f} R {scores['recall']:.3f}")
+    if "stopped" in record:
+        parts.append(f"stopped: {record['stopped']}")
+    return ", ".join(parts)
+
+
+# ------------------------------------------------------------------ training
+
+
+def _seed_for(config: Config, step: int, epoch: int) -> int:
+    """A seed per (step, epoch), so a resumed epoch replays the uninterrupted run exactly."""
+    return config.seed * 1_000_003 + step * 1009 + epoch
+
+
+def _train_step(
+    config: Config,
+    data: Dataset,
+    train: list[Sample],
+    previous: list[Path],
+    fill: list[float],
+    folder: Path,
+    device: torch.device,
+    step: int,
+    writer: SummaryWriter,
+) -> tuple[CamClassifier, float]:
+    """Train a fresh classifier (same initialisation every step) on the erased images."""
+    cfg = config.mine
+    seed_everything(config.seed)  # the same initial weights at every step, as the paper says
+    model = build_classifier(config.model.backbone, config.model.weights, data.num_classes)
+    model = prepare_model(model, config, device)
+    final = folder / "classifier.pt"
+    if final.is_file():
+        model.load_state_dict(load_checkpoint(final))
+        return model, json.loads((folder / "train.json").read_text())["train_loss"]
+
+    pretrained = config.model.weights != "none"
+    new = {id(p) for p in model.new_parameters()}
+    backbone = [p for p in model.parameters() if id(p) not in new]
+    optimizer = torch.optim.SGD(
+        [
+            {"params": backbone, "lr": cfg.lr * (cfg.backbone_lr_mult if pretrained else 1.0)},
+            {"params": model.new_parameters(), "lr": cfg.lr},
+        ],
+        lr=cfg.lr,
+        momentum=cfg.momentum,
+        weight_decay=cfg.weight_decay,
+    )
+    dataset = ErasedImages(train, data.num_classes, previous, fill, crop=config.data.image_size)
+    per_epoch = math.ceil(len(dataset) / cfg.batch_size)
+    total = per_epoch * cfg.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda it: (1 - min(it, total - 1) / total) ** 0.9
+    )
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    start_epoch = 0
+    checkpoint = folder / "checkpoint.pt"
+    if checkpoint.is_file():
+        state = load_checkpoint(checkpoint)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch = int(state["epoch"])
+        print(f"step {step}: resuming training at epoch {start_epoch + 1}/{cfg.epochs}")
+
+    epoch_loss = math.nan
+    bar = tqdm(total=total, initial=start_epoch * per_epoch, desc=f"step {step} train",
+               unit="batch", dynamic_ncols=True)
+    for epoch in range(start_epoch, cfg.epochs):
+        seed_everything(_seed_for(config, step, epoch))
+        loader = DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            shuffle=True,
+            drop_last=len(dataset) > cfg.batch_size,
+            num_workers=config.data.num_workers,
+            pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(_seed_for(config, step, epoch)),
+        )
+        model.train()
+        losses = []
+        for images, targets, _ in loader:
+            images, targets = to_device(images, config, device), targets.to(device)
+            with autocast(config, device):
+                logits = model(images)
+            loss = F.binary_cross_entropy_with_logits(logits.float(), targets)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            losses.append(loss.item())
+            writer.add_scalar(f"step{step}/loss", losses[-1], scheduler.last_epoch)
+            bar.update()
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+        epoch_loss = float(np.mean(losses))
+        if not math.isfinite(epoch_loss):
+            raise FloatingPointError(f"step {step}: training loss is {epoch_loss} at epoch {epoch + 1}")
+        if (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < cfg.epochs:
+            save_checkpoint(
+                checkpoint,
+                {
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict(),
+                    "epoch": epoch + 1,
+                },
+            )
+    bar.close()
+    if math.isnan(epoch_loss):  # resumed after the last epoch had already run
+        epoch_loss = float(json.loads((folder / "train.json").read_text())["train_loss"])
+    save_checkpoint(final, model.state_dict())
+    write_json(folder / "train.json", {"train_loss": round(epoch_loss, 6)})
+    checkpoint.unlink(missing_ok=True)
+    return model, round(epoch_loss, 6)
+
+
+# ------------------------------------------------------------------ CAMs and regions
+
+
+def _batches(loader: DataLoader, limit: int) -> Any:
+    """Group a list-collated loader's items into stacks of equal image size."""
+    pending: dict[tuple[int, ...], list] = defaultdict(list)
+    for items in loader:
+        for item in items:
+            shape = tuple(item[0].shape)
+            pending[shape].append(item)
+            if len(pending[shape]) == limit:
+                yield pending.pop(shape)
+    yield from pending.values()
+
+
+@torch.no_grad()
+def compute_cams(
+    model: CamClassifier,
+    images: torch.Tensor,
+    config: Config,
+    device: torch.device,
+) -> torch.Tensor:
+    """Max-normalised CAMs (N, C, H, W) of all classes from one pass per scale (and flip)."""
+    size = images.shape[-2:]
+    images = to_device(images, config, device)
+    total = None
+    for scale in config.mine.cam_scales:
+        scaled = images if scale == 1 else F.interpolate(
+            images, scale_factor=scale, mode="bilinear", align_corners=False)
+        variants = [scaled, scaled.flip(-1)] if config.mine.cam_flip else [scaled]
+        for k, variant in enumerate(variants):
+            with autocast(config, device):
+                maps = model.class_maps(variant)
+            maps = upsample_relu(maps, size)
+            maps = maps.flip(-1) if k == 1 else maps
+            total = maps if total is None else total + maps
+    return max_normalise(total).cpu()
+
+
+def _extract_regions(
+    config: Config,
+    data: Dataset,
+    train: list[Sample],
+    previous: list[Path],
+    fill: list[float],
+    folder: Path,
+    model: CamClassifier,
+    device: torch.device,
+) -> None:
+    regions_dir = folder / "regions"
+    todo = [s for s in train if not (regions_dir / f"{s.id}.png").is_file()]
+    if not todo:
+        return
+    model.eval()
+    dataset = ErasedImages(todo, data.num_classes, previous, fill)
+    loader = DataLoader(dataset, batch_size=config.mine.batch_size, collate_fn=collate_list,
+                        num_workers=config.data.num_workers)
+    vis_ids = {s.id for s in train[: config.mine.visualise]}
+    bar = tqdm(total=len(todo), desc=f"{folder.name} CAMs", unit="img", dynamic_ncols=True)
+    for group in _batches(loader, config.mine.batch_size):
+        images = torch.stack([item[0] for item in group])
+        cams = compute_cams(model, images, config, device)
+        for (image, _, index), cam in zip(group, cams, strict=True):
+            sample = todo[index]
+            keys = [k for k in sample.labels]
+            own = cam[[k - 1 for k in keys]]
+            regions = threshold_regions(own, config.mine.threshold_mode, config.mine.threshold)
+            labels = regions_to_label_map(regions, keys).numpy()
+            if config.mine.save_cams:
+                _save_npz(folder / "cams" / f"{sample.id}.npz", np.array(keys, np.uint8),
+                          own.numpy().astype(np.float16))
+            if sample.id in vis_ids:
+                write_png(folder / "vis" / f"{sample.id}.png", _visual(image, own, labels))
+            write_index_png(regions_dir / f"{sample.id}.png", labels)  # last: marks done
+        bar.update(len(group))
+    bar.close()
+
+
+def _save_npz(path: Path, keys: np.ndarray, cams: np.ndarray) -> None:
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, keys=keys, cams=cams)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buffer.getvalue())
+
+
+def _visual(image: torch.Tensor, cams: torch.Tensor, labels: np.ndarray) -> np.ndarray:
+    """Erased image | max CAM over the image's classes as a heat map | mined regions."""
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    rgb = ((image * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+    heat = cams.amax(0).numpy() if len(cams) else np.zeros(labels.shape, np.float32)
+    heat_rgb = np.stack([heat, 1 - np.abs(2 * heat - 1), 1 - heat], axis=-1)
+    heat_rgb = (0.5 * rgb + 0.5 * 255 * heat_rgb).astype(np.uint8)
+    colours = np.array(PALETTE, np.uint8).reshape(256, 3)[labels]
+    overlay = np.where(labels[..., None] > 0, (0.4 * rgb + 0.6 * colours), rgb).astype(np.uint8)
+    return np.concatenate([rgb, heat_rgb, overlay], axis=1)
+
+
+@torch.no_grad()
+def _val_map(config: Config, data: Dataset, model: CamClassifier, device: torch.device):
+    """Classification mAP of the step's classifier on the (unerased) val split, if labelled."""
+    if not data.has_split(config.data.val_split):
+        return None
+    samples = data.split(config.data.val_split)
+    if not samples:
+        return None
+    model.eval()
+    dataset = ErasedImages(samples, data.num_classes, [], [0, 0, 0])
+    loader = DataLoader(dataset, batch_size=config.mine.batch_size, collate_fn=collate_list,
+                        num_workers=config.data.num_workers)
+    scores, targets = [], []
+    for group in _batches(loader, config.mine.batch_size):
+        images = to_device(torch.stack([item[0] for item in group]), config, device)
+        with autocast(config, device):
+            scores.append(model(images).float().cpu())
+        targets.append(torch.stack([item[1] for item in group]))
+    ap = average_precision(torch.cat(scores), torch.cat(targets))
+    return round(float(ap[~ap.isnan()].mean()), 6) if (~ap.isnan()).any() else None
+
+
+def _fold_union(out: Path, image_id: str, steps: list[int]) -> np.ndarray:
+    union = None
+    for step in steps:
+        regions = torch.from_numpy(read_index_png(step_dir(out, step) / "regions" / f"{image_id}.png"))
+        union = regions if union is None else union_label_maps(union, regions)
+    return union.numpy()
+
+
+def _score_regions(data: Dataset, train: list[Sample], out: Path, step: int) -> dict[str, Any]:
+    """Region precision / recall of step `step` alone and of the union of steps 1..step."""
+    if not train or any(s.mask is None for s in train):
+        return {}
+    totals = {"step": np.zeros(3, np.int64), "union": np.zeros(3, np.int64)}
+    for sample in train:
+        regions = read_index_png(step_dir(out, step) / "regions" / f"{sample.id}.png")
+        target = load_mask(sample, regions.shape, data.num_classes)
+        totals["step"] += region_scores(regions, target)
+        totals["union"] += region_scores(_fold_union(out, sample.id, list(range(1, step + 1))),
+                                         target)
+    result = {}
+    for key, (correct, mined, objects) in totals.items():
+        result[f"{key}_regions"] = {
+            "precision": round(correct / mined, 6) if mined else None,
+            "recall": round(correct / objects, 6) if objects else None,
+            "mined_fraction_of_objects": round(mined / objects, 6) if objects else None,
+        }
+    return result
+
+
+def _write_union(out: Path, train: list[Sample], steps: list[int]) -> None:
+    folder = out / "mine" / "regions"
+    for sample in tqdm(train, desc="union", unit="img", dynamic_ncols=True, leave=False):
+        write_index_png(folder / f"{sample.id}.png", _fold_union(out, sample.id, steps))

@@ -1,0 +1,81 @@
+from pathlib import Path
+
+import pytest
+import yaml
+
+from aepsl.config import load_config, save_config
+from aepsl.errors import UserError
+
+CONFIGS = Path(__file__).parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "voc_vgg16.yaml"])
+def test_presets_load(name):
+    config = load_config(CONFIGS / name)
+    assert config.mine.steps == 3
+
+
+def test_overrides_apply_with_yaml_types():
+    config = load_config(CONFIGS / "demo.yaml", ["mine.steps=4", "data.root=/x", "mine.cam_flip=true",
+                                                 "mine.cam_scales=[1.0, 0.5]"])
+    assert config.mine.steps == 4
+    assert config.data.root == "/x"
+    assert config.mine.cam_flip is True
+    assert config.mine.cam_scales == [1.0, 0.5]
+
+
+def test_unknown_key_names_closest():
+    with pytest.raises(UserError, match=r"unknown config key 'mine\.step'.*'mine\.steps'"):
+        load_config(None, ["mine.step=4"])
+
+
+def test_unknown_key_in_file(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("data:\n  rot: /x\n")
+    with pytest.raises(UserError, match=r"c\.yaml: unknown config key 'data\.rot'.*'data\.root'"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("mine.steps=abc", "mine.steps"), ("mine.threshold=1.5", "mine.threshold"),
+     ("precision=fp64", "precision"), ("mine.steps=0", "mine.steps")],
+)
+def test_wrong_type_or_range(override, key):
+    with pytest.raises(UserError, match=f"config key '{key}'"):
+        load_config(None, [override])
+
+
+def test_error_is_one_line():
+    with pytest.raises(UserError) as info:
+        load_config(None, ["mine.threshold=2"])
+    assert "\n" not in str(info.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [unclosed\n")
+    with pytest.raises(UserError, match="invalid YAML"):
+        load_config(bad)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- 1\n- 2\n")
+    with pytest.raises(UserError, match="mapping"):
+        load_config(listing)
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    evil = tmp_path / "evil.yaml"
+    evil.write_text("seed: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(UserError, match="invalid YAML"):
+        load_config(evil)
+
+
+def test_saved_config_has_versions_and_round_trips(tmp_path):
+    config = load_config(CONFIGS / "demo.yaml", ["mine.steps=2"])
+    path = save_config(config, tmp_path)
+    saved = yaml.safe_load(path.read_text())
+    assert set(saved["versions"]) >= {"aepsl", "torch", "torchvision"}
+    del saved["versions"]
+    assert load_config(None, []).model_validate(saved) == config
