@@ -106,8 +106,14 @@ def cmd_mine(args: argparse.Namespace) -> None:
 # ------------------------------------------------------------------ parser
 
 
+def _common() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    return parser
+
+
 def _stage_parser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
-    parser = sub.add_parser(name, help=help, description=help)
+    parser = sub.add_parser(name, help=help, description=help, parents=[_common()])
     parser.add_argument("config", nargs="?", help="YAML config file (default: built-in defaults)")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
@@ -119,10 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="AE-PSL weakly-supervised semantic segmentation: image tags in, masks out.",
     )
     parser.add_argument("--version", action="version", version=f"aepsl {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("synth", help="write a synthetic folder dataset with ground truth")
+    p = sub.add_parser(
+        "synth", help="write a synthetic folder dataset with ground truth", parents=[_common()]
+    )
     p.add_argument("out", help="folder to write")
     p.add_argument("--n", type=int, default=240, help="number of images (default 240)")
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
@@ -133,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check", action="store_true", help="decode every image and mask")
     p.set_defaults(func=cmd_data_info)
 
-    p = sub.add_parser("evaluate", help="score index PNGs against ground truth (mIoU)")
+    p = sub.add_parser(
+        "evaluate", help="score index PNGs against ground truth (mIoU)", parents=[_common()]
+    )
     p.add_argument("pred_dir", help="folder of <id>.png index predictions")
     p.add_argument("config", nargs="?", help="YAML config file naming the dataset")
     p.add_argument("overrides", nargs="*", metavar="key=value")

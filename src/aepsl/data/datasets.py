@@ -194,7 +194,7 @@ def load_folder(root: Path, empty_labels: str = "skip") -> Dataset:
             continue
         image = _find_image(images_dir, image_id)
         if image is None:
-            raise UserError(f"{images_dir / image_id}.(jpg|jpeg|png): image file not found")
+            raise UserError(f"{where}: image file {images_dir / image_id}.(jpg|jpeg|png) not found")
         mask = masks_dir / f"{image_id}.png"
         sal = sal_dir / f"{image_id}.png"
         samples[image_id] = Sample(

@@ -24,6 +24,7 @@ from __future__ import annotations
 import colorsys
 import csv
 import io
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,7 +123,7 @@ def _textured(
     """Colour `rgb` modulated by a low-contrast texture plus per-region noise (HxWx3 float)."""
     amplitude = rng.uniform(0.08, 0.14)
     wave = _stripes(u, v, period, plaid, rng.uniform(0, 2 * np.pi))
-    noise = rng.normal(0.0, rng.uniform(3.0, 8.0), u.shape + (3,))
+    noise = rng.normal(0.0, rng.uniform(3.0, 8.0), (*u.shape, 3))
     return rgb * (1 + amplitude * wave)[..., None] + noise
 
 
@@ -135,17 +136,16 @@ def _frame(
     return dx * c + dy * s, -dx * s + dy * c
 
 
-def _background(rng: np.random.Generator, size: int, scale: float) -> np.ndarray:
+def _background(
+    rng: np.random.Generator, yy: np.ndarray, xx: np.ndarray, scale: float
+) -> np.ndarray:
     """Dull low-frequency colour, then body-like textured patches and head-sized discs."""
     k = int(rng.integers(3, 6))
     grid = np.array(
-        [
-            _rgb(rng.uniform(), rng.uniform(0.05, 0.3), rng.uniform(0.3, 0.6))
-            for _ in range(k * k)
-        ]
+        [_rgb(rng.uniform(), rng.uniform(0.05, 0.3), rng.uniform(0.3, 0.6)) for _ in range(k * k)]
     ).reshape(k, k, 3)
+    size = yy.shape[0]
     image = _upsample(grid, size)
-    yy, xx = np.mgrid[:size, :size].astype(np.float64)
     for _ in range(int(rng.integers(2, 5))):
         # Patches may run off the border: they are clutter, and touching it keeps them
         # background for boundary-connectivity saliency.
@@ -157,8 +157,10 @@ def _background(rng: np.random.Generator, size: int, scale: float) -> np.ndarray
         else:
             inside = (np.abs(u) <= ha) & (np.abs(v) <= hb)
         family = _WARM if rng.random() < 0.5 else _COOL
-        rgb = _rgb(family + rng.uniform(-0.05, 0.05), rng.uniform(0.2, 0.5), rng.uniform(0.45, 0.75))
-        period = max(3.0, rng.uniform(3.5, 11.0) * scale)
+        rgb = _rgb(
+            family + rng.uniform(-0.05, 0.05), rng.uniform(0.2, 0.5), rng.uniform(0.45, 0.75)
+        )
+        period = rng.uniform(4.0, 10.5) * scale
         texture = _textured(rng, u, v, rgb, period, bool(rng.random() < 0.3))
         image[inside] = texture[inside]
     for _ in range(int(rng.integers(2, 6))):
@@ -208,10 +210,12 @@ def render_scene(rng: np.random.Generator, size: int) -> Scene:
     `_MIN_VISIBLE` visible is retried, and the object is dropped if no try fits, so no label
     rests on a sliver of pixels; the label set is in any case read from the final mask.
     """
-    scale = size / 128
-    image = _background(rng, size, scale)
-    mask = np.zeros((size, size), np.uint8)
+    # Texture periods follow the image size but stop shrinking below 2/3 of the 128 px ones, so
+    # the finest stripes keep a period of 3 px and the fine/coarse cue survives small images.
+    scale = max(size / 128, 2 / 3)
     yy, xx = np.mgrid[:size, :size].astype(np.float64)
+    image = _background(rng, yy, xx, scale)
+    mask = np.zeros((size, size), np.uint8)
     count = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
     classes = rng.choice(len(SYNTH_CLASSES), size=count, replace=False) + 1
     objects: list[SynthObject] = []
@@ -220,7 +224,8 @@ def render_scene(rng: np.random.Generator, size: int) -> Scene:
             obj, u, v = _place_object(rng, size, int(label), yy, xx)
             region = obj.body | obj.head
             if all(
-                ((mask == prev.label) & ~region).sum() >= _MIN_VISIBLE * (prev.body | prev.head).sum()
+                ((mask == prev.label) & ~region).sum()
+                >= _MIN_VISIBLE * (prev.body | prev.head).sum()
                 for prev in objects
             ):
                 break
@@ -229,7 +234,7 @@ def render_scene(rng: np.random.Generator, size: int) -> Scene:
         look = _LOOKS[obj.label - 1]
         hue = look.body_hue + rng.uniform(-0.03, 0.03)
         rgb = _rgb(hue, rng.uniform(0.35, 0.6), rng.uniform(0.7, 0.9))
-        period = max(3.0, look.period * scale * rng.uniform(0.9, 1.1))
+        period = look.period * scale * rng.uniform(0.9, 1.1)
         image[obj.body] = _textured(rng, u, v, rgb, period, look.plaid)[obj.body]
         head_rgb = np.array(look.head_rgb, float) + rng.normal(0.0, 8.0, 3)
         image[obj.head] = head_rgb + rng.normal(0.0, 4.0, (int(obj.head.sum()), 3))
@@ -252,9 +257,9 @@ def make_synth(
     labels.csv (image,labels), splits/train.txt and splits/val.txt. The same arguments give
     byte-identical files. Returns the dataset root.
     """
-    if not isinstance(n, int) or n < 4:
+    if not isinstance(n, numbers.Integral) or n < 4:
         raise UserError(f"synthetic dataset: n must be an integer >= 4, got {n!r}")
-    if not isinstance(size, int) or size < 48:
+    if not isinstance(size, numbers.Integral) or size < 48:
         raise UserError(f"synthetic dataset: size must be an integer >= 48, got {size!r}")
     if not 0 < val_fraction < 1:
         raise UserError(f"synthetic dataset: val_fraction must be in (0, 1), got {val_fraction!r}")

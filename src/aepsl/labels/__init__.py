@@ -1,0 +1,1 @@
+"""Stage 2: pseudo-label construction (mined regions, saliency, masks)."""

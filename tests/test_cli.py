@@ -1,0 +1,76 @@
+"""The CLI conventions: config + overrides, one-line errors with exit 2, config.yaml beside outputs."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from aepsl.cli import main
+from aepsl.io import read_index_png, write_index_png
+
+DEMO = str(Path(__file__).parent.parent / "configs" / "demo.yaml")
+
+
+def test_data_info(folder_dataset, capsys):
+    assert main(["data-info", DEMO, f"data.root={folder_dataset}", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "2 classes" in out and "train" in out and "val" in out
+    assert "all images and masks decode" in out
+
+
+def test_unknown_key_exits_2_with_one_line(tmp_path, capsys):
+    assert main(["data-info", DEMO, "mine.stepz=2"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0
+    assert "unknown config key 'mine.stepz'" in err and "mine.steps" in err
+
+
+def test_overrides_without_config_file(folder_dataset, capsys):
+    assert main(["data-info", f"data.root={folder_dataset}"]) == 0
+
+
+def test_missing_dataset_is_clear(tmp_path, capsys):
+    assert main(["data-info", DEMO, f"data.root={tmp_path / 'none'}"]) == 2
+    assert "dataset folder not found" in capsys.readouterr().err
+
+
+def test_output_folder_not_writable(folder_dataset, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    code = main(["mine", DEMO, f"data.root={folder_dataset}", "--out", str(blocker / "sub")])
+    assert code == 2
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_evaluate_writes_metrics_and_config(folder_dataset, tmp_path, capsys):
+    preds = tmp_path / "preds"
+    for name in ("img4", "img5"):
+        mask = read_index_png(folder_dataset / "masks" / f"{name}.png")
+        write_index_png(preds / f"{name}.png", np.where(mask == 255, 0, mask))
+    out = tmp_path / "eval"
+    assert main(["evaluate", str(preds), DEMO, f"data.root={folder_dataset}", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "mIoU" in printed and "protocol:" in printed
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["mIoU"] == 1.0 and metrics["split"] == "val"
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["data"]["root"] == str(folder_dataset) and "torch" in saved["versions"]
+
+
+def test_evaluate_missing_prediction(folder_dataset, tmp_path, capsys):
+    (tmp_path / "preds").mkdir()
+    assert main(["evaluate", str(tmp_path / "preds"), DEMO, f"data.root={folder_dataset}"]) == 2
+    assert "img4.png: file not found" in capsys.readouterr().err
+
+
+def test_console_script_entry_point(folder_dataset):
+    result = subprocess.run(
+        [sys.executable, "-m", "aepsl", "data-info", DEMO, "data.root=/nonexistent"],
+        capture_output=True, text=True, check=False,
+    )
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("aepsl data-info: error: /nonexistent")

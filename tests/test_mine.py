@@ -1,0 +1,125 @@
+"""`aepsl mine` end to end on a tiny dataset: outputs, formats, union, skip and resume."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aepsl.cli import main
+from aepsl.config import load_config
+from aepsl.io import read_index_png
+from aepsl.mine.stage import run_mine
+from aepsl.models import build_classifier
+
+DEMO = Path(__file__).parent.parent / "configs" / "demo.yaml"
+TINY = ["mine.epochs=2", "data.image_size=32", "mine.batch_size=4", "precision=fp32"]
+
+
+def _config(root, *extra):
+    return load_config(DEMO, [f"data.root={root}", *TINY, *extra])
+
+
+@pytest.fixture(scope="module")
+def mined(tmp_path_factory):
+    from conftest import make_folder_dataset
+
+    base = tmp_path_factory.mktemp("mine")
+    root = make_folder_dataset(base / "data", n=8)
+    out = base / "run"
+    code = main(["mine", str(DEMO), f"data.root={root}", *TINY, "mine.save_cams=true",
+                 "--out", str(out)])
+    assert code == 0
+    return root, out
+
+
+def test_outputs_exist_and_load_safely(mined):
+    root, out = mined
+    metrics = json.loads((out / "mine" / "metrics.json").read_text())
+    assert [s["step"] for s in metrics["steps"]] == [1, 2, 3]
+    for step in metrics["steps"]:
+        assert step["train_loss"] > 0
+        assert 0 <= step["union_regions"]["precision"] <= 1
+        assert step["val_mAP"] is not None
+    state = torch.load(out / "mine" / "step1" / "classifier.pt", weights_only=True)
+    build_classifier("tiny", "none", 2).load_state_dict(state)
+    assert (out / "config.yaml").is_file()
+    assert not (out / "mine" / "step1" / "checkpoint.pt").exists()
+    assert len(list((out / "mine" / "step2" / "vis").glob("*.png"))) > 0
+
+
+def test_region_maps_use_image_classes_only(mined):
+    root, out = mined
+    train = (root / "splits" / "train.txt").read_text().split()
+    labels = dict(line.split(",") for line in (root / "labels.csv").read_text().splitlines()[1:])
+    names = {"square": 1, "disc": 2}
+    for image_id in train:
+        allowed = {0, 255} | {names[n] for n in labels[image_id].split()}
+        for step in (1, 2, 3):
+            regions = read_index_png(out / "mine" / f"step{step}" / "regions" / f"{image_id}.png")
+            assert regions.shape == (32, 32)
+            assert set(np.unique(regions).tolist()) <= allowed
+
+
+def test_union_is_union_of_steps(mined):
+    _, out = mined
+    for path in (out / "mine" / "regions").glob("*.png"):
+        union = read_index_png(path)
+        steps = [read_index_png(out / "mine" / f"step{s}" / "regions" / path.name) for s in (1, 2, 3)]
+        mined_any = np.any([s != 0 for s in steps], axis=0)
+        assert np.array_equal(union != 0, mined_any)
+
+
+def test_saved_cams_format(mined):
+    _, out = mined
+    cams = np.load(out / "mine" / "step1" / "cams" / "img2.npz", allow_pickle=False)
+    assert cams["keys"].tolist() == [1, 2]
+    assert cams["cams"].dtype == np.float16 and cams["cams"].shape == (2, 32, 32)
+    assert 0 <= cams["cams"].min() and cams["cams"].max() <= 1.0
+
+
+def test_rerun_skips_finished_steps(mined, capsys):
+    root, out = mined
+    before = (out / "mine" / "step1" / "classifier.pt").stat().st_mtime_ns
+    run_mine(_config(root, "mine.save_cams=true"), out)
+    assert (out / "mine" / "step1" / "classifier.pt").stat().st_mtime_ns == before
+    assert "train" not in capsys.readouterr().err  # no progress bar: nothing was trained
+
+
+def test_interrupted_step_resumes_to_the_same_result(tmp_path, monkeypatch):
+    from conftest import make_folder_dataset
+
+    from aepsl.mine import stage
+
+    root = make_folder_dataset(tmp_path / "data", n=8)
+    config = _config(root, "mine.steps=2", "mine.epochs=3")
+    run_mine(config, tmp_path / "full")
+
+    save = stage.save_checkpoint
+
+    def killed_after_first_checkpoint_of_step2(path, state):
+        save(path, state)
+        if path.name == "checkpoint.pt" and path.parent.name == "step2":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage, "save_checkpoint", killed_after_first_checkpoint_of_step2)
+    with pytest.raises(KeyboardInterrupt):
+        run_mine(config, tmp_path / "resumed")
+    assert (tmp_path / "resumed" / "mine" / "step2" / "checkpoint.pt").is_file()
+    monkeypatch.undo()
+    run_mine(config, tmp_path / "resumed")
+
+    full, resumed = tmp_path / "full" / "mine", tmp_path / "resumed" / "mine"
+    for name, weight in torch.load(full / "step2" / "classifier.pt", weights_only=True).items():
+        other = torch.load(resumed / "step2" / "classifier.pt", weights_only=True)[name]
+        assert torch.equal(weight, other), name
+    for path in (full / "regions").glob("*.png"):
+        assert np.array_equal(read_index_png(path), read_index_png(resumed / "regions" / path.name))
+
+
+def test_changed_setting_mines_again(mined, capsys):
+    root, out = mined
+    run_mine(_config(root, "mine.save_cams=true", "mine.threshold=0.3", "mine.steps=1"), out)
+    assert "settings changed" in capsys.readouterr().out
+    assert not (out / "mine" / "step2").exists()
