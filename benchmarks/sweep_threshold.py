@@ -1,6 +1,6 @@
 """Step-1 CAM threshold sweep beside the erasing union's points (run `mine` with save_cams).
 
-    python benchmarks/sweep_threshold.py configs/demo.yaml --out runs/demo data.root=runs/synth
+python benchmarks/sweep_threshold.py configs/demo.yaml --out runs/demo data.root=runs/synth
 """
 
 import argparse
@@ -24,15 +24,18 @@ def main() -> None:
     thresholds = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
     if args.mode == "quantile":
         thresholds = [0.05, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5]
-    rows = sweep_step_cams(data, config.data.train_split, mine / "step1" / "cams", thresholds,
-                           args.mode)
+    rows = sweep_step_cams(
+        data, config.data.train_split, mine / "step1" / "cams", thresholds, args.mode
+    )
     print(f"step-1 CAM, {args.mode} threshold sweep:")
     print(f"{'threshold':>10}{'precision':>11}{'recall':>8}")
     for row in rows:
         print(f"{row['threshold']:>10}{row['precision']:>11.3f}{row['recall']:>8.3f}")
     print(f"erasing union ({config.mine.threshold_mode} {config.mine.threshold}):")
     for point in union_points(mine / "metrics.json"):
-        print(f"{'step ' + str(point['step']):>10}{point['precision']:>11.3f}{point['recall']:>8.3f}")
+        print(
+            f"{'step ' + str(point['step']):>10}{point['precision']:>11.3f}{point['recall']:>8.3f}"
+        )
 
 
 if __name__ == "__main__":

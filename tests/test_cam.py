@@ -81,6 +81,9 @@ def test_fill_erased_uses_mean_colour():
     assert torch.equal(out[0], images[0])
     assert torch.allclose(out[1, :, 2:, :], fill.view(3, 1, 1).expand(3, 2, 4))
     assert torch.equal(out[1, :, :2], images[1, :, :2])
-    uint8 = fill_erased(torch.zeros(3, 2, 2, dtype=torch.uint8), erase[1, 2:, :2],
-                        torch.tensor([9, 8, 7], dtype=torch.uint8))
+    uint8 = fill_erased(
+        torch.zeros(3, 2, 2, dtype=torch.uint8),
+        erase[1, 2:, :2],
+        torch.tensor([9, 8, 7], dtype=torch.uint8),
+    )
     assert uint8[:, 0, 0].tolist() == [9, 8, 7]

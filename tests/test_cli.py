@@ -1,4 +1,4 @@
-"""The CLI conventions: config + overrides, one-line errors with exit 2, config.yaml beside outputs."""
+"""CLI conventions: config + overrides, one-line errors with exit 2, config.yaml with outputs."""
 
 import json
 import subprocess
@@ -51,7 +51,9 @@ def test_evaluate_writes_metrics_and_config(folder_dataset, tmp_path, capsys):
         mask = read_index_png(folder_dataset / "masks" / f"{name}.png")
         write_index_png(preds / f"{name}.png", np.where(mask == 255, 0, mask))
     out = tmp_path / "eval"
-    assert main(["evaluate", str(preds), DEMO, f"data.root={folder_dataset}", "--out", str(out)]) == 0
+    assert (
+        main(["evaluate", str(preds), DEMO, f"data.root={folder_dataset}", "--out", str(out)]) == 0
+    )
     printed = capsys.readouterr().out
     assert "mIoU" in printed and "protocol:" in printed
     metrics = json.loads((out / "metrics.json").read_text())
@@ -69,7 +71,9 @@ def test_evaluate_missing_prediction(folder_dataset, tmp_path, capsys):
 def test_console_script_entry_point(folder_dataset):
     result = subprocess.run(
         [sys.executable, "-m", "aepsl", "data-info", DEMO, "data.root=/nonexistent"],
-        capture_output=True, text=True, check=False,
+        capture_output=True,
+        text=True,
+        check=False,
     )
     assert result.returncode == 2
     assert "Traceback" not in result.stderr

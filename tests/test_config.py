@@ -16,8 +16,10 @@ def test_presets_load(name):
 
 
 def test_overrides_apply_with_yaml_types():
-    config = load_config(CONFIGS / "demo.yaml", ["mine.steps=4", "data.root=/x", "mine.cam_flip=true",
-                                                 "mine.cam_scales=[1.0, 0.5]"])
+    config = load_config(
+        CONFIGS / "demo.yaml",
+        ["mine.steps=4", "data.root=/x", "mine.cam_flip=true", "mine.cam_scales=[1.0, 0.5]"],
+    )
     assert config.mine.steps == 4
     assert config.data.root == "/x"
     assert config.mine.cam_flip is True
@@ -38,8 +40,12 @@ def test_unknown_key_in_file(tmp_path):
 
 @pytest.mark.parametrize(
     "override, key",
-    [("mine.steps=abc", "mine.steps"), ("mine.threshold=1.5", "mine.threshold"),
-     ("precision=fp64", "precision"), ("mine.steps=0", "mine.steps")],
+    [
+        ("mine.steps=abc", "mine.steps"),
+        ("mine.threshold=1.5", "mine.threshold"),
+        ("precision=fp64", "precision"),
+        ("mine.steps=0", "mine.steps"),
+    ],
 )
 def test_wrong_type_or_range(override, key):
     with pytest.raises(UserError, match=f"config key '{key}'"):

@@ -65,7 +65,7 @@ def test_wrong_header_and_encoding(folder_dataset):
     with pytest.raises(UserError, match="header must be 'image,labels'"):
         load_folder(folder_dataset)
     (folder_dataset / "labels.csv").write_bytes(b"image,labels\nimg0,squ\xe9re\n")
-    with pytest.raises(UserError, match="labels.csv: not UTF-8"):
+    with pytest.raises(UserError, match=r"labels\.csv: not UTF-8"):
         load_folder(folder_dataset)
 
 
@@ -96,7 +96,7 @@ def test_missing_files(tmp_path, folder_dataset):
     (folder_dataset / "classes.txt").unlink()
     with pytest.raises(UserError, match=r"classes\.txt: missing"):
         load_folder(folder_dataset)
-    with pytest.raises(UserError, match="data.root"):
+    with pytest.raises(UserError, match=r"data\.root"):
         load_dataset("folder", None)
 
 
@@ -115,7 +115,7 @@ def test_mask_wrong_size_and_out_of_range(folder_dataset):
 def test_corrupt_or_empty_image(tmp_path, content):
     path = tmp_path / "bad.png"
     path.write_bytes(content)
-    with pytest.raises(UserError, match="bad.png"):
+    with pytest.raises(UserError, match=r"bad\.png"):
         read_image(path)
 
 
@@ -154,8 +154,13 @@ def test_exif_rotation_applied(tmp_path):
 
 def make_voc(root: Path) -> Path:
     voc = root / "VOCdevkit" / "VOC2012"
-    for d in ("JPEGImages", "SegmentationClass", "SegmentationClassAug", "Annotations",
-              "ImageSets/Segmentation"):
+    for d in (
+        "JPEGImages",
+        "SegmentationClass",
+        "SegmentationClassAug",
+        "Annotations",
+        "ImageSets/Segmentation",
+    ):
         (voc / d).mkdir(parents=True)
     ids = ["2007_000001", "2007_000002", "2008_000003"]
     for i, image_id in enumerate(ids):

@@ -5,6 +5,7 @@ import pytest
 import torch
 from torchmetrics.functional.classification import multiclass_jaccard_index
 
+from aepsl.data.datasets import load_folder
 from aepsl.evaluation import (
     average_precision,
     confusion_matrix,
@@ -13,7 +14,6 @@ from aepsl.evaluation import (
     region_scores,
 )
 from aepsl.io import read_index_png, write_index_png
-from aepsl.data.datasets import load_folder
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -25,8 +25,7 @@ def test_miou_matches_torchmetrics(seed):
     target[:, :3] = 255
     matrix = confusion_matrix(pred, target, num)
     ours = metrics_from_confusion(matrix, [str(k) for k in range(num)])
-    theirs = multiclass_jaccard_index(pred, target, num_classes=num, ignore_index=255,
-                                      average=None)
+    theirs = multiclass_jaccard_index(pred, target, num_classes=num, ignore_index=255, average=None)
     for k in range(num):
         assert ours["per_class"][str(k)]["IoU"] == pytest.approx(float(theirs[k]), abs=1e-6)
     assert ours["mIoU"] == pytest.approx(float(theirs.mean()), abs=1e-6)

@@ -28,14 +28,15 @@ def mined(tmp_path_factory):
     base = tmp_path_factory.mktemp("mine")
     root = make_folder_dataset(base / "data", n=8)
     out = base / "run"
-    code = main(["mine", str(DEMO), f"data.root={root}", *TINY, "mine.save_cams=true",
-                 "--out", str(out)])
+    code = main(
+        ["mine", str(DEMO), f"data.root={root}", *TINY, "mine.save_cams=true", "--out", str(out)]
+    )
     assert code == 0
     return root, out
 
 
 def test_outputs_exist_and_load_safely(mined):
-    root, out = mined
+    _, out = mined
     metrics = json.loads((out / "mine" / "metrics.json").read_text())
     assert [s["step"] for s in metrics["steps"]] == [1, 2, 3]
     for step in metrics["steps"]:
@@ -66,7 +67,9 @@ def test_union_is_union_of_steps(mined):
     _, out = mined
     for path in (out / "mine" / "regions").glob("*.png"):
         union = read_index_png(path)
-        steps = [read_index_png(out / "mine" / f"step{s}" / "regions" / path.name) for s in (1, 2, 3)]
+        steps = [
+            read_index_png(out / "mine" / f"step{s}" / "regions" / path.name) for s in (1, 2, 3)
+        ]
         mined_any = np.any([s != 0 for s in steps], axis=0)
         assert np.array_equal(union != 0, mined_any)
 
@@ -76,7 +79,7 @@ def test_saved_cams_format(mined):
     cams = np.load(out / "mine" / "step1" / "cams" / "img2.npz", allow_pickle=False)
     assert cams["keys"].tolist() == [1, 2]
     assert cams["cams"].dtype == np.float16 and cams["cams"].shape == (2, 32, 32)
-    assert 0 <= cams["cams"].min() and cams["cams"].max() <= 1.0
+    assert cams["cams"].min() >= 0 and cams["cams"].max() <= 1.0
 
 
 def test_rerun_skips_finished_steps(mined, capsys):
@@ -116,6 +119,16 @@ def test_interrupted_step_resumes_to_the_same_result(tmp_path, monkeypatch):
         assert torch.equal(weight, other), name
     for path in (full / "regions").glob("*.png"):
         assert np.array_equal(read_index_png(path), read_index_png(resumed / "regions" / path.name))
+
+
+def test_labels_without_saliency_use_saved_cams(mined):
+    root, out = mined
+    code = main(
+        ["labels", str(DEMO), f"data.root={root}", "saliency.source=none", "--out", str(out)]
+    )
+    assert code == 0
+    metrics = json.loads((out / "labels" / "metrics.json").read_text())
+    assert metrics["saliency_source"] == "none" and 0 < metrics["labelled_fraction"] <= 1
 
 
 def test_changed_setting_mines_again(mined, capsys):

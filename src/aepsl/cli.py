@@ -53,7 +53,7 @@ def cmd_data_info(args: argparse.Namespace) -> None:
     print(f"dataset: {data.root} ({config.data.format}), {data.num_classes} classes")
     for reason, count in data.skipped.items():
         print(f"skipped: {count} image(s) with {reason}")
-    names = ["images", "masks", "saliency"] + data.classes
+    names = ["images", "masks", "saliency", *data.classes]
     print(f"{'split':<12}" + "".join(f"{n[:10]:>11}" for n in names))
     for split, samples in data.splits.items():
         counts = [
@@ -101,6 +101,21 @@ def cmd_mine(args: argparse.Namespace) -> None:
     out = _writable_out(args.out)
     save_config(config, out)
     run_mine(config, out)
+
+
+def cmd_labels(args: argparse.Namespace) -> None:
+    from aepsl.labels.stage import run_labels
+
+    config = _config(args)
+    out = _writable_out(args.out)
+    save_config(config, out)
+    run_labels(config, out)
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from aepsl.demo import run_demo
+
+    run_demo(_writable_out(args.out), args.overrides)
 
 
 # ------------------------------------------------------------------ parser
@@ -159,6 +174,19 @@ def build_parser() -> argparse.ArgumentParser:
     p = _stage_parser(sub, "mine", "stage 1: mine object regions by adversarial erasing")
     p.add_argument("--out", required=True, help="run folder (writes OUT/mine)")
     p.set_defaults(func=cmd_mine)
+
+    p = _stage_parser(sub, "labels", "stage 2: fuse mined regions and saliency into pseudo labels")
+    p.add_argument("--out", required=True, help="run folder (reads OUT/mine, writes OUT/labels)")
+    p.set_defaults(func=cmd_labels)
+
+    p = sub.add_parser(
+        "demo",
+        help="the whole method on synthetic data with configs/demo.yaml",
+        parents=[_common()],
+    )
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    p.set_defaults(func=cmd_demo)
     return parser
 
 
@@ -182,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"aepsl {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"aepsl {args.command}: interrupted; re-run the same command to resume", file=sys.stderr)
+        print(
+            f"aepsl {args.command}: interrupted; re-run the same command to resume", file=sys.stderr
+        )
         return 130
     return 0

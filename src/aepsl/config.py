@@ -59,7 +59,9 @@ class MineConfig(Section):
         description="relative: erase H >= threshold; quantile: erase the top `threshold` "
         "fraction of pixels by CAM value",
     )
-    threshold: float = Field(0.5, gt=0, lt=1)
+    threshold: float = Field(
+        0.8, gt=0, lt=1, description="erasing threshold delta (paper: top 20%, read as 0.8)"
+    )
     cam_scales: list[float] = Field(default_factory=lambda: [1.0])
     cam_flip: bool = False
     save_cams: bool = False
@@ -69,6 +71,33 @@ class MineConfig(Section):
     auto_stop_factor: float = Field(2.0, gt=1)
     checkpoint_every: int = Field(1, ge=1, description="epochs between resumable checkpoints")
     visualise: int = Field(4, ge=0, description="images per step drawn to vis/")
+
+
+class SaliencyConfig(Section):
+    source: Literal["builtin", "dir", "none"] = Field(
+        "builtin",
+        description="builtin: MB+ saliency computed here (no weights); dir: PNG maps 0..255 in "
+        "saliency.dir or the dataset's saliency/ folder; none: background from the CAMs",
+    )
+    dir: str | None = None
+    max_side: int = Field(160, ge=16, description="builtin: longest side it works at")
+
+
+class LabelsConfig(Section):
+    bg_threshold: float = Field(
+        0.25, gt=0, lt=1, description="unmined pixels with saliency below this are background"
+    )
+    low_saliency: Literal["mined", "background"] = Field(
+        "mined", description="who wins where a mined pixel has low saliency"
+    )
+    cam_bg_threshold: float = Field(
+        0.2,
+        gt=0,
+        lt=1,
+        description="saliency.source=none: background where every present class's last-step "
+        "CAM is below this",
+    )
+    visualise: int = Field(8, ge=0, description="overlays written to labels/vis/")
 
 
 class Config(Section):
@@ -81,6 +110,8 @@ class Config(Section):
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     mine: MineConfig = Field(default_factory=MineConfig)
+    saliency: SaliencyConfig = Field(default_factory=SaliencyConfig)
+    labels: LabelsConfig = Field(default_factory=LabelsConfig)
 
 
 def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -159,9 +190,7 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         error = exc.errors()[0]
         key = ".".join(str(p) for p in error["loc"])
         got = error.get("input")
-        raise UserError(
-            f"{source}: config key '{key}': {error['msg']} (got {got!r})"
-        ) from None
+        raise UserError(f"{source}: config key '{key}': {error['msg']} (got {got!r})") from None
 
 
 def _nest(parts: list[str], value: Any) -> dict[str, Any]:

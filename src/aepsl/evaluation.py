@@ -102,8 +102,9 @@ def evaluate_folder(
         bad = (pred > len(classes)) & (pred != IGNORE)
         if bad.any():
             raise UserError(f"{path}: label {int(pred[bad].max())} is out of range")
-        matrix += confusion_matrix(torch.from_numpy(pred), torch.from_numpy(target), num_labels,
-                                   pred_ignore)
+        matrix += confusion_matrix(
+            torch.from_numpy(pred), torch.from_numpy(target), num_labels, pred_ignore
+        )
         labelled += int((pred != IGNORE).sum())
         total += pred.size
         count += 1
@@ -116,9 +117,10 @@ def evaluate_folder(
 
 
 def protocol(pred_ignore: PredIgnore) -> str:
+    predicted = "excluded" if pred_ignore == "exclude" else "counted as background"
     return (
         "mIoU over background + classes; ground-truth 255 excluded; classes absent from both "
-        f"excluded from the mean; predicted 255 {'excluded' if pred_ignore == 'exclude' else 'counted as background'}"
+        f"excluded from the mean; predicted 255 {predicted}"
     )
 
 
@@ -130,8 +132,9 @@ def format_table(result: dict) -> str:
         return "   -" if x is None else f"{100 * x:.1f}"
 
     for name, row in result["per_class"].items():
-        lines.append(f"{name:<16}{pct(row['IoU']):>8}{pct(row['precision']):>8}"
-                     f"{pct(row['recall']):>8}")
+        lines.append(
+            f"{name:<16}{pct(row['IoU']):>8}{pct(row['precision']):>8}{pct(row['recall']):>8}"
+        )
     lines.append(f"{'mIoU':<16}{pct(result['mIoU']):>8}")
     if result.get("labelled_fraction") is not None:
         lines.append(f"{'labelled':<16}{pct(result['labelled_fraction']):>8}")
@@ -139,9 +142,7 @@ def format_table(result: dict) -> str:
     return "\n".join(lines)
 
 
-def region_scores(
-    regions: np.ndarray, target: np.ndarray
-) -> tuple[int, int, int]:
+def region_scores(regions: np.ndarray, target: np.ndarray) -> tuple[int, int, int]:
     """(correctly mined, mined, ground-truth object) pixel counts for a region map.
 
     `regions` holds k where class k was mined, 0 where nothing was, 255 for conflicts (which

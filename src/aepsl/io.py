@@ -46,7 +46,9 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent
+    )
     os.close(fd)
     try:
         yield Path(tmp)
@@ -140,7 +142,9 @@ def read_index_png(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     image = _open(path)
     if image.mode not in ("P", "L", "I", "I;16"):
-        raise UserError(f"{path}: label map must be a palette or greyscale PNG, got mode {image.mode}")
+        raise UserError(
+            f"{path}: label map must be a palette or greyscale PNG, got mode {image.mode}"
+        )
     array = np.asarray(image)
     if array.max(initial=0) > 255:
         raise UserError(f"{path}: label value {int(array.max())} is out of range (0..255)")

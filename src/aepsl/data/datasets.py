@@ -93,8 +93,7 @@ def load_mask(sample: Sample, shape: tuple[int, int], num_classes: int) -> np.nd
     bad = (mask > num_classes) & (mask != IGNORE)
     if bad.any():
         raise UserError(
-            f"{sample.mask}: label {int(mask[bad].max())} is out of range "
-            f"(0..{num_classes} or 255)"
+            f"{sample.mask}: label {int(mask[bad].max())} is out of range (0..{num_classes} or 255)"
         )
     return mask
 
@@ -273,8 +272,15 @@ def load_voc(root: Path, empty_labels: str = "skip") -> Dataset:
             first = raw.split()[0]
             image_id = check_id(Path(first).stem if "/" in first else first, str(split_file))
             if image_id not in cache:
-                cache[image_id] = _voc_sample(root, image_id, mask_dirs, sal_dir, skipped,
-                                              empty_labels, split_file.stem == "test")
+                cache[image_id] = _voc_sample(
+                    root,
+                    image_id,
+                    mask_dirs,
+                    sal_dir,
+                    skipped,
+                    empty_labels,
+                    split_file.stem == "test",
+                )
             if cache[image_id] is not None:
                 samples.append(cache[image_id])
         splits[split_file.stem] = samples
@@ -294,8 +300,9 @@ def _voc_sample(
     image = root / "JPEGImages" / f"{image_id}.jpg"
     if not image.is_file():
         raise UserError(f"{image}: image file not found")
-    mask = next((d / f"{image_id}.png" for d in mask_dirs if (d / f"{image_id}.png").is_file()),
-                None)
+    mask = next(
+        (d / f"{image_id}.png" for d in mask_dirs if (d / f"{image_id}.png").is_file()), None
+    )
     xml = root / "Annotations" / f"{image_id}.xml"
     if mask is not None:
         labels = _labels_from_mask(mask, len(VOC_CLASSES))

@@ -4,15 +4,16 @@ Stage 2 takes pseudo-label background from a saliency map (the paper used DRFI).
 have no precomputed maps still need one, so this module implements "Minimum Barrier Salient
 Object Detection at 80 FPS" with numpy, scipy and scikit-image only:
 
-1. Shrink the image so its longest side is `max_side`: the result is resized back anyway and
-   the raster scans cost O(pixels).
+1. Shrink the image so its longest side is `max_side`: the map is smooth and resized back
+   anyway, and every step below costs at least O(pixels).
 2. MBD map: the minimum barrier distance of every pixel to the image border (the seed set),
-   per Lab channel after a 5x5 median filter, summed over channels. Background regions touch
-   the border through paths of nearly constant colour (small barrier); an object is
-   separated from the border by its contour (large barrier).
+   per Lab channel after a median filter (5x5 at 300 px), summed over channels. Background
+   regions touch the border through paths of nearly constant colour (small barrier); an
+   object is separated from the border by its contour (large barrier).
 3. Backgroundness map: per border strip (top, bottom, left, right) the Mahalanobis colour
    distance of every pixel to the strip's colour distribution; the four maps are summed
-   minus their maximum, so one strip that cuts through the object cannot veto the others.
+   minus their maximum, so background that differs between borders (sky above, ground
+   below) does not count as salient.
 4. Post-processing from the paper: centre bias (optional), morphological smoothing by
    reconstruction, with a kernel that grows with the map's mean, and a sigmoid contrast
    stretch around an adaptive threshold.
@@ -54,7 +55,7 @@ _SMOOTH_ALPHA = 50.0
 _PAPER_SIDE = 300
 # Slope of the sigmoid contrast stretch (paper eq. 11: b = 10).
 _CONTRAST_B = 10.0
-# Rescaling of Lab's L (0..100) to the 0..255 range of a and b, as in the 8-bit Lab the paper
+# Rescaling of Lab's L (0..100) to 0..255, the span of a and b, as in the 8-bit Lab the paper
 # used, so the three channels contribute comparably to the summed barrier distance.
 _LAB_SCALE = np.array([2.55, 1.0, 1.0], dtype=np.float32)
 

@@ -61,12 +61,19 @@ class ErasedImages(TorchDataset):
         self.region_dirs = region_dirs
         self.fill = torch.tensor(fill).round().to(torch.uint8)
         augment = (
-            [v2.RandomResizedCrop(crop, scale=(0.5, 1.0), antialias=True), v2.RandomHorizontalFlip()]
+            [
+                v2.RandomResizedCrop(crop, scale=(0.5, 1.0), antialias=True),
+                v2.RandomHorizontalFlip(),
+            ]
             if crop
             else []
         )
         self.transform = v2.Compose(
-            [*augment, v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+            [
+                *augment,
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
         )
 
     def __len__(self) -> int:
@@ -76,8 +83,9 @@ class ErasedImages(TorchDataset):
         sample = self.samples[index]
         image = torch.from_numpy(load_image(sample)).permute(2, 0, 1).contiguous()
         if self.region_dirs:
-            image = fill_erased(image, erase_mask(sample.id, self.region_dirs, image.shape[1:]),
-                                self.fill)
+            image = fill_erased(
+                image, erase_mask(sample.id, self.region_dirs, image.shape[1:]), self.fill
+            )
         target = torch.zeros(self.num_classes)
         target[[k - 1 for k in sample.labels]] = 1.0
         return self.transform(v2.functional.to_image(image)), target, index

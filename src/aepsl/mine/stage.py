@@ -100,8 +100,9 @@ def run_mine(config: Config, out: Path) -> dict[str, Any]:
             record = json.loads(done.read_text())
         else:
             previous = [step_dir(out, s) / "regions" for s in range(1, step)]
-            model, loss = _train_step(config, data, train, previous, fill, folder, device, step,
-                                      writer)
+            model, loss = _train_step(
+                config, data, train, previous, fill, folder, device, step, writer
+            )
             record = {"step": step, "train_loss": loss}
             stop = (
                 config.mine.auto_stop
@@ -231,8 +232,13 @@ def _train_step(
         print(f"step {step}: resuming training at epoch {start_epoch + 1}/{cfg.epochs}")
 
     epoch_loss = math.nan
-    bar = tqdm(total=total, initial=start_epoch * per_epoch, desc=f"step {step} train",
-               unit="batch", dynamic_ncols=True)
+    bar = tqdm(
+        total=total,
+        initial=start_epoch * per_epoch,
+        desc=f"step {step} train",
+        unit="batch",
+        dynamic_ncols=True,
+    )
     for epoch in range(start_epoch, cfg.epochs):
         seed_everything(_seed_for(config, step, epoch))
         loader = DataLoader(
@@ -262,7 +268,9 @@ def _train_step(
             bar.set_postfix(loss=f"{losses[-1]:.4f}")
         epoch_loss = float(np.mean(losses))
         if not math.isfinite(epoch_loss):
-            raise FloatingPointError(f"step {step}: training loss is {epoch_loss} at epoch {epoch + 1}")
+            raise FloatingPointError(
+                f"step {step}: training loss is {epoch_loss} at epoch {epoch + 1}"
+            )
         if (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < cfg.epochs:
             save_checkpoint(
                 checkpoint,
@@ -309,8 +317,11 @@ def compute_cams(
     images = to_device(images, config, device)
     total = None
     for scale in config.mine.cam_scales:
-        scaled = images if scale == 1 else F.interpolate(
-            images, scale_factor=scale, mode="bilinear", align_corners=False)
+        scaled = (
+            images
+            if scale == 1
+            else F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+        )
         variants = [scaled, scaled.flip(-1)] if config.mine.cam_flip else [scaled]
         for k, variant in enumerate(variants):
             with autocast(config, device):
@@ -337,8 +348,12 @@ def _extract_regions(
         return
     model.eval()
     dataset = ErasedImages(todo, data.num_classes, previous, fill)
-    loader = DataLoader(dataset, batch_size=config.mine.batch_size, collate_fn=collate_list,
-                        num_workers=config.data.num_workers)
+    loader = DataLoader(
+        dataset,
+        batch_size=config.mine.batch_size,
+        collate_fn=collate_list,
+        num_workers=config.data.num_workers,
+    )
     vis_ids = {s.id for s in train[: config.mine.visualise]}
     bar = tqdm(total=len(todo), desc=f"{folder.name} CAMs", unit="img", dynamic_ncols=True)
     for group in _batches(loader, config.mine.batch_size):
@@ -351,8 +366,11 @@ def _extract_regions(
             regions = threshold_regions(own, config.mine.threshold_mode, config.mine.threshold)
             labels = regions_to_label_map(regions, keys).numpy()
             if config.mine.save_cams:
-                _save_npz(folder / "cams" / f"{sample.id}.npz", np.array(keys, np.uint8),
-                          own.numpy().astype(np.float16))
+                _save_npz(
+                    folder / "cams" / f"{sample.id}.npz",
+                    np.array(keys, np.uint8),
+                    own.numpy().astype(np.float16),
+                )
             if sample.id in vis_ids:
                 write_png(folder / "vis" / f"{sample.id}.png", _visual(image, own, labels))
             write_index_png(regions_dir / f"{sample.id}.png", labels)  # last: marks done
@@ -390,8 +408,12 @@ def _val_map(config: Config, data: Dataset, model: CamClassifier, device: torch.
         return None
     model.eval()
     dataset = ErasedImages(samples, data.num_classes, [], [0, 0, 0])
-    loader = DataLoader(dataset, batch_size=config.mine.batch_size, collate_fn=collate_list,
-                        num_workers=config.data.num_workers)
+    loader = DataLoader(
+        dataset,
+        batch_size=config.mine.batch_size,
+        collate_fn=collate_list,
+        num_workers=config.data.num_workers,
+    )
     scores, targets = [], []
     for group in _batches(loader, config.mine.batch_size):
         images = to_device(torch.stack([item[0] for item in group]), config, device)
@@ -405,7 +427,9 @@ def _val_map(config: Config, data: Dataset, model: CamClassifier, device: torch.
 def _fold_union(out: Path, image_id: str, steps: list[int]) -> np.ndarray:
     union = None
     for step in steps:
-        regions = torch.from_numpy(read_index_png(step_dir(out, step) / "regions" / f"{image_id}.png"))
+        regions = torch.from_numpy(
+            read_index_png(step_dir(out, step) / "regions" / f"{image_id}.png")
+        )
         union = regions if union is None else union_label_maps(union, regions)
     return union.numpy()
 
@@ -419,8 +443,9 @@ def _score_regions(data: Dataset, train: list[Sample], out: Path, step: int) -> 
         regions = read_index_png(step_dir(out, step) / "regions" / f"{sample.id}.png")
         target = load_mask(sample, regions.shape, data.num_classes)
         totals["step"] += region_scores(regions, target)
-        totals["union"] += region_scores(_fold_union(out, sample.id, list(range(1, step + 1))),
-                                         target)
+        totals["union"] += region_scores(
+            _fold_union(out, sample.id, list(range(1, step + 1))), target
+        )
     result = {}
     for key, (correct, mined, objects) in totals.items():
         result[f"{key}_regions"] = {

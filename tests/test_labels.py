@@ -1,0 +1,106 @@
+"""Pseudo-label fusion rules, branch by branch, and `aepsl labels` end to end."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from aepsl.cli import main
+from aepsl.io import read_index_png, write_index_png
+from aepsl.labels.fusion import background_from_cams, background_from_saliency, fuse_pseudo_label
+
+# One pixel per case: mined, conflict, unmined low saliency, unmined high saliency,
+# mined with low saliency, conflict with low saliency.
+REGIONS = np.array([[3, 255, 0, 0, 5, 255]], np.uint8)
+LOW = np.array([[False, False, True, False, True, True]])
+
+
+def test_fusion_default_mined_wins():
+    assert fuse_pseudo_label(REGIONS, LOW).tolist() == [[3, 255, 0, 255, 5, 255]]
+
+
+def test_fusion_background_wins_when_asked():
+    assert fuse_pseudo_label(REGIONS, LOW, "background").tolist() == [[3, 255, 0, 255, 0, 0]]
+
+
+def test_fusion_shape_mismatch():
+    with pytest.raises(ValueError):
+        fuse_pseudo_label(REGIONS, LOW[:, :3])
+
+
+def test_background_sources():
+    saliency = np.array([[0.1, 0.3, 0.9]])
+    assert background_from_saliency(saliency, 0.3).tolist() == [[True, False, False]]
+    cams = np.array([[[0.1, 0.5, 0.0]], [[0.1, 0.0, 0.3]]])
+    assert background_from_cams(cams, 0.2).tolist() == [[True, False, False]]
+    assert background_from_cams(np.zeros((0, 1, 3)), 0.2).all()
+
+
+def _fake_mine(root: Path, out: Path) -> None:
+    """Regions as if mined: the ground truth's objects eroded to their inner half."""
+    for mask_path in (root / "masks").glob("*.png"):
+        mask = read_index_png(mask_path)
+        regions = np.where(mask == 255, 0, mask)
+        regions[:, ::2] = 0
+        write_index_png(out / "mine" / "regions" / mask_path.name, regions)
+
+
+DEMO = str(Path(__file__).parent.parent / "configs" / "demo.yaml")
+
+
+@pytest.mark.parametrize("source", ["builtin", "dir"])
+def test_labels_stage(folder_dataset, tmp_path, source):
+    out = tmp_path / "run"
+    _fake_mine(folder_dataset, out)
+    if source == "dir":  # a perfect saliency map: the ground-truth foreground
+        for mask_path in (folder_dataset / "masks").glob("*.png"):
+            fg = ((read_index_png(mask_path) % 255) > 0).astype(np.uint8) * 255
+            write_index_png(folder_dataset / "saliency" / mask_path.name, fg)
+    code = main(
+        [
+            "labels",
+            DEMO,
+            f"data.root={folder_dataset}",
+            f"saliency.source={source}",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    metrics = json.loads((out / "labels" / "metrics.json").read_text())
+    assert metrics["saliency_source"] == source
+    assert 0 < metrics["labelled_fraction"] <= 1
+    if source == "dir":
+        assert metrics["mIoU"] == pytest.approx(1.0)
+    label = read_index_png(out / "labels" / "img2.png")
+    assert set(np.unique(label).tolist()) <= {0, 1, 2, 255}
+    assert (out / "labels" / "vis" / "img0.png").is_file()
+    if source == "builtin":
+        assert (out / "saliency" / "img0.png").is_file()
+
+
+def test_labels_needs_mine_output(folder_dataset, tmp_path, capsys):
+    code = main(["labels", DEMO, f"data.root={folder_dataset}", "--out", str(tmp_path / "x")])
+    assert code == 2
+    assert "run `aepsl mine`" in capsys.readouterr().err
+
+
+def test_missing_saliency_map_is_clear(folder_dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    _fake_mine(folder_dataset, out)
+    code = main(
+        ["labels", DEMO, f"data.root={folder_dataset}", "saliency.source=dir", "--out", str(out)]
+    )
+    assert code == 2
+    assert "saliency map missing" in capsys.readouterr().err
+
+
+def test_cam_background_needs_saved_cams(folder_dataset, tmp_path, capsys):
+    out = tmp_path / "run"
+    _fake_mine(folder_dataset, out)
+    code = main(
+        ["labels", DEMO, f"data.root={folder_dataset}", "saliency.source=none", "--out", str(out)]
+    )
+    assert code == 2
+    assert "mine.save_cams=true" in capsys.readouterr().err
