@@ -85,7 +85,7 @@ class SaliencyConfig(Section):
 
 class LabelsConfig(Section):
     bg_threshold: float = Field(
-        0.25, gt=0, lt=1, description="unmined pixels with saliency below this are background"
+        0.2, gt=0, lt=1, description="unmined pixels with saliency below this are background"
     )
     low_saliency: Literal["mined", "background"] = Field(
         "mined", description="who wins where a mined pixel has low saliency"

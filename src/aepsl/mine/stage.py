@@ -424,7 +424,8 @@ def _val_map(config: Config, data: Dataset, model: CamClassifier, device: torch.
     return round(float(ap[~ap.isnan()].mean()), 6) if (~ap.isnan()).any() else None
 
 
-def _fold_union(out: Path, image_id: str, steps: list[int]) -> np.ndarray:
+def union_of_steps(out: Path, image_id: str, steps: list[int]) -> np.ndarray:
+    """The union label map of an image's regions over the given steps of run `out`."""
     union = None
     for step in steps:
         regions = torch.from_numpy(
@@ -444,7 +445,7 @@ def _score_regions(data: Dataset, train: list[Sample], out: Path, step: int) -> 
         target = load_mask(sample, regions.shape, data.num_classes)
         totals["step"] += region_scores(regions, target)
         totals["union"] += region_scores(
-            _fold_union(out, sample.id, list(range(1, step + 1))), target
+            union_of_steps(out, sample.id, list(range(1, step + 1))), target
         )
     result = {}
     for key, (correct, mined, objects) in totals.items():
@@ -459,4 +460,4 @@ def _score_regions(data: Dataset, train: list[Sample], out: Path, step: int) -> 
 def _write_union(out: Path, train: list[Sample], steps: list[int]) -> None:
     folder = out / "mine" / "regions"
     for sample in tqdm(train, desc="union", unit="img", dynamic_ncols=True, leave=False):
-        write_index_png(folder / f"{sample.id}.png", _fold_union(out, sample.id, steps))
+        write_index_png(folder / f"{sample.id}.png", union_of_steps(out, sample.id, steps))
