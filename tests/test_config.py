@@ -85,3 +85,11 @@ def test_saved_config_has_versions_and_round_trips(tmp_path):
     assert set(saved["versions"]) >= {"aepsl", "torch", "torchvision"}
     del saved["versions"]
     assert load_config(None, []).model_validate(saved) == config
+
+
+def test_readme_documents_every_key():
+    from aepsl.config import ALL_KEYS
+
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    missing = [key for key in ALL_KEYS if f"`{key}`" not in readme and f"`{key}`," not in readme]
+    assert not missing, f"README's config table lacks {missing}"
