@@ -112,6 +112,61 @@ def cmd_labels(args: argparse.Namespace) -> None:
     run_labels(config, out)
 
 
+def cmd_train(args: argparse.Namespace) -> None:
+    from aepsl.inference.predict import evaluate_trained
+    from aepsl.psl.stage import run_train
+    from aepsl.runtime import select_device
+
+    config = _config(args)
+    out = _writable_out(args.out)
+    save_config(config, out)
+    model = run_train(config, out)
+    result = evaluate_trained(config, out, model, select_device(config))
+    for key in ("without_crf", "with_crf"):
+        if result.get(key):
+            print(f"val mIoU {key.replace('_', ' ')}: {result[key]['mIoU']:.3f}")
+    if result.get("note"):
+        print(result["note"])
+
+
+def cmd_predict(args: argparse.Namespace) -> None:
+    from aepsl.data.datasets import load_dataset
+    from aepsl.inference.predict import VOC_TEST_LAYOUT, images_in, predict_samples
+    from aepsl.io import load_checkpoint
+    from aepsl.models.segnet import build_segnet
+    from aepsl.runtime import prepare_model, select_device
+
+    config = _config(args)
+    if (args.split is None) == (args.images is None):
+        raise UserError("give exactly one of --split NAME or --images DIR")
+    if args.images:
+        samples = images_in(Path(args.images))
+    else:
+        data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
+        samples = data.split(args.split)
+    state = load_checkpoint(args.checkpoint)
+    if "classifier.weight" not in state:
+        raise UserError(f"{args.checkpoint}: not an aepsl segmentation checkpoint (model.pt)")
+    num_classes = state["classifier.weight"].shape[0] - 1
+    device = select_device(config)
+    model = build_segnet(config.model.backbone, "none", num_classes)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UserError(
+            f"{args.checkpoint}: does not fit model.backbone={config.model.backbone} "
+            f"({str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc})"
+        ) from None
+    model = prepare_model(model, config, device)
+    out = _writable_out(args.out)
+    save_config(config, out)
+    target = out / VOC_TEST_LAYOUT if args.format == "voc-test" else out
+    predict_samples(
+        model, samples, config, device, None if args.crf else target, target if args.crf else None
+    )
+    print(f"wrote {len(samples)} predictions to {target}")
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from aepsl.demo import run_demo
 
@@ -178,6 +233,24 @@ def build_parser() -> argparse.ArgumentParser:
     p = _stage_parser(sub, "labels", "stage 2: fuse mined regions and saliency into pseudo labels")
     p.add_argument("--out", required=True, help="run folder (reads OUT/mine, writes OUT/labels)")
     p.set_defaults(func=cmd_labels)
+
+    p = _stage_parser(sub, "train", "stage 3: train the segmentation network with PSL")
+    p.add_argument("--out", required=True, help="run folder (reads OUT/labels, writes OUT/train)")
+    p.set_defaults(func=cmd_train)
+
+    p = _stage_parser(sub, "predict", "segment images with a trained network")
+    p.add_argument("--checkpoint", required=True, help="OUT/train/model.pt of `aepsl train`")
+    p.add_argument("--split", help="predict this split of the configured dataset")
+    p.add_argument("--images", help="or every image of this folder")
+    p.add_argument("--out", required=True, help="folder for <id>.png (and overlay/)")
+    p.add_argument("--crf", action="store_true", help="refine with the dense CRF (extra 'crf')")
+    p.add_argument(
+        "--format",
+        choices=["png", "voc-test"],
+        default="png",
+        help="voc-test: results/VOC2012/Segmentation/comp6_test_cls/ as the VOC server expects",
+    )
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser(
         "demo",

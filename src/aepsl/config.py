@@ -100,6 +100,52 @@ class LabelsConfig(Section):
     visualise: int = Field(8, ge=0, description="overlays written to labels/vis/")
 
 
+class TrainConfig(Section):
+    psl: bool = Field(
+        True, description="prohibitive segmentation learning; false trains on pseudo labels alone"
+    )
+    iterations: int = Field(6000, ge=1, description="SGD iterations (paper: about 6-8k)")
+    psl_warmup: int = Field(
+        0,
+        ge=0,
+        description="iterations trained on the pseudo labels alone before the prohibitive term "
+        "starts (not in the paper; see README)",
+    )
+    batch_size: int = Field(20, ge=1)
+    crop_size: int = Field(321, ge=16, description="random crop side (DeepLab: 321)")
+    scale_range: tuple[float, float] = Field(
+        (0.7, 1.3), description="random rescaling of images before cropping"
+    )
+    lr: float = Field(1e-3, gt=0, description="base learning rate (pretrained layers)")
+    new_layer_lr_mult: float = Field(10.0, gt=0, description="rate multiplier of the new layers")
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["poly", "step"] = "poly"
+    poly_power: float = Field(0.9, gt=0)
+    step_size: int = Field(2000, ge=1, description="step schedule: iterations per decay")
+    step_gamma: float = Field(0.1, gt=0, le=1)
+    checkpoint_every: int = Field(500, ge=1, description="iterations between checkpoints")
+
+
+class PredictConfig(Section):
+    scales: list[float] = Field(default_factory=lambda: [1.0], description="test scales, averaged")
+    flip: bool = Field(False, description="also average the horizontally flipped prediction")
+    weight_by_classifier: bool = Field(
+        False, description="multiply class scores by the classification branch's nu"
+    )
+    overlays: bool = Field(True, description="write colour overlays beside the index PNGs")
+
+
+class CrfConfig(Section):
+    iterations: int = Field(10, ge=1)
+    bilateral_weight: float = Field(4.0, gt=0)
+    bilateral_xy_std: float = Field(121.0, gt=0)
+    bilateral_rgb_std: float = Field(5.0, gt=0)
+    gaussian_weight: float = Field(3.0, gt=0)
+    gaussian_xy_std: float = Field(3.0, gt=0)
+    workers: int = Field(2, ge=1, description="worker processes running the CRF")
+
+
 class Config(Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -112,6 +158,9 @@ class Config(Section):
     mine: MineConfig = Field(default_factory=MineConfig)
     saliency: SaliencyConfig = Field(default_factory=SaliencyConfig)
     labels: LabelsConfig = Field(default_factory=LabelsConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    predict: PredictConfig = Field(default_factory=PredictConfig)
+    crf: CrfConfig = Field(default_factory=CrfConfig)
 
 
 def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:

@@ -8,8 +8,11 @@ from pathlib import Path
 
 from aepsl.config import load_config, save_config
 from aepsl.data.synth import make_synth
+from aepsl.inference.predict import evaluate_trained
 from aepsl.labels.stage import run_labels
 from aepsl.mine.stage import run_mine
+from aepsl.psl.stage import run_train
+from aepsl.runtime import select_device
 
 DEMO_CONFIG = files("aepsl") / "configs" / "demo.yaml"
 
@@ -23,12 +26,14 @@ def run_demo(out: Path, overrides: list[str], n: int = 240, size: int = 128) -> 
     save_config(config, out)
     mine = run_mine(config, out)
     labels = run_labels(config, out)
+    model = run_train(config, out)
+    val = evaluate_trained(config, out, model, select_device(config))
     elapsed = time.perf_counter() - started
-    print(summary(mine, labels, elapsed))
-    return {"mine": mine, "labels": labels, "seconds": elapsed}
+    print(summary(mine, labels, val, elapsed))
+    return {"mine": mine, "labels": labels, "val": val, "seconds": elapsed}
 
 
-def summary(mine: dict, labels: dict, seconds: float) -> str:
+def summary(mine: dict, labels: dict, val: dict, seconds: float) -> str:
     """Per erasing step: loss, val mAP, step and union region precision / recall."""
     lines = [
         "",
@@ -53,5 +58,10 @@ def summary(mine: dict, labels: dict, seconds: float) -> str:
             f"mIoU {labels['mIoU']:.3f} over labelled pixels, "
             f"{labels['labelled_fraction']:.1%} of pixels labelled"
         )
+    for key, name in (("without_crf", "without CRF"), ("with_crf", "with CRF")):
+        if val.get(key):
+            lines.append(f"segmentation, {val['split']} mIoU {name}: {val[key]['mIoU']:.3f}")
+    if val.get("note"):
+        lines.append(val["note"])
     lines.append(f"wall time: {seconds:.0f} s")
     return "\n".join(lines)

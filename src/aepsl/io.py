@@ -6,8 +6,10 @@ so an interrupted run never leaves a half-written output behind.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,6 +58,31 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def settings_digest(settings: dict[str, Any]) -> str:
+    """A short hash of the settings that determine a stage's outputs."""
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes (short form), to tie outputs to the checkpoint behind them."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def claim_folder(folder: Path, digest: str) -> None:
+    """Resume in `folder` if the same settings produced it; otherwise empty it and start over."""
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        if json.loads(manifest.read_text()).get("settings_hash") == digest:
+            return
+        print(f"{folder}: settings changed since the last run; starting this stage again")
+        shutil.rmtree(folder)
+    write_json(manifest, {"settings_hash": digest})
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

@@ -16,11 +16,9 @@ Layout of OUT/mine (each file written atomically; a re-run skips finished work):
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
-import shutil
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -38,9 +36,11 @@ from aepsl.evaluation import average_precision, region_scores
 from aepsl.io import (
     PALETTE,
     atomic_path,
+    claim_folder,
     load_checkpoint,
     read_index_png,
     save_checkpoint,
+    settings_digest,
     write_index_png,
     write_json,
     write_png,
@@ -74,7 +74,7 @@ def settings_hash(config: Config) -> str:
         "mine": config.mine.model_dump(exclude={"visualise", "checkpoint_every"}),
         "precision": config.precision,
     }
-    return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+    return settings_digest(relevant)
 
 
 def step_dir(out: Path, step: int) -> Path:
@@ -88,7 +88,7 @@ def run_mine(config: Config, out: Path) -> dict[str, Any]:
     data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
     train = data.split(config.data.train_split)
     mine_dir = out / "mine"
-    _claim(mine_dir, settings_hash(config))
+    claim_folder(mine_dir, settings_hash(config))
     fill = _mean_pixel(mine_dir, train)
     writer = SummaryWriter(str(mine_dir / "tensorboard"))
     steps: list[dict[str, Any]] = []
@@ -138,17 +138,6 @@ def run_mine(config: Config, out: Path) -> dict[str, Any]:
     write_json(mine_dir / "metrics.json", metrics)
     writer.close()
     return metrics
-
-
-def _claim(mine_dir: Path, digest: str) -> None:
-    """Start over when the folder was produced by different settings; otherwise resume."""
-    manifest = mine_dir / "manifest.json"
-    if manifest.is_file():
-        if json.loads(manifest.read_text()).get("settings_hash") == digest:
-            return
-        print(f"{mine_dir}: settings changed since the last run; mining again")
-        shutil.rmtree(mine_dir)
-    write_json(manifest, {"settings_hash": digest})
 
 
 def _mean_pixel(mine_dir: Path, train: list[Sample]) -> list[float]:

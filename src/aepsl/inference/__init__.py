@@ -1,0 +1,1 @@
+"""Stage 3 inference: turning segmentation scores into label maps (dense CRF)."""

@@ -1,0 +1,206 @@
+"""Prediction with the trained segmentation network: scores at image size (optionally averaged
+over scales and flips, optionally weighted by the classification branch), argmax, dense CRF.
+
+CRF runs in worker processes on chunks of images while the main process runs the network, so
+memory holds one chunk of probability maps at a time whatever the split's size.
+"""
+
+from __future__ import annotations
+
+import functools
+import multiprocessing
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from aepsl.config import Config
+from aepsl.data.datasets import IMAGE_EXTENSIONS, Sample, check_id, load_dataset, load_image
+from aepsl.errors import UserError
+from aepsl.evaluation import evaluate_folder
+from aepsl.inference.crf import crf_labels, dense_crf
+from aepsl.io import (
+    PALETTE,
+    claim_folder,
+    file_digest,
+    settings_digest,
+    write_index_png,
+    write_json,
+    write_png,
+)
+from aepsl.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+from aepsl.models.segnet import SegNet
+from aepsl.runtime import autocast, to_device
+
+VOC_TEST_LAYOUT = Path("results") / "VOC2012" / "Segmentation" / "comp6_test_cls"
+CHUNK = 8
+
+
+def images_in(folder: Path) -> list[Sample]:
+    """Every image of a folder as an unlabelled sample (id = file name without extension)."""
+    if not folder.is_dir():
+        raise UserError(f"{folder}: image folder not found")
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise UserError(f"{folder}: no .jpg, .jpeg or .png images")
+    ids = [check_id(p.stem, str(p)) for p in paths]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise UserError(f"{folder}: two images share the id '{dup}'")
+    return [Sample(i, p, ()) for i, p in zip(ids, paths, strict=True)]
+
+
+@torch.no_grad()
+def predict_probs(
+    model: SegNet, image: np.ndarray, config: Config, device: torch.device
+) -> np.ndarray:
+    """(C+1, H, W) float32 class probabilities of an (H, W, 3) uint8 image."""
+    tensor = torch.from_numpy(image).permute(2, 0, 1).float().div(255)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    batch = to_device(((tensor - mean) / std)[None], config, device)
+    size = image.shape[:2]
+    probs, nus = 0.0, []
+    runs = 0
+    for scale in config.predict.scales:
+        scaled = (
+            batch
+            if scale == 1
+            else F.interpolate(batch, scale_factor=scale, mode="bilinear", align_corners=False)
+        )
+        for flip in [False, True] if config.predict.flip else [False]:
+            with autocast(config, device):
+                scores, class_logits = model(scaled.flip(-1) if flip else scaled)
+            scores = F.interpolate(scores.float(), size=size, mode="bilinear", align_corners=False)
+            scores = scores.flip(-1) if flip else scores
+            probs = probs + scores.softmax(dim=1)[0]
+            nus.append(torch.sigmoid(class_logits.float())[0])
+            runs += 1
+    probs = probs / runs
+    if config.predict.weight_by_classifier:
+        nu = torch.stack(nus).mean(0)
+        weights = torch.cat([torch.ones(1, device=nu.device), nu])
+        probs = probs * weights[:, None, None]
+        probs = probs / probs.sum(0, keepdim=True).clamp(min=1e-12)
+    return probs.cpu().numpy().astype(np.float32)
+
+
+def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    colours = np.array(PALETTE, np.uint8).reshape(256, 3)[labels]
+    return np.where(labels[..., None] > 0, 0.45 * image + 0.55 * colours, image).astype(np.uint8)
+
+
+def _chunks(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
+    for start in range(0, len(samples), size):
+        yield samples[start : start + size]
+
+
+def crf_params(config: Config) -> dict[str, float]:
+    c = config.crf
+    return {
+        "iterations": c.iterations,
+        "bi_w": c.bilateral_weight,
+        "bi_xy": c.bilateral_xy_std,
+        "bi_rgb": c.bilateral_rgb_std,
+        "pos_w": c.gaussian_weight,
+        "pos_xy": c.gaussian_xy_std,
+    }
+
+
+def crf_available() -> bool:
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def predict_samples(
+    model: SegNet,
+    samples: list[Sample],
+    config: Config,
+    device: torch.device,
+    plain_dir: Path | None,
+    crf_dir: Path | None,
+) -> None:
+    """Write `<id>.png` index maps to `plain_dir` (argmax) and/or `crf_dir` (after dense CRF),
+    with colour overlays in `<dir>/overlay/` when `predict.overlays` is set."""
+    if crf_dir is not None:
+        dense_crf(
+            np.zeros((2, 2, 3), np.uint8), np.full((2, 2, 2), 0.5, np.float32)
+        )  # fails early with the install hint
+    model.eval()
+    todo = [
+        s
+        for s in samples
+        if (plain_dir and not (plain_dir / f"{s.id}.png").is_file())
+        or (crf_dir and not (crf_dir / f"{s.id}.png").is_file())
+    ]
+    pool = None
+    if crf_dir is not None and config.crf.workers > 1:
+        pool = multiprocessing.get_context("spawn").Pool(config.crf.workers)
+    refine = functools.partial(crf_labels, **crf_params(config))
+    try:
+        bar = tqdm(total=len(todo), desc="predict", unit="img", dynamic_ncols=True)
+        for chunk in _chunks(todo, CHUNK):
+            images = [load_image(s) for s in chunk]
+            probs = [predict_probs(model, image, config, device) for image in images]
+            if plain_dir is not None:
+                for sample, image, prob in zip(chunk, images, probs, strict=True):
+                    _write(plain_dir, sample.id, image, prob.argmax(0).astype(np.uint8), config)
+            if crf_dir is not None:
+                jobs = list(zip(images, probs, strict=True))
+                refined = pool.map(refine, jobs) if pool else [refine(job) for job in jobs]
+                for sample, image, labels in zip(chunk, images, refined, strict=True):
+                    _write(crf_dir, sample.id, image, labels, config)
+            bar.update(len(chunk))
+        bar.close()
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+
+
+def _write(
+    folder: Path, image_id: str, image: np.ndarray, labels: np.ndarray, config: Config
+) -> None:
+    if config.predict.overlays:
+        write_png(folder / "overlay" / f"{image_id}.png", overlay(image, labels))
+    write_index_png(folder / f"{image_id}.png", labels)  # last: marks the image done
+
+
+def evaluate_trained(config: Config, out: Path, model: SegNet, device: torch.device) -> dict:
+    """Predict the val split without and with CRF into OUT/predict and OUT/predict_crf, score
+    both, and write OUT/train/metrics.json."""
+    data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
+    split = config.data.val_split
+    result: dict = {"split": split}
+    if not data.has_split(split) or any(s.mask is None for s in data.split(split)):
+        result["note"] = f"split '{split}' is missing or lacks ground truth: nothing scored"
+        write_json(out / "train" / "metrics.json", result)
+        return result
+    samples = data.split(split)
+    digest = settings_digest(
+        {
+            "model": file_digest(out / "train" / "model.pt"),
+            "predict": config.predict.model_dump(),
+            "crf": config.crf.model_dump(exclude={"workers"}),
+        }
+    )
+    plain, refined = out / "predict", out / "predict_crf"
+    claim_folder(plain, digest)
+    use_crf = crf_available()
+    if use_crf:
+        claim_folder(refined, digest)
+    predict_samples(model, samples, config, device, plain, refined if use_crf else None)
+    result["without_crf"] = evaluate_folder(plain, samples, data.classes)
+    if use_crf:
+        result["with_crf"] = evaluate_folder(refined, samples, data.classes)
+    else:
+        result["with_crf"] = None
+        result["note"] = "pydensecrf is not installed (pip install 'aepsl[crf]'): no CRF score"
+    write_json(out / "train" / "metrics.json", result)
+    return result

@@ -1,0 +1,116 @@
+"""The PSL segmentation network: per-pixel (C+1)-way scores plus an image classification branch.
+
+The VGG16 variant is DeepLab-LargeFOV (Chen et al. 2015), the network of the paper. All
+variants have output stride 8; the classification branch (global average pooling + linear)
+reads the same features as the per-pixel classifier, so it predicts nu from what segments.
+
+Backbone weights are loaded by `build_backbone`, then the backbone is converted to output
+stride 8: the conversion only changes strides, dilations and pooling, never parameter shapes,
+so ImageNet and whole-model files load with the key mapping of backbones.py.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision import models
+
+from aepsl.errors import UserError
+from aepsl.models.backbones import build_backbone
+
+
+class SegNet(nn.Module):
+    output_stride = 8  # every variant below ends at stride 8, as DeepLab-LargeFOV
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, channels: int, num_classes: int):
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.classifier = nn.Conv2d(channels, num_classes + 1, 1)
+        self.class_branch = nn.Linear(channels, num_classes)
+        # DeepLab's fc8 initialisation; the classification branch is a new last layer too.
+        for layer in (self.classifier, self.class_branch):
+            nn.init.normal_(layer.weight, std=0.01)
+            nn.init.zeros_(layer.bias)
+
+    def new_parameters(self) -> list[nn.Parameter]:
+        """The layers without pretrained weights (head, classifier, classification branch),
+        trained at 10x the base rate: DeepLab's fc6/fc7 started from subsampled VGG16 fc
+        weights, ours start random, so they are new layers too."""
+        return [
+            *self.head.parameters(),
+            *self.classifier.parameters(),
+            *self.class_branch.parameters(),
+        ]
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-pixel logits (N, C+1, h, w) at the output stride, and class logits (N, C)."""
+        features = self.head(self.backbone(images))
+        return self.classifier(features), self.class_branch(features.mean(dim=(2, 3)))
+
+
+def _vgg16_os8(features: nn.Sequential) -> nn.Sequential:
+    """DeepLab-LargeFOV's conv1-conv5: pool4 and pool5 are 3x3 max pools at stride 1 and conv5
+    is dilated 2, keeping stride 8 with conv5's receptive field. Indices stay torchvision's."""
+    pool4, conv5 = 23, (24, 26, 28)
+    features[pool4] = nn.MaxPool2d(3, stride=1, padding=1)
+    for index in conv5:
+        features[index].dilation = (2, 2)
+        features[index].padding = (2, 2)
+    features.append(nn.MaxPool2d(3, stride=1, padding=1))  # pool5, dropped by vgg16_features
+    return features
+
+
+def _resnet50_os8(features: nn.Sequential) -> nn.Sequential:
+    """The same ResNet-50 with layer3 dilated too (stride 8); the weights carry over."""
+    net = models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
+    dilated = nn.Sequential(
+        net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
+    )
+    dilated.load_state_dict(features.state_dict())
+    return dilated
+
+
+def _fc6(channels: int) -> list[nn.Module]:
+    """LargeFOV's fc6: a 3x3 conv with dilation 12 and 1024 channels, ReLU, dropout 0.5."""
+    return [
+        nn.Conv2d(channels, 1024, 3, padding=12, dilation=12),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.5),
+    ]
+
+
+def _large_fov_head(channels: int) -> nn.Sequential:
+    """fc6 then fc7 (1x1, 1024 channels, ReLU, dropout 0.5)."""
+    return nn.Sequential(
+        *_fc6(channels), nn.Conv2d(1024, 1024, 1), nn.ReLU(inplace=True), nn.Dropout(0.5)
+    )
+
+
+def _tiny_head(channels: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True))
+
+
+def _dilated_head(channels: int) -> nn.Sequential:
+    """fc6 alone on ResNet-50: a large field of view without ASPP."""
+    return nn.Sequential(*_fc6(channels))
+
+
+# backbone name -> (conversion to output stride 8, head factory, head output channels)
+_VARIANTS = {
+    "tiny": (lambda features: features, _tiny_head, 128),
+    "vgg16": (_vgg16_os8, _large_fov_head, 1024),
+    "resnet50": (_resnet50_os8, _dilated_head, 1024),
+}
+
+
+def build_segnet(backbone: str, weights: str, num_classes: int) -> SegNet:
+    """The segmentation network on `backbone`, its backbone initialised from `weights`
+    ('imagenet', 'none' or a file, as for the CAM classifier); head and classifiers are new."""
+    if backbone not in _VARIANTS:
+        raise UserError(
+            f"unknown segmentation backbone '{backbone}' (choose from {', '.join(_VARIANTS)})"
+        )
+    to_stride_8, make_head, channels = _VARIANTS[backbone]
+    features, backbone_channels = build_backbone(backbone, weights)
+    return SegNet(to_stride_8(features), make_head(backbone_channels), channels, num_classes)

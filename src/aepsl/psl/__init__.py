@@ -1,0 +1,1 @@
+"""Stage 3, prohibitive segmentation learning: train a segmentation network on the mined masks."""

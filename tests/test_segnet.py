@@ -1,0 +1,41 @@
+"""The segmentation network: output shapes and stride, weight loading, new layers."""
+
+import pytest
+import torch
+from torchvision import models
+
+from aepsl.errors import UserError
+from aepsl.models.segnet import build_segnet
+
+NUM_CLASSES = 3
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "vgg16", "resnet50"])
+def test_scores_at_output_stride_8_and_class_logits(backbone):
+    net = build_segnet(backbone, "none", NUM_CLASSES).eval()
+    with torch.no_grad():
+        scores, class_logits = net(torch.randn(1, 3, 64, 64))
+    assert net.output_stride == 8
+    assert scores.shape == (1, NUM_CLASSES + 1, 8, 8)
+    assert class_logits.shape == (1, NUM_CLASSES)
+    new = {id(p) for p in net.new_parameters()}
+    assert new == {id(p) for p in (*net.classifier.parameters(), *net.class_branch.parameters())}
+    assert torch.all(net.classifier.bias == 0)
+
+
+def test_vgg16_loads_a_torchvision_file_into_the_dilated_features(tmp_path):
+    state = models.vgg16().state_dict()
+    # fc6/fc7's 120M parameters only bloat the file; fc8 stays as a head the loader must skip.
+    state = {k: v for k, v in state.items() if not k.startswith(("classifier.0", "classifier.3"))}
+    path = tmp_path / "vgg16.pth"
+    torch.save(state, path)
+    net = build_segnet("vgg16", str(path), NUM_CLASSES)
+    assert torch.equal(net.backbone[0].weight, state["features.0.weight"])
+    assert torch.equal(net.backbone[28].weight, state["features.28.weight"])
+    assert net.backbone[28].dilation == (2, 2)  # conv5_3 dilated, pool4/pool5 at stride 1
+    assert net.backbone[23].stride == 1 and net.backbone[30].stride == 1
+
+
+def test_unknown_backbone_is_a_user_error():
+    with pytest.raises(UserError, match="unknown segmentation backbone 'alexnet'"):
+        build_segnet("alexnet", "none", NUM_CLASSES)

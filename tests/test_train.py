@@ -1,0 +1,179 @@
+"""`aepsl train` and `aepsl predict` end to end on a tiny dataset, with resume."""
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from aepsl.cli import main
+from aepsl.config import load_config
+from aepsl.io import read_index_png
+from aepsl.psl import stage
+from aepsl.psl.stage import run_train
+
+DEMO = str(Path(__file__).parent.parent / "configs" / "demo.yaml")
+TINY = [
+    "train.iterations=6",
+    "train.crop_size=32",
+    "train.batch_size=2",
+    "train.checkpoint_every=2",
+    "precision=fp32",
+    "crf.workers=1",
+]
+
+
+def _with_pseudo_labels(root: Path, out: Path) -> Path:
+    """A run folder whose pseudo labels are the ground truth with a few pixels ignored."""
+    shutil.copytree(root / "masks", out / "labels")
+    return out
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from conftest import make_folder_dataset
+
+    base = tmp_path_factory.mktemp("train")
+    root = make_folder_dataset(base / "data", n=8)
+    out = _with_pseudo_labels(root, base / "run")
+    assert main(["train", DEMO, f"data.root={root}", *TINY, "--out", str(out)]) == 0
+    return root, out
+
+
+def test_train_outputs(trained):
+    root, out = trained
+    state = torch.load(out / "train" / "model.pt", weights_only=True)
+    assert state["classifier.weight"].shape[0] == 3
+    metrics = json.loads((out / "train" / "metrics.json").read_text())
+    assert metrics["split"] == "val"
+    assert 0 <= metrics["without_crf"]["mIoU"] <= 1
+    assert 0 <= metrics["with_crf"]["mIoU"] <= 1
+    for folder in ("predict", "predict_crf"):
+        labels = read_index_png(out / folder / "img6.png")
+        assert labels.shape == (32, 32) and labels.max() <= 2
+        assert (out / folder / "overlay" / "img6.png").is_file()
+    assert not (out / "train" / "checkpoint.pt").exists()
+    assert (out / "train" / "tensorboard").is_dir()
+
+
+def test_training_resumes_to_identical_weights(tmp_path, monkeypatch):
+    from conftest import make_folder_dataset
+
+    root = make_folder_dataset(tmp_path / "data", n=8)
+    config = load_config(DEMO, [f"data.root={root}", *TINY])
+    full = run_train(config, _with_pseudo_labels(root, tmp_path / "full"))
+    save = stage.save_checkpoint
+
+    def killed_after_first_checkpoint(path, state):
+        save(path, state)
+        if path.name == "checkpoint.pt":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(stage, "save_checkpoint", killed_after_first_checkpoint)
+    resumed_out = _with_pseudo_labels(root, tmp_path / "resumed")
+    with pytest.raises(KeyboardInterrupt):
+        run_train(config, resumed_out)
+    monkeypatch.undo()
+    resumed = run_train(config, resumed_out)
+    for (name, a), b in zip(full.state_dict().items(), resumed.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_train_without_pseudo_labels_is_clear(folder_dataset, tmp_path, capsys):
+    code = main(["train", DEMO, f"data.root={folder_dataset}", *TINY, "--out", str(tmp_path)])
+    assert code == 2
+    assert "run `aepsl labels`" in capsys.readouterr().err
+
+
+def test_predict_images_folder_voc_layout(trained, tmp_path):
+    root, out = trained
+    target = tmp_path / "pred"
+    code = main(
+        [
+            "predict",
+            DEMO,
+            *TINY,
+            "--checkpoint",
+            str(out / "train" / "model.pt"),
+            "--images",
+            str(root / "images"),
+            "--format",
+            "voc-test",
+            "--out",
+            str(target),
+        ]
+    )
+    assert code == 0
+    folder = target / "results" / "VOC2012" / "Segmentation" / "comp6_test_cls"
+    assert sorted(p.stem for p in folder.glob("*.png")) == [f"img{i}" for i in range(8)]
+
+
+def test_predict_split_with_crf_and_options(trained, tmp_path):
+    root, out = trained
+    code = main(
+        [
+            "predict",
+            DEMO,
+            f"data.root={root}",
+            *TINY,
+            "predict.flip=true",
+            "predict.scales=[1.0,0.75]",
+            "predict.weight_by_classifier=true",
+            "--checkpoint",
+            str(out / "train" / "model.pt"),
+            "--split",
+            "val",
+            "--crf",
+            "--out",
+            str(tmp_path / "p"),
+        ]
+    )
+    assert code == 0
+    assert read_index_png(tmp_path / "p" / "img7.png").shape == (32, 32)
+
+
+def test_crf_without_extra_gives_install_hint(trained, tmp_path, monkeypatch, capsys):
+    root, out = trained
+    monkeypatch.setitem(sys.modules, "pydensecrf", None)
+    monkeypatch.setitem(sys.modules, "pydensecrf.densecrf", None)
+    code = main(
+        [
+            "predict",
+            DEMO,
+            f"data.root={root}",
+            *TINY,
+            "--checkpoint",
+            str(out / "train" / "model.pt"),
+            "--split",
+            "val",
+            "--crf",
+            "--out",
+            str(tmp_path / "p"),
+        ]
+    )
+    assert code == 2
+    assert "pip install 'aepsl[crf]'" in capsys.readouterr().err
+
+
+def test_predict_refuses_foreign_checkpoint(trained, tmp_path, capsys):
+    root, _ = trained
+    bad = tmp_path / "bad.pt"
+    torch.save({"something": np.int64(3)}, bad)  # needs pickle code: refused
+    code = main(
+        [
+            "predict",
+            DEMO,
+            f"data.root={root}",
+            "--checkpoint",
+            str(bad),
+            "--split",
+            "val",
+            "--out",
+            str(tmp_path / "p"),
+        ]
+    )
+    assert code == 2
+    assert "weights-only" in capsys.readouterr().err
