@@ -44,7 +44,7 @@ def trained(tmp_path_factory):
 
 
 def test_train_outputs(trained):
-    root, out = trained
+    _root, out = trained
     state = torch.load(out / "train" / "model.pt", weights_only=True)
     assert state["classifier.weight"].shape[0] == 3
     metrics = json.loads((out / "train" / "metrics.json").read_text())

@@ -167,6 +167,15 @@ def cmd_predict(args: argparse.Namespace) -> None:
     print(f"wrote {len(samples)} predictions to {target}")
 
 
+def cmd_run(args: argparse.Namespace) -> None:
+    from aepsl.pipeline import run_pipeline
+
+    config = _config(args)
+    out = _writable_out(args.out)
+    save_config(config, out)
+    run_pipeline(config, out)
+
+
 def cmd_demo(args: argparse.Namespace) -> None:
     from aepsl.demo import run_demo
 
@@ -251,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="voc-test: results/VOC2012/Segmentation/comp6_test_cls/ as the VOC server expects",
     )
     p.set_defaults(func=cmd_predict)
+
+    p = _stage_parser(sub, "run", "the whole method: mine, labels, train, val prediction, report")
+    p.add_argument("--out", required=True, help="run folder (all stages, OUT/report.html)")
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser(
         "demo",

@@ -8,11 +8,7 @@ from pathlib import Path
 
 from aepsl.config import load_config, save_config
 from aepsl.data.synth import make_synth
-from aepsl.inference.predict import evaluate_trained
-from aepsl.labels.stage import run_labels
-from aepsl.mine.stage import run_mine
-from aepsl.psl.stage import run_train
-from aepsl.runtime import select_device
+from aepsl.pipeline import run_pipeline
 
 DEMO_CONFIG = files("aepsl") / "configs" / "demo.yaml"
 
@@ -24,13 +20,10 @@ def run_demo(out: Path, overrides: list[str], n: int = 240, size: int = 128) -> 
     if not (data_root / "labels.csv").is_file():
         make_synth(data_root, n=n, size=size, seed=config.seed)
     save_config(config, out)
-    mine = run_mine(config, out)
-    labels = run_labels(config, out)
-    model = run_train(config, out)
-    val = evaluate_trained(config, out, model, select_device(config))
-    elapsed = time.perf_counter() - started
-    print(summary(mine, labels, val, elapsed))
-    return {"mine": mine, "labels": labels, "val": val, "seconds": elapsed}
+    result = run_pipeline(config, out)
+    result["seconds"] = time.perf_counter() - started
+    print(summary(result["mine"], result["labels"], result["val"], result["seconds"]))
+    return result
 
 
 def summary(mine: dict, labels: dict, val: dict, seconds: float) -> str:

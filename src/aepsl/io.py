@@ -74,15 +74,25 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def claim_folder(folder: Path, digest: str) -> None:
-    """Resume in `folder` if the same settings produced it; otherwise empty it and start over."""
+def claim_folder(folder: Path, digest: str) -> bool:
+    """Resume in `folder` if the same settings produced it; otherwise empty it and start over.
+
+    Returns True when the stage already finished there with these settings (see mark_complete).
+    """
     manifest = folder / "manifest.json"
     if manifest.is_file():
-        if json.loads(manifest.read_text()).get("settings_hash") == digest:
-            return
+        record = json.loads(manifest.read_text())
+        if record.get("settings_hash") == digest:
+            return bool(record.get("complete"))
         print(f"{folder}: settings changed since the last run; starting this stage again")
         shutil.rmtree(folder)
-    write_json(manifest, {"settings_hash": digest})
+    write_json(manifest, {"settings_hash": digest, "complete": False})
+    return False
+
+
+def mark_complete(folder: Path, digest: str) -> None:
+    """Record that the stage in `folder` finished, so a re-run with the same settings skips it."""
+    write_json(folder / "manifest.json", {"settings_hash": digest, "complete": True})
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

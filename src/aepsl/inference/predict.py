@@ -8,6 +8,7 @@ memory holds one chunk of probability maps at a time whatever the split's size.
 from __future__ import annotations
 
 import functools
+import json
 import multiprocessing
 from collections.abc import Iterator
 from pathlib import Path
@@ -26,6 +27,7 @@ from aepsl.io import (
     PALETTE,
     claim_folder,
     file_digest,
+    mark_complete,
     settings_digest,
     write_index_png,
     write_json,
@@ -191,10 +193,14 @@ def evaluate_trained(config: Config, out: Path, model: SegNet, device: torch.dev
         }
     )
     plain, refined = out / "predict", out / "predict_crf"
-    claim_folder(plain, digest)
     use_crf = crf_available()
+    metrics_path = out / "train" / "metrics.json"
+    finished = claim_folder(plain, digest)
     if use_crf:
-        claim_folder(refined, digest)
+        finished = claim_folder(refined, digest) and finished
+    if finished and metrics_path.is_file():
+        print(f"predict: {split} predicted and scored for this model in {plain}; skipped")
+        return json.loads(metrics_path.read_text())
     predict_samples(model, samples, config, device, plain, refined if use_crf else None)
     result["without_crf"] = evaluate_folder(plain, samples, data.classes)
     if use_crf:
@@ -202,5 +208,8 @@ def evaluate_trained(config: Config, out: Path, model: SegNet, device: torch.dev
     else:
         result["with_crf"] = None
         result["note"] = "pydensecrf is not installed (pip install 'aepsl[crf]'): no CRF score"
-    write_json(out / "train" / "metrics.json", result)
+    write_json(metrics_path, result)
+    mark_complete(plain, digest)
+    if use_crf:
+        mark_complete(refined, digest)
     return result

@@ -7,6 +7,7 @@ built-in saliency maps in OUT/saliency/<id>.png.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -17,16 +18,45 @@ from aepsl.config import Config
 from aepsl.data.datasets import Dataset, Sample, load_dataset, load_image
 from aepsl.errors import UserError
 from aepsl.evaluation import evaluate_folder
-from aepsl.io import PALETTE, read_gray_png, read_index_png, write_index_png, write_json, write_png
+from aepsl.io import (
+    PALETTE,
+    claim_folder,
+    mark_complete,
+    read_gray_png,
+    read_index_png,
+    settings_digest,
+    write_index_png,
+    write_json,
+    write_png,
+)
 from aepsl.labels.fusion import background_from_cams, background_from_saliency, fuse_pseudo_label
 from aepsl.labels.saliency import mbd_saliency
+from aepsl.mine.stage import settings_hash as mine_settings_hash
+
+
+def settings_hash(config: Config) -> str:
+    """Hash of every setting that changes the pseudo labels, the mined regions' included."""
+    return settings_digest(
+        {
+            "mine": mine_settings_hash(config),
+            "saliency": config.saliency.model_dump(),
+            "labels": config.labels.model_dump(exclude={"visualise"}),
+        }
+    )
 
 
 def run_labels(config: Config, out: Path) -> dict[str, Any]:
+    """Write (or resume, or skip when finished) the pseudo labels; returns their metrics."""
     data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
     train = data.split(config.data.train_split)
     regions_dir = out / "mine" / "regions"
     labels_dir = out / "labels"
+    digest = settings_hash(config)
+    if claim_folder(labels_dir, digest):
+        print(f"labels: finished for these settings in {labels_dir}; skipped")
+        return json.loads((labels_dir / "metrics.json").read_text())
+    if config.saliency.source == "builtin":
+        claim_folder(out / "saliency", _saliency_cache_hash(config))
     last_cams = _last_step_cams(config, out)
     vis_ids = {s.id for s in train[: config.labels.visualise]}
     for sample in tqdm(train, desc="labels", unit="img", dynamic_ncols=True):
@@ -35,10 +65,13 @@ def run_labels(config: Config, out: Path) -> dict[str, Any]:
             raise UserError(
                 f"{path}: mined regions missing; run `aepsl mine` with this --out first"
             )
+        target = labels_dir / f"{sample.id}.png"
+        if target.is_file() and sample.id not in vis_ids:
+            continue  # written before an interruption, with these settings
         regions = read_index_png(path)
         background, saliency = _background(config, data, sample, regions.shape, out, last_cams)
         labels = fuse_pseudo_label(regions, background, config.labels.low_saliency)
-        write_index_png(labels_dir / f"{sample.id}.png", labels)
+        write_index_png(target, labels)
         if sample.id in vis_ids:
             write_png(labels_dir / "vis" / f"{sample.id}.png", _overlay(sample, saliency, labels))
     metrics: dict[str, Any] = {
@@ -54,7 +87,13 @@ def run_labels(config: Config, out: Path) -> dict[str, Any]:
             f"pseudo labels: mIoU {metrics['mIoU']:.3f} over labelled pixels, "
             f"{metrics['labelled_fraction']:.1%} of pixels labelled"
         )
+    mark_complete(labels_dir, digest)
     return metrics
+
+
+def _saliency_cache_hash(config: Config) -> str:
+    data = config.data.model_dump(include={"format", "root", "train_split"})
+    return settings_digest({"data": data, "max_side": config.saliency.max_side})
 
 
 def _last_step_cams(config: Config, out: Path) -> Path | None:

@@ -38,6 +38,7 @@ from aepsl.io import (
     atomic_path,
     claim_folder,
     load_checkpoint,
+    mark_complete,
     read_index_png,
     save_checkpoint,
     settings_digest,
@@ -88,7 +89,10 @@ def run_mine(config: Config, out: Path) -> dict[str, Any]:
     data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
     train = data.split(config.data.train_split)
     mine_dir = out / "mine"
-    claim_folder(mine_dir, settings_hash(config))
+    digest = settings_hash(config)
+    if claim_folder(mine_dir, digest):
+        print(f"mine: finished for these settings in {mine_dir}; skipped")
+        return json.loads((mine_dir / "metrics.json").read_text())
     fill = _mean_pixel(mine_dir, train)
     writer = SummaryWriter(str(mine_dir / "tensorboard"))
     steps: list[dict[str, Any]] = []
@@ -137,6 +141,7 @@ def run_mine(config: Config, out: Path) -> dict[str, Any]:
     }
     write_json(mine_dir / "metrics.json", metrics)
     writer.close()
+    mark_complete(mine_dir, digest)
     return metrics
 
 

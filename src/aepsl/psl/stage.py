@@ -22,10 +22,12 @@ from aepsl.errors import UserError
 from aepsl.io import (
     claim_folder,
     load_checkpoint,
+    mark_complete,
     save_checkpoint,
     settings_digest,
     write_json,
 )
+from aepsl.labels.stage import settings_hash as labels_settings_hash
 from aepsl.models.segnet import SegNet, build_segnet
 from aepsl.psl.data import PseudoLabelled, ResumableSampler
 from aepsl.psl.loss import psl_loss
@@ -46,6 +48,7 @@ def settings_hash(config: Config) -> str:
         "model": config.model.model_dump(),
         "train": config.train.model_dump(exclude={"checkpoint_every"}),
         "precision": config.precision,
+        "labels": labels_settings_hash(config),
     }
     return settings_digest(relevant)
 
@@ -79,13 +82,15 @@ def run_train(config: Config, out: Path) -> SegNet:
     data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
     train = data.split(config.data.train_split)
     folder = out / "train"
-    claim_folder(folder, settings_hash(config))
+    digest = settings_hash(config)
+    finished = claim_folder(folder, digest)
     seed_everything(config.seed)
     model = prepare_model(
         build_segnet(config.model.backbone, config.model.weights, data.num_classes), config, device
     )
     final = folder / "model.pt"
-    if final.is_file():
+    if finished:
+        print(f"train: finished for these settings in {folder}; skipped")
         model.load_state_dict(load_checkpoint(final))
         return model
 
@@ -167,4 +172,5 @@ def run_train(config: Config, out: Path) -> SegNet:
     save_checkpoint(final, model.state_dict())
     write_json(folder / "train.json", {"iterations": iteration, "final_loss": last})
     checkpoint.unlink(missing_ok=True)
+    mark_complete(folder, digest)
     return model

@@ -1,0 +1,30 @@
+"""`aepsl run`: the whole method, stage after stage, each skipped when it already finished.
+
+Every stage records in its folder's manifest.json a hash of the settings that produced it,
+the stage before it included, so a changed setting re-runs that stage and every one after it,
+and an interrupted run resumes inside the stage it was in.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from aepsl.config import Config
+from aepsl.inference.predict import evaluate_trained
+from aepsl.labels.stage import run_labels
+from aepsl.mine.stage import run_mine
+from aepsl.psl.stage import run_train
+from aepsl.report import write_report
+from aepsl.runtime import select_device
+
+
+def run_pipeline(config: Config, out: Path) -> dict[str, Any]:
+    """mine → labels → train → val prediction and scores → OUT/report.html."""
+    mine = run_mine(config, out)
+    labels = run_labels(config, out)
+    model = run_train(config, out)
+    val = evaluate_trained(config, out, model, select_device(config))
+    report = write_report(config, out)
+    print(f"report: {report}")
+    return {"mine": mine, "labels": labels, "val": val, "report": str(report)}
