@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from aepsl.config import Config
+from aepsl.config import Config, stage_settings
 from aepsl.data.datasets import Dataset, Sample, load_dataset, load_mask
 from aepsl.evaluation import average_precision, region_scores
 from aepsl.io import (
@@ -68,13 +68,7 @@ from aepsl.runtime import (
 
 def settings_hash(config: Config) -> str:
     """Hash of every setting that changes what `mine` writes."""
-    relevant = {
-        "seed": config.seed,
-        "data": config.data.model_dump(exclude={"num_workers"}),
-        "model": config.model.model_dump(),
-        "mine": config.mine.model_dump(exclude={"visualise", "checkpoint_every"}),
-        "precision": config.precision,
-    }
+    relevant = stage_settings(config, "mine", {"visualise", "checkpoint_every"})
     return settings_digest(relevant)
 
 

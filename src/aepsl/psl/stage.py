@@ -16,7 +16,7 @@ from torch.utils.data import DataLoader
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from aepsl.config import Config
+from aepsl.config import Config, stage_settings
 from aepsl.data.datasets import load_dataset
 from aepsl.errors import UserError
 from aepsl.io import (
@@ -42,14 +42,9 @@ from aepsl.runtime import (
 
 
 def settings_hash(config: Config) -> str:
-    relevant = {
-        "seed": config.seed,
-        "data": config.data.model_dump(exclude={"num_workers"}),
-        "model": config.model.model_dump(),
-        "train": config.train.model_dump(exclude={"checkpoint_every"}),
-        "precision": config.precision,
-        "labels": labels_settings_hash(config),
-    }
+    """Hash of every setting that changes the trained network, the pseudo labels' included."""
+    relevant = stage_settings(config, "train", {"checkpoint_every"})
+    relevant["labels"] = labels_settings_hash(config)
     return settings_digest(relevant)
 
 
