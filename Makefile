@@ -15,7 +15,7 @@ $(VENV)/.installed-run: pyproject.toml | $(BIN)/python
 	touch $@
 
 $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
-	$(BIN)/pip install --quiet -e ".[dev,crf]"
+	$(BIN)/pip install --quiet -e ".[dev,crf,offline]"
 	touch $@ $(VENV)/.installed-run
 
 demo: $(VENV)/.installed-run

