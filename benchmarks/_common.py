@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from aepsl.config import Config, load_config
+from aepsl.mine.stage import build_optimizer as build_classifier_optimizer
 from aepsl.models.classifier import CamClassifier, build_classifier
 from aepsl.models.segnet import SegNet, build_segnet
 from aepsl.psl.loss import psl_loss
@@ -93,23 +94,11 @@ class ClassifierTraining:
     """One training step of `aepsl mine` (mine/stage.py `_train_step`, inner loop)."""
 
     def __init__(self, config: Config, num_classes: int, device: torch.device) -> None:
-        cfg = config.mine
         self.config, self.device = config, device
         seed_everything(config.seed)
         model = build_classifier(config.model.backbone, config.model.weights, num_classes)
         self.model: CamClassifier = prepare_model(model, config, device)
-        pretrained = config.model.weights != "none"
-        new = {id(p) for p in self.model.new_parameters()}
-        backbone = [p for p in self.model.parameters() if id(p) not in new]
-        self.optimizer = torch.optim.SGD(
-            [
-                {"params": backbone, "lr": cfg.lr * (cfg.backbone_lr_mult if pretrained else 1.0)},
-                {"params": self.model.new_parameters(), "lr": cfg.lr},
-            ],
-            lr=cfg.lr,
-            momentum=cfg.momentum,
-            weight_decay=cfg.weight_decay,
-        )
+        self.optimizer = build_classifier_optimizer(self.model, config)
         self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
         self.model.train()
 

@@ -136,3 +136,20 @@ def test_changed_setting_mines_again(mined, capsys):
     run_mine(_config(root, "mine.save_cams=true", "mine.threshold=0.3", "mine.steps=1"), out)
     assert "settings changed" in capsys.readouterr().out
     assert not (out / "mine" / "step2").exists()
+
+
+def test_diverging_classifier_stops_with_one_line(folder_dataset, tmp_path, capsys):
+    argv = [
+        "mine",
+        str(DEMO),
+        f"data.root={folder_dataset}",
+        *TINY,
+        "mine.lr=1e30",
+        "mine.epochs=3",
+    ]
+    code = main([*argv, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("aepsl mine: error: ")]
+    assert code == 1 and len(errors) == 1 and "Traceback" not in err, err
+    assert "step 1: training loss is nan at epoch" in errors[0]
+    assert not (tmp_path / "run" / "mine" / "step1" / "classifier.pt").exists()

@@ -176,4 +176,21 @@ def test_predict_refuses_foreign_checkpoint(trained, tmp_path, capsys):
         ]
     )
     assert code == 2
-    assert "weights-only" in capsys.readouterr().err
+    assert "refused: loading it would run Python code" in capsys.readouterr().err
+
+
+def test_diverging_training_stops_with_one_line_and_keeps_the_checkpoint(tmp_path, capsys):
+    from conftest import make_folder_dataset
+
+    root = make_folder_dataset(tmp_path / "data", n=8)
+    out = _with_pseudo_labels(root, tmp_path / "run")
+    argv = ["train", DEMO, f"data.root={root}", *TINY, "train.checkpoint_every=1"]
+    code = main([*argv, "train.lr=1e12", "train.iterations=50", "--out", str(out)])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("aepsl train: error: ")]
+    assert code == 1 and len(errors) == 1 and "Traceback" not in err, err
+    assert "not finite" in errors[0] or "loss is" in errors[0]
+    assert "iteration" in errors[0] and "checkpoint.pt" in errors[0]
+    state = torch.load(out / "train" / "checkpoint.pt", weights_only=True)
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    assert not (out / "train" / "model.pt").exists()

@@ -7,7 +7,9 @@ Every stage command takes a config file (or none, for the defaults), `--out DIR`
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -25,11 +27,13 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _writable_out(path: str) -> Path:
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: output folder is an existing file, not a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".aepsl-write-test"
-        probe.write_text("")
-        probe.unlink()
+        fd, probe = tempfile.mkstemp(prefix=".aepsl-write-test.", dir=out)  # unique per rank
+        os.close(fd)
+        Path(probe).unlink()
     except OSError as exc:
         raise UserError(f"{out}: output folder is not writable ({exc.strerror})") from None
     return out
@@ -105,11 +109,13 @@ def cmd_mine(args: argparse.Namespace) -> None:
 
 def cmd_labels(args: argparse.Namespace) -> None:
     from aepsl.labels.stage import run_labels
+    from aepsl.runtime import on_main, select_device
 
     config = _config(args)
     out = _writable_out(args.out)
     save_config(config, out)
-    run_labels(config, out)
+    select_device(config)  # joins the process group under torchrun
+    on_main(run_labels, config, out)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -162,7 +168,13 @@ def cmd_predict(args: argparse.Namespace) -> None:
     save_config(config, out)
     target = out / VOC_TEST_LAYOUT if args.format == "voc-test" else out
     predict_samples(
-        model, samples, config, device, None if args.crf else target, target if args.crf else None
+        model,
+        samples,
+        config,
+        device,
+        None if args.crf else target,
+        target if args.crf else None,
+        sharded=True,
     )
     print(f"wrote {len(samples)} predictions to {target}")
 
@@ -288,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _split_overrides(args)
     warnings.simplefilter("default")
+    warnings.formatwarning = lambda message, *_: f"aepsl {args.command}: warning: {message}\n"
     try:
         args.func(args)
     except UserError as exc:
@@ -295,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"aepsl {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except FloatingPointError as exc:  # training diverged: not bad input, but no traceback
+        if args.debug:
+            raise
+        print(f"aepsl {args.command}: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(
             f"aepsl {args.command}: interrupted; re-run the same command to resume", file=sys.stderr

@@ -14,11 +14,11 @@ from typing import Literal
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from aepsl.data.datasets import Sample, load_mask
 from aepsl.errors import UserError
 from aepsl.io import IGNORE, read_index_png
+from aepsl.runtime import all_reduce_sum
 
 PredIgnore = Literal["exclude", "background"]
 
@@ -43,11 +43,9 @@ def confusion_matrix(
 
 
 def all_reduce_confusion(matrix: torch.Tensor) -> torch.Tensor:
-    """Sum a confusion matrix over the ranks of a distributed run (no-op otherwise)."""
-    if dist.is_available() and dist.is_initialized():
-        matrix = matrix.clone()
-        dist.all_reduce(matrix)
-    return matrix
+    """Sum a confusion matrix over the ranks of a distributed run (no-op otherwise); a
+    collective: every rank must call it."""
+    return all_reduce_sum(matrix)
 
 
 def metrics_from_confusion(matrix: torch.Tensor, names: list[str]) -> dict:
@@ -88,8 +86,14 @@ def evaluate_folder(
     samples: Iterable[Sample],
     classes: list[str],
     pred_ignore: PredIgnore = "exclude",
+    sharded: bool = False,
 ) -> dict:
-    """Score `pred_dir/<id>.png` against each sample's ground-truth mask."""
+    """Score `pred_dir/<id>.png` against each sample's ground-truth mask.
+
+    sharded=True: in a distributed run, every rank calls this with its own share of the
+    samples and the counts are summed over the ranks (every rank gets the whole result);
+    otherwise no collective is involved, so one rank may score everything alone.
+    """
     num_labels = len(classes) + 1
     matrix = torch.zeros(num_labels, num_labels, dtype=torch.long)
     labelled = total = count = 0
@@ -108,7 +112,10 @@ def evaluate_folder(
         labelled += int((pred != IGNORE).sum())
         total += pred.size
         count += 1
-    matrix = all_reduce_confusion(matrix)
+    if sharded:
+        matrix = all_reduce_confusion(matrix)
+        sums = all_reduce_sum(torch.tensor([labelled, total, count], dtype=torch.long))
+        labelled, total, count = (int(v) for v in sums)
     result = metrics_from_confusion(matrix, ["background", *classes])
     result["images"] = count
     result["labelled_fraction"] = round(labelled / total, 6) if total else None

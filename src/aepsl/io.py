@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
+import re
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -119,8 +121,19 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle refusal, truncation, foreign formats
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UserError(f"{path}: not a loadable weights-only checkpoint ({first})") from exc
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch colours its message
+        needs_code = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if isinstance(exc, pickle.UnpicklingError) and needs_code:
+            raise UserError(
+                f"{path}: refused: loading it would run Python code ({needs_code.group(1)}); "
+                "aepsl checkpoints hold tensors only"
+            ) from None
+        detail = text.split("WeightsUnpickler error:", 1)[-1]
+        lines = [line.strip() for line in detail.strip().splitlines() if line.strip()]
+        raise UserError(
+            f"{path}: not a readable PyTorch checkpoint "
+            f"({lines[0] if lines else type(exc).__name__})"
+        ) from None
     if not isinstance(state, dict):
         raise UserError(f"{path}: checkpoint is not a dictionary of tensors")
     return state
@@ -148,9 +161,13 @@ def _open(path: Path) -> Image.Image:
         raise UserError(f"{path}: file is empty")
     try:
         image = Image.open(path)
-        image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"{path}: cannot decode image ({exc})") from exc
+        raise UserError(f"{path}: cannot decode image ({exc})") from None
+    try:
+        image.load()
+    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+        image.close()
+        raise UserError(f"{path}: cannot decode image ({exc})") from None
     return image
 
 

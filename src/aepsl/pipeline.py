@@ -3,6 +3,9 @@
 Every stage records in its folder's manifest.json a hash of the settings that produced it,
 the stage before it included, so a changed setting re-runs that stage and every one after it,
 and an interrupted run resumes inside the stage it was in.
+
+Under `torchrun`, mine, train and the val prediction run on every process (data parallel);
+the pseudo labels and the report are written by rank 0 while the others wait.
 """
 
 from __future__ import annotations
@@ -16,15 +19,18 @@ from aepsl.labels.stage import run_labels
 from aepsl.mine.stage import run_mine
 from aepsl.psl.stage import run_train
 from aepsl.report import write_report
-from aepsl.runtime import select_device
+from aepsl.runtime import on_main, per_rank_batch, select_device
 
 
 def run_pipeline(config: Config, out: Path) -> dict[str, Any]:
     """mine → labels → train → val prediction and scores → OUT/report.html."""
+    select_device(config)  # joins the process group under torchrun
+    per_rank_batch(config.mine.batch_size, "mine.batch_size")  # fail before any work
+    per_rank_batch(config.train.batch_size, "train.batch_size")
     mine = run_mine(config, out)
-    labels = run_labels(config, out)
+    labels = on_main(run_labels, config, out)
     model = run_train(config, out)
     val = evaluate_trained(config, out, model, select_device(config))
-    report = write_report(config, out)
+    report = on_main(write_report, config, out)
     print(f"report: {report}")
     return {"mine": mine, "labels": labels, "val": val, "report": str(report)}

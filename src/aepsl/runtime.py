@@ -1,26 +1,268 @@
-"""Device, precision and seeding shared by every stage that trains or infers."""
+"""Device, precision, seeding and data parallelism shared by every stage that trains or infers.
+
+Data parallelism (DDP): launched by `torchrun`, which sets WORLD_SIZE, RANK and LOCAL_RANK, every
+process joins one process group (NCCL on CUDA, gloo on the CPU) the first time a stage asks for
+its device, and leaves it at exit. Without those variables everything here is a no-op: rank 0
+of a world of 1.
+"""
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import os
 import random
-from collections.abc import Iterator
+import sys
+from collections.abc import Callable, Iterator
+from datetime import timedelta
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch import nn
 
 from aepsl.config import Config
 from aepsl.errors import UserError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+T = TypeVar("T")
+
+
+# ------------------------------------------------------------------ data parallelism
+
+
+def launched_by_torchrun() -> bool:
+    return all(key in os.environ for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK"))
+
+
+def distributed() -> bool:
+    """True inside an initialised process group (a `torchrun` launch)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if distributed():
+        dist.barrier()
+
+
+def _init_distributed(config: Config) -> None:
+    """Join the process group once: NCCL with one GPU per process, else gloo on the CPU."""
+    if distributed() or not launched_by_torchrun():
+        return
+    cuda = config.device != "cpu" and torch.cuda.is_available()
+    if cuda:
+        local, count = int(os.environ["LOCAL_RANK"]), torch.cuda.device_count()
+        if local >= count:
+            raise UserError(
+                f"torchrun started more processes on this machine than its {count} GPU(s); "
+                f"use --nproc_per_node {count} or fewer"
+            )
+        torch.cuda.set_device(local)
+    # Long collective timeout: the other ranks wait while rank 0 alone builds the pseudo labels.
+    dist.init_process_group(backend="nccl" if cuda else "gloo", timeout=timedelta(hours=2))
+    atexit.register(_teardown)
+    if not is_main():  # one copy of the progress lines and tables (errors still go to stderr)
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - closed by _teardown
+
+
+def _teardown() -> None:
+    if sys.stdout is not sys.__stdout__ and getattr(sys.stdout, "name", "") == os.devnull:
+        sys.stdout.close()
+        sys.stdout = sys.__stdout__
+    if distributed():
+        dist.destroy_process_group()
 
 
 def select_device(config: Config) -> torch.device:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda but no CUDA device is available; set device=cpu or auto")
-    if config.device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
+    _init_distributed(config)
+    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    if cuda and distributed():
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return torch.device("cuda" if cuda else "cpu")
+
+
+def per_rank_batch(batch_size: int, key: str) -> int:
+    """`batch_size` (the global batch, over all ranks) divided among the ranks."""
+    world = world_size()
+    if batch_size % world:
+        raise UserError(
+            f"{key}={batch_size} is the global batch and must be divisible by the number of "
+            f"processes ({world}); choose a multiple of {world}"
+        )
+    return batch_size // world
+
+
+def shard_batches(order: list[int], batch_size: int, rank: int, world: int) -> list[int]:
+    """This rank's share of every complete global batch of `order` (batch_size / world items
+    each, rank r taking the r-th slice); a last incomplete batch is dropped. One rank: `order`."""
+    if world == 1:
+        return order
+    per = batch_size // world
+    complete = len(order) - len(order) % batch_size
+    return [
+        index
+        for start in range(0, complete, batch_size)
+        for index in order[start + rank * per : start + (rank + 1) * per]
+    ]
+
+
+def on_main(fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn` on rank 0 only (e.g. to claim or write a shared file); every rank returns its
+    (picklable) result once rank 0 is done, so this is also a barrier."""
+    result = fn(*args) if is_main() else None
+    if distributed():
+        box = [result]
+        dist.broadcast_object_list(box, src=0)
+        result = box[0]
+    return result  # type: ignore[return-value]
+
+
+def all_gather(obj: T) -> list[T]:
+    """Every rank's `obj` (picklable), in rank order, on every rank."""
+    if not distributed():
+        return [obj]
+    gathered: list[Any] = [None] * world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum of `tensor` over the ranks (a copy; on the tensor's device), no-op otherwise."""
+    if not distributed():
+        return tensor
+    device = tensor.device
+    work = tensor.detach().clone()
+    if dist.get_backend() == "nccl" and device.type != "cuda":
+        work = work.cuda()
+    dist.all_reduce(work)
+    return work.to(device)
+
+
+def data_parallel(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` (already on `device`) wrapped for DDP, its batch norms synchronised over the ranks
+    so they normalise with the global batch's statistics; unchanged with one process."""
+    if world_size() == 1:
+        return model
+    if device.type == "cuda":
+        model = _convert_sync_batchnorm(model)
+        return nn.parallel.DistributedDataParallel(model, device_ids=[device.index])
+    _sync_cpu_batchnorms(model)  # nn.SyncBatchNorm runs on GPUs only
+    return nn.parallel.DistributedDataParallel(model)
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """all_reduce(SUM) with a gradient: each rank's input gets the sum of all ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.clone()
+        dist.all_reduce(tensor)
+        return tensor
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class _CpuSyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm2d with the batch statistics of all ranks (gloo), for CPU runs: the mean and
+    variance are all-reduced by a differentiable sum, so gradients flow across ranks as in
+    nn.SyncBatchNorm. Same parameters and buffers, so state dicts are unchanged."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not (self.training and distributed()):
+            return super().forward(input)
+        all_reduce = _SumOverRanks.apply
+        dims = [0, 2, 3]
+        local = torch.tensor(float(input.numel() // input.shape[1]), device=input.device)
+        count = all_reduce_sum(local)
+        mean = all_reduce(input.sum(dims)) / count
+        centred = input - mean[None, :, None, None]
+        var = all_reduce((centred * centred).sum(dims)) / count
+        if self.track_running_stats:
+            assert self.running_mean is not None and self.running_var is not None
+            with torch.no_grad():
+                self.num_batches_tracked.add_(1)
+                m = self.momentum
+                if m is None:  # cumulative moving average
+                    m = 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                unbiased = var.detach() * count / (count - 1).clamp(min=1)
+                self.running_var.mul_(1 - m).add_(unbiased, alpha=m)
+        out = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
+        if self.affine:
+            out = out * self.weight[None, :, None, None] + self.bias[None, :, None, None]
+        return out
+
+
+def _convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """nn.SyncBatchNorm for every batch norm; timm's (efficientnet_lite0) fuse BN with its
+    activation, which torch's conversion would silently drop, so timm converts those."""
+    if any(type(m).__module__.startswith("timm.") for m in model.modules()):
+        from timm.layers import convert_sync_batchnorm
+
+        return convert_sync_batchnorm(model)
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+
+
+class _CpuSyncBatchNormAct(_CpuSyncBatchNorm):
+    """_CpuSyncBatchNorm for timm's BatchNormAct2d (efficientnet_lite0): the same batch norm,
+    then the module's own `drop` and `act` (ReLU6), as BatchNormAct2d.forward does."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(super().forward(input)))
+
+
+def _sync_cpu_batchnorms(model: nn.Module) -> None:
+    for module in model.modules():
+        if type(module) is nn.BatchNorm2d:
+            module.__class__ = _CpuSyncBatchNorm
+        elif _is_timm_bn_act(module):
+            module.__class__ = _CpuSyncBatchNormAct
+
+
+def _is_timm_bn_act(module: nn.Module) -> bool:
+    cls = type(module)
+    return cls.__name__ == "BatchNormAct2d" and cls.__module__.startswith("timm.")
+
+
+class _NoWriter:
+    """Stands in for a SummaryWriter on ranks other than 0."""
+
+    def add_scalar(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def summary_writer(log_dir: str) -> Any:
+    """A tensorboard SummaryWriter on rank 0; elsewhere one that writes nothing."""
+    if not is_main():
+        return _NoWriter()
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir)
+
+
+# ------------------------------------------------------------------ device and precision
 
 
 def check_precision(config: Config, device: torch.device) -> None:
@@ -42,6 +284,12 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def seed_rank(seed: int) -> None:
+    """seed_everything(seed) on rank 0; a different stream on every other rank, so that what
+    still draws from the global generators (dropout) is not repeated across ranks."""
+    seed_everything(seed + 7919 * rank())
 
 
 def prepare_model(model: torch.nn.Module, config: Config, device: torch.device) -> torch.nn.Module:

@@ -100,9 +100,14 @@ def load_mask(sample: Sample, shape: tuple[int, int], num_classes: int) -> np.nd
 
 def image_size(path: Path) -> tuple[int, int]:
     """(height, width) from the header only, after EXIF rotation."""
-    with Image.open(path) as image:
-        width, height = image.size
-        orientation = image.getexif().get(0x0112, 1)
+    try:
+        if path.stat().st_size == 0:
+            raise UserError(f"{path}: file is empty")
+        with Image.open(path) as image:
+            width, height = image.size
+            orientation = image.getexif().get(0x0112, 1)
+    except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError is an OSError
+        raise UserError(f"{path}: cannot decode image ({exc})") from None
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
@@ -172,6 +177,7 @@ def load_folder(root: Path, empty_labels: str = "skip") -> Dataset:
     images_dir, masks_dir, sal_dir = root / "images", root / "masks", root / "saliency"
     samples: dict[str, Sample] = {}
     skipped: dict[str, int] = {}
+    skipped_ids: set[str] = set()
     for line_no, row in enumerate(rows[1:], start=2):
         if not row or all(not c.strip() for c in row):
             continue
@@ -190,6 +196,7 @@ def load_folder(root: Path, empty_labels: str = "skip") -> Dataset:
             if empty_labels == "error":
                 raise UserError(f"{where}: image '{image_id}' has an empty label set")
             skipped["empty label set"] = skipped.get("empty label set", 0) + 1
+            skipped_ids.add(image_id)
             continue
         image = _find_image(images_dir, image_id)
         if image is None:
@@ -214,6 +221,7 @@ def load_folder(root: Path, empty_labels: str = "skip") -> Dataset:
             if len(set(ids)) != len(ids):
                 dup = next(i for i in ids if ids.count(i) > 1)
                 raise UserError(f"{split_file}: duplicate image id '{dup}'")
+            ids = [i for i in ids if i not in skipped_ids]  # skipped above, and counted
             missing = [i for i in ids if i not in samples]
             if missing:
                 raise UserError(f"{split_file}: image id '{missing[0]}' is not in labels.csv")

@@ -3,6 +3,9 @@ over scales and flips, optionally weighted by the classification branch), argmax
 
 CRF runs in worker processes on chunks of images while the main process runs the network, so
 memory holds one chunk of probability maps at a time whatever the split's size.
+
+Under `torchrun` each process predicts its share of the images (disjoint files), and the
+scores are summed over the processes.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from aepsl.io import (
 )
 from aepsl.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from aepsl.models.segnet import SegNet
-from aepsl.runtime import autocast, to_device
+from aepsl.runtime import autocast, barrier, is_main, on_main, rank, to_device, world_size
 
 VOC_TEST_LAYOUT = Path("results") / "VOC2012" / "Segmentation" / "comp6_test_cls"
 CHUNK = 8
@@ -127,9 +130,13 @@ def predict_samples(
     device: torch.device,
     plain_dir: Path | None,
     crf_dir: Path | None,
+    sharded: bool = False,
 ) -> None:
     """Write `<id>.png` index maps to `plain_dir` (argmax) and/or `crf_dir` (after dense CRF),
-    with colour overlays in `<dir>/overlay/` when `predict.overlays` is set."""
+    with colour overlays in `<dir>/overlay/` when `predict.overlays` is set.
+
+    sharded=True: in a distributed run every rank calls this, writes its share of `samples`
+    (disjoint files) and waits for the others; otherwise no collective is involved."""
     if crf_dir is not None:
         dense_crf(
             np.zeros((2, 2, 3), np.uint8), np.full((2, 2, 2), 0.5, np.float32)
@@ -137,7 +144,7 @@ def predict_samples(
     model.eval()
     todo = [
         s
-        for s in samples
+        for s in (samples[rank() :: world_size()] if sharded else samples)
         if (plain_dir and not (plain_dir / f"{s.id}.png").is_file())
         or (crf_dir and not (crf_dir / f"{s.id}.png").is_file())
     ]
@@ -146,7 +153,9 @@ def predict_samples(
         pool = multiprocessing.get_context("spawn").Pool(config.crf.workers)
     refine = functools.partial(crf_labels, **crf_params(config))
     try:
-        bar = tqdm(total=len(todo), desc="predict", unit="img", dynamic_ncols=True)
+        bar = tqdm(
+            total=len(todo), desc="predict", unit="img", dynamic_ncols=True, disable=not is_main()
+        )
         for chunk in _chunks(todo, CHUNK):
             images = [load_image(s) for s in chunk]
             probs = [predict_probs(model, image, config, device) for image in images]
@@ -164,6 +173,8 @@ def predict_samples(
         if pool is not None:
             pool.close()
             pool.join()
+    if sharded:
+        barrier()
 
 
 def _write(
@@ -182,7 +193,7 @@ def evaluate_trained(config: Config, out: Path, model: SegNet, device: torch.dev
     result: dict = {"split": split}
     if not data.has_split(split) or any(s.mask is None for s in data.split(split)):
         result["note"] = f"split '{split}' is missing or lacks ground truth: nothing scored"
-        write_json(out / "train" / "metrics.json", result)
+        on_main(write_json, out / "train" / "metrics.json", result)
         return result
     samples = data.split(split)
     digest = settings_digest(
@@ -195,21 +206,30 @@ def evaluate_trained(config: Config, out: Path, model: SegNet, device: torch.dev
     plain, refined = out / "predict", out / "predict_crf"
     use_crf = crf_available()
     metrics_path = out / "train" / "metrics.json"
-    finished = claim_folder(plain, digest)
-    if use_crf:
-        finished = claim_folder(refined, digest) and finished
-    if finished and metrics_path.is_file():
+
+    def claim() -> bool:
+        finished = claim_folder(plain, digest)
+        if use_crf:
+            finished = claim_folder(refined, digest) and finished
+        return finished and metrics_path.is_file()
+
+    if on_main(claim):
         print(f"predict: {split} predicted and scored for this model in {plain}; skipped")
         return json.loads(metrics_path.read_text())
-    predict_samples(model, samples, config, device, plain, refined if use_crf else None)
-    result["without_crf"] = evaluate_folder(plain, samples, data.classes)
+    predict_samples(
+        model, samples, config, device, plain, refined if use_crf else None, sharded=True
+    )
+    share = samples[rank() :: world_size()]
+    result["without_crf"] = evaluate_folder(plain, share, data.classes, sharded=True)
     if use_crf:
-        result["with_crf"] = evaluate_folder(refined, samples, data.classes)
+        result["with_crf"] = evaluate_folder(refined, share, data.classes, sharded=True)
     else:
         result["with_crf"] = None
         result["note"] = "pydensecrf is not installed (pip install 'aepsl[crf]'): no CRF score"
-    write_json(metrics_path, result)
-    mark_complete(plain, digest)
-    if use_crf:
-        mark_complete(refined, digest)
+    if is_main():
+        write_json(metrics_path, result)
+        mark_complete(plain, digest)
+        if use_crf:
+            mark_complete(refined, digest)
+    barrier()
     return result

@@ -42,6 +42,8 @@ def threshold_regions(cams: torch.Tensor, mode: ThresholdMode, threshold: float)
     if mode == "relative":
         return (cams >= threshold) & positive
     if mode == "quantile":
+        if cams.numel() == 0:  # no classes (or no pixels): nothing to mine
+            return positive
         flat = cams.flatten(-2).float()
         cut = torch.quantile(flat, 1.0 - threshold, dim=-1, keepdim=True)
         return (cams >= cut.unsqueeze(-1)) & positive

@@ -1,5 +1,10 @@
 """Images as the classifier of erasing step t sees them: earlier steps' regions filled with the
-dataset's mean pixel on the fly (erased copies are never written to disk)."""
+dataset's mean pixel on the fly (erased copies are never written to disk).
+
+Training crops are seeded per sample by (epoch seed, index), so they do not depend on the
+order samples are drawn in, the number of DataLoader workers, or how many processes share the
+batch: one process and N data-parallel ones see the same crop of every image.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset as TorchDataset
+from torch.utils.data import Sampler
 from torchvision.transforms import v2
 
 from aepsl.data.datasets import Sample, load_image
@@ -15,6 +21,7 @@ from aepsl.errors import UserError
 from aepsl.io import read_index_png
 from aepsl.mine.cam import fill_erased
 from aepsl.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+from aepsl.runtime import shard_batches
 
 
 def mean_pixel(samples: list[Sample], limit: int = 500) -> list[float]:
@@ -45,7 +52,8 @@ class ErasedImages(TorchDataset):
     """(normalised image, multi-hot labels, index) with earlier steps' regions erased.
 
     With `crop` set, images are randomly resized-cropped to `crop` x `crop` and flipped
-    (training); without it they are returned whole (CAM extraction, evaluation).
+    (training), the randomness seeded by (`epoch_seed`, index); without it they are returned
+    whole (CAM extraction, evaluation).
     """
 
     def __init__(
@@ -60,6 +68,8 @@ class ErasedImages(TorchDataset):
         self.num_classes = num_classes
         self.region_dirs = region_dirs
         self.fill = torch.tensor(fill).round().to(torch.uint8)
+        self.crop = crop
+        self.epoch_seed = 0
         augment = (
             [
                 v2.RandomResizedCrop(crop, scale=(0.5, 1.0), antialias=True),
@@ -88,7 +98,33 @@ class ErasedImages(TorchDataset):
             )
         target = torch.zeros(self.num_classes)
         target[[k - 1 for k in sample.labels]] = 1.0
-        return self.transform(v2.functional.to_image(image)), target, index
+        image = v2.functional.to_image(image)
+        if not self.crop:
+            return self.transform(image), target, index
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(hash((self.epoch_seed, index)) % 2**63)
+            return self.transform(image), target, index
+
+
+class ShuffledShard(Sampler[int]):
+    """A seeded permutation of `size` items; with `world_size` processes, this rank's share of
+    every complete global batch of `batch_size` (see runtime.shard_batches)."""
+
+    def __init__(
+        self, size: int, seed: int, batch_size: int, rank: int = 0, world_size: int = 1
+    ) -> None:
+        self.size, self.seed, self.batch_size = size, seed, batch_size
+        self.rank, self.world_size = rank, world_size
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed)
+        order = torch.randperm(self.size, generator=generator).tolist()
+        yield from shard_batches(order, self.batch_size, self.rank, self.world_size)
+
+    def __len__(self) -> int:
+        if self.world_size == 1:
+            return self.size
+        return self.size // self.batch_size * (self.batch_size // self.world_size)
 
 
 def collate_list(batch: list) -> list:

@@ -2,7 +2,8 @@
 
 Augmentation (DeepLab convention): random rescale, random crop, padded with the mean colour
 (image) and 255 (label), horizontal flip. Each sample's randomness is seeded by
-(seed, epoch, index), so a resumed run draws exactly the crops an uninterrupted one would.
+(seed, epoch, index), so a resumed run draws exactly the crops an uninterrupted one would, and
+N data-parallel processes exactly the crops of one process.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from aepsl.data.datasets import Sample, load_image
 from aepsl.errors import UserError
 from aepsl.io import IGNORE, read_index_png
 from aepsl.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+from aepsl.runtime import shard_batches
 
 MEAN_RGB = [round(255 * m) for m in IMAGENET_MEAN]
 
@@ -82,14 +84,34 @@ class PseudoLabelled(TorchDataset):
 
 class ResumableSampler(Sampler[int]):
     """A seeded permutation per epoch, started at `offset`: resuming mid-epoch replays the rest
-    of the epoch the uninterrupted run would have seen."""
+    of the epoch the uninterrupted run would have seen.
 
-    def __init__(self, size: int, seed: int, epoch: int, offset: int = 0) -> None:
+    With `world_size` > 1 processes, each yields its rank's share of every complete global
+    batch of `batch_size` items of that same permutation (runtime.shard_batches); `offset`
+    counts global items and must then be a multiple of `batch_size`.
+    """
+
+    def __init__(
+        self,
+        size: int,
+        seed: int,
+        epoch: int,
+        offset: int = 0,
+        *,
+        batch_size: int = 1,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.size, self.seed, self.epoch, self.offset = size, seed, epoch, offset
+        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        yield from torch.randperm(self.size, generator=generator)[self.offset :].tolist()
+        order = torch.randperm(self.size, generator=generator)[self.offset :].tolist()
+        yield from shard_batches(order, self.batch_size, self.rank, self.world_size)
 
     def __len__(self) -> int:
-        return self.size - self.offset
+        rest = self.size - self.offset
+        if self.world_size == 1:
+            return rest
+        return rest // self.batch_size * (self.batch_size // self.world_size)
