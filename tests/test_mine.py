@@ -153,3 +153,11 @@ def test_diverging_classifier_stops_with_one_line(folder_dataset, tmp_path, caps
     assert code == 1 and len(errors) == 1 and "Traceback" not in err, err
     assert "step 1: training loss is nan at epoch" in errors[0]
     assert not (tmp_path / "run" / "mine" / "step1" / "classifier.pt").exists()
+
+
+def test_step_line_when_nothing_was_mined():
+    from aepsl.mine.stage import _step_line
+
+    empty = {"precision": None, "recall": 0.0}
+    record = {"step": 1, "train_loss": 0.69, "step_regions": empty, "union_regions": empty}
+    assert _step_line(record) == "step 1: loss 0.6900, step P - R 0.000, union P - R 0.000"

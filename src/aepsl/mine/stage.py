@@ -191,7 +191,11 @@ def _step_line(record: dict[str, Any]) -> str:
     for key in ("step", "union"):
         scores = record.get(f"{key}_regions")
         if scores:
-            parts.append(f"{key} P {scores['precision']:.3f} R {scores['recall']:.3f}")
+            # None when nothing was mined (a classifier that learnt nothing) or nothing to find
+            p, r = (
+                "-" if scores[k] is None else f"{scores[k]:.3f}" for k in ("precision", "recall")
+            )
+            parts.append(f"{key} P {p} R {r}")
     if "stopped" in record:
         parts.append(f"stopped: {record['stopped']}")
     return ", ".join(parts)
