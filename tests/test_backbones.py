@@ -1,0 +1,56 @@
+"""Every classifier backbone: CAM shape and output stride, weights from a local file, and the
+offline ImageNet error path (nothing is ever downloaded)."""
+
+import importlib.util
+
+import pytest
+import torch
+from torchvision import models
+
+from aepsl.errors import UserError
+from aepsl.models import build_classifier
+from aepsl.models.backbones import build_backbone
+
+STRIDES = {"tiny": 8, "vgg16": 16, "resnet50": 16, "resnet101": 16, "efficientnet_lite0": 16}
+HAVE_TIMM = importlib.util.find_spec("timm") is not None
+
+
+@pytest.mark.parametrize("backbone", list(STRIDES))
+def test_cams_of_every_class_at_the_backbone_stride(backbone):
+    if backbone == "efficientnet_lite0" and not HAVE_TIMM:
+        pytest.skip("timm not installed (pip install 'aepsl[offline]')")
+    torch.manual_seed(0)
+    model = build_classifier(backbone, "none", 3).eval()
+    with torch.no_grad():
+        maps = model.class_maps(torch.randn(2, 3, 64, 64))
+        logits = model(torch.randn(2, 3, 64, 64))
+    side = 64 // STRIDES[backbone]
+    assert maps.shape == (2, 3, side, side)
+    assert logits.shape == (2, 3)
+
+
+@pytest.mark.parametrize("backbone", ["tiny", "resnet50"])
+def test_backbone_weights_from_a_local_state_dict(backbone, tmp_path):
+    torch.manual_seed(1)
+    source, _ = build_backbone(backbone, "none")
+    path = tmp_path / "weights.pt"
+    torch.save(source.state_dict(), path)
+    loaded, _ = build_backbone(backbone, str(path))
+    for (name, a), b in zip(source.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_torchvision_resnet101_file_maps_onto_the_features(tmp_path):
+    whole = models.resnet101().state_dict()  # torchvision's key layout, as in its cache
+    path = tmp_path / "resnet101.pth"
+    torch.save(whole, path)
+    features, channels = build_backbone("resnet101", str(path))
+    assert channels == 2048
+    assert torch.equal(features[0].weight, whole["conv1.weight"])
+    assert torch.equal(features[7][2].conv3.weight, whole["layer4.2.conv3.weight"])
+
+
+def test_imagenet_weights_missing_offline_name_the_file(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
+    with pytest.raises(UserError, match=r"resnet101-[0-9a-f]+\.pth: ImageNet weights for resnet"):
+        build_backbone("resnet101", "imagenet")
