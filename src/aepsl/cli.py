@@ -43,9 +43,11 @@ def _writable_out(path: str) -> Path:
 
 
 def cmd_synth(args: argparse.Namespace) -> None:
+    from aepsl.data.real import make_real
     from aepsl.data.synth import make_synth
 
-    root = make_synth(args.out, n=args.n, size=args.size, seed=args.seed)
+    make = make_real if args.real else make_synth
+    root = make(args.out, n=args.n, size=args.size, seed=args.seed)
     print(f"wrote a folder dataset to {root}")
 
 
@@ -191,7 +193,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from aepsl.demo import run_demo
 
-    run_demo(_writable_out(args.out), args.overrides)
+    run_demo(_writable_out(args.out), args.overrides, real=args.real)
 
 
 # ------------------------------------------------------------------ parser
@@ -225,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=240, help="number of images (default 240)")
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--real",
+        action="store_true",
+        help="real pixels: product photos pasted on photographs, exact masks (needs Debian's "
+        "dataset-fashion-mnist)",
+    )
     p.set_defaults(func=cmd_synth)
 
     p = _stage_parser(sub, "data-info", "print counts per split and class, sizes, masks")
@@ -284,6 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
+    p.add_argument("--real", action="store_true", help="on `synth --real` data: photographs")
     p.set_defaults(func=cmd_demo)
     return parser
 

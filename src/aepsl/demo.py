@@ -7,18 +7,22 @@ from importlib.resources import files
 from pathlib import Path
 
 from aepsl.config import load_config, save_config
+from aepsl.data.real import make_real
 from aepsl.data.synth import make_synth
 from aepsl.pipeline import run_pipeline
 
 DEMO_CONFIG = files("aepsl") / "configs" / "demo.yaml"
 
 
-def run_demo(out: Path, overrides: list[str], n: int = 240, size: int = 128) -> dict:
+def run_demo(
+    out: Path, overrides: list[str], n: int = 240, size: int = 128, real: bool = False
+) -> dict:
+    """Make the demo data (synthetic, or real pixels with `real`) in OUT/data, then `run`."""
     started = time.perf_counter()
-    data_root = out / "data"
+    data_root = out / ("data_real" if real else "data")
     config = load_config(Path(str(DEMO_CONFIG)), [f"data.root={data_root}", *overrides])
     if not (data_root / "labels.csv").is_file():
-        make_synth(data_root, n=n, size=size, seed=config.seed)
+        (make_real if real else make_synth)(data_root, n=n, size=size, seed=config.seed)
     save_config(config, out)
     result = run_pipeline(config, out)
     result["seconds"] = time.perf_counter() - started

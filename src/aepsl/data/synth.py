@@ -25,6 +25,7 @@ import colorsys
 import csv
 import io
 import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,16 +268,30 @@ def make_synth(
     if root.exists() and not root.is_dir():
         raise UserError(f"{root}: exists and is not a folder")
     rng = np.random.default_rng(seed)
-    ids = [f"synth_{i:05d}" for i in range(n)]
+    scenes = (render_scene(rng, size) for _ in range(n))
+    return write_scenes(root, "synth", SYNTH_CLASSES, scenes, n, rng, val_fraction)
+
+
+def write_scenes(
+    root: Path,
+    prefix: str,
+    classes: tuple[str, ...],
+    scenes: Iterable[Scene],
+    n: int,
+    rng: np.random.Generator,
+    val_fraction: float,
+) -> Path:
+    """Write `n` scenes as a `folder` dataset (images, masks, classes.txt, labels.csv from each
+    mask, train/val splits drawn with `rng`); ids are `<prefix>_00000`... Returns `root`."""
+    ids = [f"{prefix}_{i:05d}" for i in range(n)]
     table = io.StringIO()
     writer = csv.writer(table, lineterminator="\n")
     writer.writerow(["image", "labels"])
-    for image_id in ids:
-        scene = render_scene(rng, size)
+    for image_id, scene in zip(ids, scenes, strict=True):
         write_png(root / "images" / f"{image_id}.png", scene.image)
         write_index_png(root / "masks" / f"{image_id}.png", scene.mask)
-        writer.writerow([image_id, " ".join(SYNTH_CLASSES[k - 1] for k in scene.labels)])
-    write_text(root / "classes.txt", "".join(f"{name}\n" for name in SYNTH_CLASSES))
+        writer.writerow([image_id, " ".join(classes[k - 1] for k in scene.labels)])
+    write_text(root / "classes.txt", "".join(f"{name}\n" for name in classes))
     write_text(root / "labels.csv", table.getvalue())
     n_val = min(n - 1, max(1, round(n * val_fraction)))
     val = set(rng.permutation(n)[:n_val].tolist())
