@@ -64,3 +64,23 @@ def test_cli_writes_it_and_data_info_checks_it(tmp_path, capsys):
 def test_missing_fashion_mnist_names_the_fix(tmp_path):
     with pytest.raises(UserError, match="apt-get install dataset-fashion-mnist"):
         make_real(tmp_path / "x", n=8, source=tmp_path / "nowhere")
+
+
+def test_demo_on_real_pixels_runs_every_stage(tmp_path, capsys):
+    from aepsl.demo import run_demo
+
+    tiny = [
+        "mine.epochs=1",
+        "mine.steps=2",
+        "data.image_size=64",
+        "train.iterations=4",
+        "train.crop_size=64",
+        "train.batch_size=4",
+        "precision=fp32",
+        "crf.workers=1",
+    ]
+    result = run_demo(tmp_path / "demo", tiny, n=12, size=64, real=True)
+    assert (tmp_path / "demo" / "data_real" / "classes.txt").read_text().startswith("trouser")
+    assert len(result["mine"]["steps"]) == 2
+    assert 0 <= result["val"]["without_crf"]["mIoU"] <= 1
+    assert "segmentation, val mIoU without CRF" in capsys.readouterr().out
