@@ -172,6 +172,9 @@ def _thin(points: list[tuple[float, float]], limit: int) -> list[tuple[float, fl
 
 
 def _tick(x: float) -> str:
+    """Iterations print whole (1200, not 1.2e+03); losses with three significant digits."""
+    if x == int(x) and abs(x) < 1e7:
+        return str(int(x))
     return f"{x:.3g}" if abs(x) < 1e4 else f"{x:.2e}"
 
 
