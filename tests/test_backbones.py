@@ -29,6 +29,19 @@ def test_cams_of_every_class_at_the_backbone_stride(backbone):
     assert logits.shape == (2, 3)
 
 
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet50", "efficientnet_lite0"])
+def test_cams_at_output_stride_8_keep_the_weights(backbone):
+    if backbone == "efficientnet_lite0" and not HAVE_TIMM:
+        pytest.skip("timm not installed (pip install 'aepsl[offline]')")
+    torch.manual_seed(0)
+    coarse = build_classifier(backbone, "none", 3)
+    torch.manual_seed(0)
+    fine = build_classifier(backbone, "none", 3, output_stride=8).eval()
+    assert fine.backbone.state_dict().keys() == coarse.backbone.state_dict().keys()
+    with torch.no_grad():
+        assert fine.class_maps(torch.randn(1, 3, 64, 64)).shape == (1, 3, 8, 8)
+
+
 @pytest.mark.parametrize("backbone", ["tiny", "resnet50"])
 def test_backbone_weights_from_a_local_state_dict(backbone, tmp_path):
     torch.manual_seed(1)

