@@ -27,7 +27,7 @@ from aepsl.models.classifier import CamClassifier, build_classifier
 from aepsl.models.segnet import SegNet, build_segnet
 from aepsl.psl.loss import psl_loss
 from aepsl.psl.stage import build_optimizer
-from aepsl.runtime import autocast, prepare_model, seed_everything, to_device
+from aepsl.runtime import autocast, grad_scaler, prepare_model, seed_everything, to_device
 
 VOC_CLASSES = 20
 
@@ -99,7 +99,7 @@ class ClassifierTraining:
         model = build_classifier(config.model.backbone, config.model.weights, num_classes)
         self.model: CamClassifier = prepare_model(model, config, device)
         self.optimizer = build_classifier_optimizer(self.model, config)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+        self.scaler = grad_scaler(config, device)
         self.model.train()
 
     def loss_and_backward(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -128,7 +128,7 @@ class SegnetTraining:
         model = build_segnet(config.model.backbone, config.model.weights, num_classes)
         self.model: SegNet = prepare_model(model, config, device)
         self.optimizer = build_optimizer(self.model, config)
-        self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+        self.scaler = grad_scaler(config, device)
         self.model.train()
 
     def loss_and_backward(

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aepsl.config import load_config, save_config
+from aepsl.config import load_config, save_config, stage_settings
 from aepsl.errors import UserError
 
 CONFIGS = Path(__file__).parent.parent / "configs"
@@ -83,7 +83,8 @@ def test_saved_config_has_versions_and_round_trips(tmp_path):
     path = save_config(config, tmp_path)
     saved = yaml.safe_load(path.read_text())
     assert set(saved["versions"]) >= {"aepsl", "torch", "torchvision"}
-    del saved["versions"]
+    assert saved["runtime"]["precision"] in {"fp32", "bf16"}  # auto resolved (no CUDA in tests)
+    del saved["versions"], saved["runtime"]
     assert load_config(None, []).model_validate(saved) == config
 
 
@@ -93,3 +94,29 @@ def test_readme_documents_every_key():
     readme = (Path(__file__).parent.parent / "README.md").read_text()
     missing = [key for key in ALL_KEYS if f"`{key}`" not in readme and f"`{key}`," not in readme]
     assert not missing, f"README's config table lacks {missing}"
+
+
+@pytest.mark.parametrize(
+    ("precision", "device", "cuda", "cuda_bf16", "cpu_bf16", "expected"),
+    [
+        ("auto", "auto", False, False, False, "fp32"),  # AVX2-only CPU: emulated bf16 is slow
+        ("auto", "auto", False, False, True, "bf16"),  # AVX-512 / AMX CPU
+        ("auto", "auto", True, True, False, "bf16"),  # Ampere or newer GPU
+        ("auto", "auto", True, False, True, "fp16"),  # older GPU, with a grad scaler
+        ("auto", "cpu", True, True, False, "fp32"),  # device=cpu on a GPU machine
+        ("bf16", "auto", False, False, False, "bf16"),  # an explicit choice is kept
+    ],
+)
+def test_auto_precision_follows_the_hardware(
+    monkeypatch, precision, device, cuda, cuda_bf16, cpu_bf16, expected
+):
+    import torch
+
+    from aepsl import runtime
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: cuda_bf16)
+    monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: cpu_bf16)
+    config = load_config(None, [f"precision={precision}", f"device={device}"])
+    assert runtime.effective_precision(config) == expected
+    assert stage_settings(config, "mine")["precision"] == expected

@@ -155,8 +155,10 @@ class CrfConfig(Section):
 class Config(Section):
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = Field(
-        "bf16", description="autocast dtype; fp16 needs CUDA"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="autocast dtype; auto: bf16 where the GPU or CPU has it in hardware, fp16 "
+        "on older GPUs, fp32 on CPUs without bf16 units; fp16 needs CUDA",
     )
     channels_last: bool = True
     data: DataConfig = Field(default_factory=DataConfig)
@@ -264,12 +266,14 @@ def _nest(parts: list[str], value: Any) -> dict[str, Any]:
 
 
 def resolved_config(config: Config) -> dict[str, Any]:
-    """The config as written beside outputs, with the versions that produced them."""
+    """The config as written beside outputs, with the versions and the precision that produced
+    them."""
     import numpy
     import torch
     import torchvision
 
     from aepsl import __version__
+    from aepsl.runtime import effective_precision
 
     return {
         **config.model_dump(mode="json"),
@@ -279,6 +283,11 @@ def resolved_config(config: Config) -> dict[str, Any]:
             "torchvision": str(torchvision.__version__),
             "numpy": str(numpy.__version__),
             "python": platform.python_version(),
+        },
+        "runtime": {
+            "precision": effective_precision(config),
+            "cpu": torch.backends.cpu.get_cpu_capability(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         },
     }
 
@@ -294,10 +303,12 @@ def save_config(config: Config, out: str | os.PathLike, name: str = "config.yaml
 def stage_settings(config: Config, section: str, exclude: set[str] = frozenset()) -> dict[str, Any]:
     """The settings a training stage's outputs depend on: seed, data, model, precision and the
     stage's own section (less `exclude`, e.g. how often it checkpoints), for its manifest hash."""
+    from aepsl.runtime import effective_precision
+
     return {
         "seed": config.seed,
         "data": config.data.model_dump(exclude={"num_workers"}),
         "model": config.model.model_dump(),
-        "precision": config.precision,
+        "precision": effective_precision(config),
         section: getattr(config, section).model_dump(exclude=set(exclude)),
     }

@@ -39,6 +39,7 @@ from aepsl.io import (
     settings_digest,
     write_text,
 )
+from aepsl.runtime import effective_precision
 
 THUMB = 256  # longest side of an embedded picture, in pixels
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
@@ -400,7 +401,10 @@ def _header(config: Config, out: Path, data_error: str | None) -> str:
         ("saliency source", config.saliency.source),
         ("PSL", "on" if config.train.psl else "off (pseudo labels alone)"),
         ("train iterations", str(config.train.iterations)),
-        ("precision / device", f"{config.precision} / {config.device}"),
+        (
+            "precision / device",
+            f"{config.precision} ({effective_precision(config)}) / {config.device}",
+        ),
     ]
     saved = out / "config.yaml"
     versions: dict[str, Any] = {}

@@ -265,18 +265,44 @@ def summary_writer(log_dir: str) -> Any:
 # ------------------------------------------------------------------ device and precision
 
 
+def cpu_has_fast_bf16() -> bool:
+    """True where oneDNN runs bf16 in hardware (AVX-512 / AMX). Elsewhere bf16 is emulated and
+    far slower than fp32: on an AVX2-only AMD EPYC a bf16 matmul ran at 0.3 GFLOP/s against
+    79 GFLOP/s in fp32."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def effective_precision(config: Config) -> str:
+    """`config.precision` with `auto` resolved for the device `config.device` selects: bf16 on a
+    GPU that has it (else fp16) and on a CPU with bf16 hardware, fp32 on other CPUs."""
+    if config.precision != "auto":
+        return config.precision
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
 def check_precision(config: Config, device: torch.device) -> None:
     if config.precision == "fp16" and device.type != "cuda":
-        raise UserError("precision=fp16 needs CUDA; use bf16 or fp32 on the CPU")
+        raise UserError("precision=fp16 needs CUDA; use auto, bf16 or fp32 on the CPU")
+
+
+def grad_scaler(config: Config, device: torch.device) -> torch.amp.GradScaler:
+    """Loss scaling, needed by fp16 alone."""
+    return torch.amp.GradScaler(device.type, enabled=effective_precision(config) == "fp16")
 
 
 @contextlib.contextmanager
 def autocast(config: Config, device: torch.device) -> Iterator[None]:
-    """Mixed precision for the forward pass as `config.precision` says (fp32: none)."""
-    if config.precision == "fp32":
+    """Mixed precision for the forward pass as `effective_precision` says (fp32: none)."""
+    precision = effective_precision(config)
+    if precision == "fp32":
         yield
         return
-    with torch.autocast(device.type, dtype=DTYPES[config.precision]):
+    with torch.autocast(device.type, dtype=DTYPES[precision]):
         yield
 
 

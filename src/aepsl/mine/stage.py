@@ -67,6 +67,7 @@ from aepsl.runtime import (
     barrier,
     check_precision,
     data_parallel,
+    grad_scaler,
     is_main,
     on_main,
     per_rank_batch,
@@ -252,7 +253,7 @@ def _train_step(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: (1 - min(it, total - 1) / total) ** 0.9
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    scaler = grad_scaler(config, device)
     start_epoch = 0
     checkpoint = folder / "checkpoint.pt"
     if on_main(checkpoint.is_file):

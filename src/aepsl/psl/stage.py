@@ -46,6 +46,7 @@ from aepsl.runtime import (
     barrier,
     check_precision,
     data_parallel,
+    grad_scaler,
     is_main,
     on_main,
     per_rank_batch,
@@ -162,7 +163,7 @@ def run_train(config: Config, out: Path) -> SegNet:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda it: learning_rate_factor(config, it)
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    scaler = grad_scaler(config, device)
     iteration = 0
     checkpoint = folder / "checkpoint.pt"
     if on_main(checkpoint.is_file):
