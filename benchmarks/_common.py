@@ -125,7 +125,9 @@ class SegnetTraining:
     def __init__(self, config: Config, num_classes: int, device: torch.device) -> None:
         self.config, self.device = config, device
         seed_everything(config.seed)
-        model = build_segnet(config.model.backbone, config.model.weights, num_classes)
+        model = build_segnet(
+            config.model.backbone, config.model.weights, num_classes, config.model.seg_output_stride
+        )
         self.model: SegNet = prepare_model(model, config, device)
         self.optimizer = build_optimizer(self.model, config)
         self.scaler = grad_scaler(config, device)

@@ -320,7 +320,10 @@ def test_csv_with_wrong_header(capsys, tmp_path, data, content, got):
         ("mine.steps=abc", "config key 'mine.steps': Input should be a valid integer"),
         ("mine.steps=0", "config key 'mine.steps': Input should be greater than or equal to 1"),
         ("mine.cam_flip=maybe", "config key 'mine.cam_flip': Input should be a valid boolean"),
-        ("precision=fp64", "config key 'precision': Input should be 'auto', 'fp32', 'bf16' or 'fp16'"),
+        (
+            "precision=fp64",
+            "config key 'precision': Input should be 'auto', 'fp32', 'bf16' or 'fp16'",
+        ),
         ("data.empty_labels=ignore", "config key 'data.empty_labels'"),
         ("mine=3", "config key 'mine' must be a section (mapping)"),
     ],

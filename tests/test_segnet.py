@@ -40,3 +40,32 @@ def test_vgg16_loads_a_torchvision_file_into_the_dilated_features(tmp_path):
 def test_unknown_backbone_is_a_user_error():
     with pytest.raises(UserError, match="unknown segmentation backbone 'alexnet'"):
         build_segnet("alexnet", "none", NUM_CLASSES)
+
+
+@pytest.mark.parametrize("backbone", ["vgg16", "resnet50", "efficientnet_lite0"])
+def test_output_stride_16_keeps_the_parameters_and_the_field_of_view(backbone):
+    if backbone == "efficientnet_lite0":
+        pytest.importorskip("timm")
+    fine = build_segnet(backbone, "none", NUM_CLASSES)
+    coarse = build_segnet(backbone, "none", NUM_CLASSES, output_stride=16).eval()
+    with torch.no_grad():
+        scores, _ = coarse(torch.randn(1, 3, 64, 64))
+    assert coarse.output_stride == 16 and scores.shape == (1, NUM_CLASSES + 1, 4, 4)
+    coarse.load_state_dict(fine.state_dict())  # same parameters: a model.pt loads either way
+    assert fine.head[0].dilation == (12, 12) and coarse.head[0].dilation == (6, 6)
+
+
+def test_tiny_stays_at_output_stride_8():
+    assert build_segnet("tiny", "none", NUM_CLASSES, output_stride=16).output_stride == 8
+
+
+def test_load_segnet_builds_what_the_config_says(tmp_path):
+    from aepsl.config import load_config
+    from aepsl.models.segnet import load_segnet
+
+    path = tmp_path / "model.pt"
+    torch.save(build_segnet("resnet50", "none", NUM_CLASSES).state_dict(), path)
+    config = load_config(None, ["model.backbone=resnet50", "model.seg_output_stride=16"])
+    assert load_segnet(config, path).output_stride == 16
+    with pytest.raises(UserError, match="does not fit model.backbone=vgg16"):
+        load_segnet(load_config(None, ["model.backbone=vgg16"]), path)

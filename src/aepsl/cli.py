@@ -140,8 +140,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_predict(args: argparse.Namespace) -> None:
     from aepsl.data.datasets import load_dataset
     from aepsl.inference.predict import VOC_TEST_LAYOUT, images_in, predict_samples
-    from aepsl.io import load_checkpoint
-    from aepsl.models.segnet import build_segnet
+    from aepsl.models.segnet import load_segnet
     from aepsl.runtime import prepare_model, select_device
 
     config = _config(args)
@@ -152,19 +151,8 @@ def cmd_predict(args: argparse.Namespace) -> None:
     else:
         data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
         samples = data.split(args.split)
-    state = load_checkpoint(args.checkpoint)
-    if "classifier.weight" not in state:
-        raise UserError(f"{args.checkpoint}: not an aepsl segmentation checkpoint (model.pt)")
-    num_classes = state["classifier.weight"].shape[0] - 1
     device = select_device(config)
-    model = build_segnet(config.model.backbone, "none", num_classes)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise UserError(
-            f"{args.checkpoint}: does not fit model.backbone={config.model.backbone} "
-            f"({str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else exc})"
-        ) from None
+    model = load_segnet(config, args.checkpoint)
     model = prepare_model(model, config, device)
     out = _writable_out(args.out)
     save_config(config, out)

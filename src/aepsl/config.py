@@ -46,7 +46,12 @@ class ModelConfig(Section):
     cam_output_stride: Literal[8, 16] = Field(
         16,
         description="output stride of the CAM classifier: 8 dilates the last strided stage "
-        "(finer CAMs, more compute); tiny is always 8; the segmentation network is always 8",
+        "(finer CAMs, more compute); tiny is always 8",
+    )
+    seg_output_stride: Literal[8, 16] = Field(
+        8,
+        description="output stride of the segmentation network: 8 is DeepLab-LargeFOV's; 16 "
+        "skips dilating the last strided stage (faster, coarser); tiny is always 8",
     )
 
 

@@ -101,24 +101,14 @@ def predict_report_samples(config: Config, out: Path, samples: list[Sample]) -> 
     pydensecrf is installed, OUT/report/predict_crf. Files already there for the same model and
     settings are kept; anything else is redone. Without the model, nothing is predicted."""
     from aepsl.inference.predict import crf_available, predict_samples
-    from aepsl.io import load_checkpoint
-    from aepsl.models.segnet import build_segnet
+    from aepsl.models.segnet import load_segnet
     from aepsl.runtime import prepare_model, select_device
 
     checkpoint = out / "train" / "model.pt"
     if not checkpoint.is_file() or not samples:
         return Predicted()
-    state = load_checkpoint(checkpoint)
-    if "classifier.weight" not in state:
-        raise UserError(f"{checkpoint}: not an aepsl segmentation checkpoint (model.pt)")
     device = select_device(config)
-    model = build_segnet(config.model.backbone, "none", state["classifier.weight"].shape[0] - 1)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise UserError(
-            f"{checkpoint}: does not fit model.backbone={config.model.backbone}"
-        ) from exc
+    model = load_segnet(config, checkpoint)
     model = prepare_model(model, config, device)
     config = config.model_copy(deep=True)
     config.predict.overlays = False  # the report embeds its own pictures

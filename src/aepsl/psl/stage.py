@@ -139,7 +139,14 @@ def run_train(config: Config, out: Path) -> SegNet:
     finished = on_main(claim_folder, folder, digest)
     seed_everything(config.seed)
     model = prepare_model(
-        build_segnet(config.model.backbone, config.model.weights, data.num_classes), config, device
+        build_segnet(
+            config.model.backbone,
+            config.model.weights,
+            data.num_classes,
+            config.model.seg_output_stride,
+        ),
+        config,
+        device,
     )
     final = folder / "model.pt"
     if finished:
