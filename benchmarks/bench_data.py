@@ -20,11 +20,11 @@ Model: the training step that consumes each loader (benchmarks/_common.py: the l
 
 Settings: built-in defaults (the paper's: VGG16, data.image_size 256, crop 321, batches 16 and
 20, bf16) unless --config names a preset; `key=value` overrides as on the command line. The
-demo's setting (tiny network, 128 px): --config src/aepsl/configs/demo.yaml --size 128.
+demo's setting (tiny network, 128 px): --config src/aepsl/configs/demo_tiny.yaml --size 128.
 
 Usage: .venv/bin/python benchmarks/bench_data.py [--config YAML] [key=value ...] [--n 240]
            [--size 256] [--workers 2] [--epochs 2] [--iters 2] [--warmup 1] [--threads N]
-Smoke: .venv/bin/python benchmarks/bench_data.py --config src/aepsl/configs/demo.yaml
+Smoke: .venv/bin/python benchmarks/bench_data.py --config src/aepsl/configs/demo_tiny.yaml
            --n 24 --size 64 data.image_size=64 train.crop_size=56 --epochs 1 --iters 1
 """
 

@@ -5,7 +5,7 @@ ratio near 1 (nothing per image kept in memory).
 The real command line runs as a child process, `python -m aepsl mine CONFIG key=value ...
 --out RUN` with a fresh RUN each time, on `aepsl synth` data (make_synth, seed 0, --size px;
 the first N images of the 2N set are the N set). Settings: --config (default: the package's
-configs/demo.yaml) with mine.epochs=--epochs and mine.steps=--steps, then any key=value
+configs/demo_tiny.yaml) with mine.epochs=--epochs and mine.steps=--steps, then any key=value
 overrides. Peak RSS comes from `/usr/bin/time -v` when it exists, else from os.wait4 on the
 child. Runs alternate N, 2N, N, 2N, ... --repeats times; each size's best wall time and
 median peak RSS are compared. Child start-up (interpreter + imports) is timed too, so the ratio
@@ -33,7 +33,7 @@ import aepsl
 from aepsl.data.synth import make_synth
 
 TIME = Path("/usr/bin/time")
-DEMO = Path(aepsl.__file__).parent / "configs" / "demo.yaml"
+DEMO = Path(aepsl.__file__).parent / "configs" / "demo_tiny.yaml"
 RSS_TARGET = 1.2
 
 
@@ -62,7 +62,7 @@ def run_child(command: list[str], log: Path) -> tuple[float, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("overrides", nargs="*", help="key=value config overrides")
-    parser.add_argument("--config", default=str(DEMO), help="preset YAML (default: demo.yaml)")
+    parser.add_argument("--config", default=str(DEMO), help="preset YAML (default: demo_tiny.yaml)")
     parser.add_argument("--n", type=int, default=120, help="images of the smaller dataset")
     parser.add_argument("--size", type=int, default=128, help="synth image side in px")
     parser.add_argument("--epochs", type=int, default=2, help="mine.epochs")

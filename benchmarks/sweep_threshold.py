@@ -1,6 +1,6 @@
 """Step-1 CAM threshold sweep beside the erasing union's points (run `mine` with save_cams).
 
-python benchmarks/sweep_threshold.py configs/demo.yaml --out runs/demo data.root=runs/synth
+python benchmarks/sweep_threshold.py configs/demo_tiny.yaml --out runs/demo data.root=runs/synth
 """
 
 import argparse

@@ -33,7 +33,7 @@ from aepsl.io import write_index_png
 from aepsl.models import build_classifier
 from aepsl.models.segnet import build_segnet
 
-DEMO = str(Path(__file__).parent.parent / "configs" / "demo.yaml")
+DEMO = str(Path(__file__).parent.parent / "configs" / "demo_tiny.yaml")
 TINY = ["mine.epochs=1", "data.image_size=32", "mine.batch_size=4", "precision=fp32"]
 # Checkpoint messages: today's wording, or the clearer one proposed in docs/bad_inputs.md.
 UNREADABLE = re.compile(r"not a (loadable weights-only|readable PyTorch) checkpoint")

@@ -11,7 +11,7 @@ import yaml
 from aepsl.cli import main
 from aepsl.io import read_index_png, write_index_png
 
-DEMO = str(Path(__file__).parent.parent / "configs" / "demo.yaml")
+DEMO = str(Path(__file__).parent.parent / "configs" / "demo_tiny.yaml")
 
 
 def test_data_info(folder_dataset, capsys):

@@ -9,7 +9,7 @@ from aepsl.errors import UserError
 CONFIGS = Path(__file__).parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "voc_vgg16.yaml"])
+@pytest.mark.parametrize("name", ["demo.yaml", "demo_tiny.yaml", "voc_vgg16.yaml"])
 def test_presets_load(name):
     config = load_config(CONFIGS / name)
     assert config.mine.steps == 3
@@ -17,7 +17,7 @@ def test_presets_load(name):
 
 def test_overrides_apply_with_yaml_types():
     config = load_config(
-        CONFIGS / "demo.yaml",
+        CONFIGS / "demo_tiny.yaml",
         ["mine.steps=4", "data.root=/x", "mine.cam_flip=true", "mine.cam_scales=[1.0, 0.5]"],
     )
     assert config.mine.steps == 4
@@ -79,7 +79,7 @@ def test_yaml_is_loaded_safely(tmp_path):
 
 
 def test_saved_config_has_versions_and_round_trips(tmp_path):
-    config = load_config(CONFIGS / "demo.yaml", ["mine.steps=2"])
+    config = load_config(CONFIGS / "demo_tiny.yaml", ["mine.steps=2"])
     path = save_config(config, tmp_path)
     saved = yaml.safe_load(path.read_text())
     assert set(saved["versions"]) >= {"aepsl", "torch", "torchvision"}

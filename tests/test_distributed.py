@@ -18,7 +18,7 @@ from aepsl.io import read_index_png
 from aepsl.psl.data import ResumableSampler
 from aepsl.runtime import per_rank_batch, shard_batches
 
-DEMO = str(Path(__file__).parent.parent / "configs" / "demo.yaml")
+DEMO = str(Path(__file__).parent.parent / "configs" / "demo_tiny.yaml")
 TINY = [
     "mine.epochs=2",
     "data.image_size=32",

@@ -46,7 +46,7 @@ def _fake_mine(root: Path, out: Path) -> None:
         write_index_png(out / "mine" / "regions" / mask_path.name, regions)
 
 
-DEMO = str(Path(__file__).parent.parent / "configs" / "demo.yaml")
+DEMO = str(Path(__file__).parent.parent / "configs" / "demo_tiny.yaml")
 
 
 @pytest.mark.parametrize("source", ["builtin", "dir"])

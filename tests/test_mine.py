@@ -13,7 +13,7 @@ from aepsl.io import read_index_png
 from aepsl.mine.stage import run_mine
 from aepsl.models import build_classifier
 
-DEMO = Path(__file__).parent.parent / "configs" / "demo.yaml"
+DEMO = Path(__file__).parent.parent / "configs" / "demo_tiny.yaml"
 TINY = ["mine.epochs=2", "data.image_size=32", "mine.batch_size=4", "precision=fp32"]
 
 

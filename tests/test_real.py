@@ -79,7 +79,7 @@ def test_demo_on_real_pixels_runs_every_stage(tmp_path, capsys):
         "precision=fp32",
         "crf.workers=1",
     ]
-    result = run_demo(tmp_path / "demo", tiny, n=12, size=64, real=True)
+    result = run_demo(tmp_path / "demo", tiny, n=12, size=64, real=True, tiny=True)
     assert (tmp_path / "demo" / "data_real" / "classes.txt").read_text().startswith("trouser")
     assert len(result["mine"]["steps"]) == 2
     assert 0 <= result["val"]["without_crf"]["mIoU"] <= 1

@@ -17,7 +17,7 @@ from aepsl.config import load_config
 from aepsl.inference.predict import crf_available
 from aepsl.report import read_scalars, svg_chart, write_report
 
-DEMO = str(Path(__file__).parent.parent / "src" / "aepsl" / "configs" / "demo.yaml")
+DEMO = str(Path(__file__).parent.parent / "src" / "aepsl" / "configs" / "demo_tiny.yaml")
 STEPS = 3
 VISUALISE = 2
 TINY = [

@@ -16,7 +16,7 @@ import torch
 from aepsl.cli import main
 from aepsl.io import read_index_png
 
-DEMO = str(Path(__file__).parent.parent / "configs" / "demo.yaml")
+DEMO = str(Path(__file__).parent.parent / "configs" / "demo_tiny.yaml")
 TINY = [
     "mine.epochs=4",
     "data.image_size=48",

@@ -67,5 +67,5 @@ def test_load_segnet_builds_what_the_config_says(tmp_path):
     torch.save(build_segnet("resnet50", "none", NUM_CLASSES).state_dict(), path)
     config = load_config(None, ["model.backbone=resnet50", "model.seg_output_stride=16"])
     assert load_segnet(config, path).output_stride == 16
-    with pytest.raises(UserError, match="does not fit model.backbone=vgg16"):
+    with pytest.raises(UserError, match=r"does not fit model\.backbone=vgg16"):
         load_segnet(load_config(None, ["model.backbone=vgg16"]), path)

@@ -15,7 +15,7 @@ from aepsl.io import read_index_png
 from aepsl.psl import stage
 from aepsl.psl.stage import run_train
 
-DEMO = str(Path(__file__).parent.parent / "configs" / "demo.yaml")
+DEMO = str(Path(__file__).parent.parent / "configs" / "demo_tiny.yaml")
 TINY = [
     "train.iterations=6",
     "train.crop_size=32",

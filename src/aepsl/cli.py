@@ -181,7 +181,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_demo(args: argparse.Namespace) -> None:
     from aepsl.demo import run_demo
 
-    run_demo(_writable_out(args.out), args.overrides, real=args.real)
+    run_demo(_writable_out(args.out), args.overrides, real=args.real, tiny=args.tiny)
 
 
 # ------------------------------------------------------------------ parser
@@ -275,12 +275,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "demo",
-        help="the whole method on synthetic data with configs/demo.yaml",
+        help="the whole method on synthetic data: configs/demo.yaml (ImageNet EfficientNet-Lite0) "
+        "when aepsl[offline] is installed, else configs/demo_tiny.yaml",
         parents=[_common()],
     )
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     p.add_argument("--out", default="runs/demo", help="run folder (default runs/demo)")
     p.add_argument("--real", action="store_true", help="on `synth --real` data: photographs")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="configs/demo_tiny.yaml (a tiny CNN from scratch) even when the ImageNet "
+        "EfficientNet-Lite0 of aepsl[offline] is installed",
+    )
     p.set_defaults(func=cmd_demo)
     return parser
 

