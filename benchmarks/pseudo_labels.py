@@ -2,7 +2,8 @@
 
 Needs a run whose `mine` kept its CAMs (mine.save_cams=true) and a dataset with masks:
 
-    python benchmarks/pseudo_labels.py configs/demo_tiny.yaml --out runs/demo data.root=runs/demo/data
+    python benchmarks/pseudo_labels.py configs/demo_tiny.yaml --out runs/demo \
+        data.root=runs/demo/data
 """
 
 import argparse
