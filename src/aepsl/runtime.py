@@ -86,11 +86,16 @@ def _teardown() -> None:
         dist.destroy_process_group()
 
 
+def wants_cuda(config: Config) -> bool:
+    """`device` is cuda, or auto on a machine with a GPU."""
+    return config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+
+
 def select_device(config: Config) -> torch.device:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda but no CUDA device is available; set device=cpu or auto")
     _init_distributed(config)
-    cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
+    cuda = wants_cuda(config)
     if cuda and distributed():
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device("cuda" if cuda else "cpu")
@@ -280,7 +285,7 @@ def effective_precision(config: Config) -> str:
     GPU that has it (else fp16) and on a CPU with bf16 hardware, fp32 on other CPUs."""
     if config.precision != "auto":
         return config.precision
-    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+    if wants_cuda(config):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_has_fast_bf16() else "fp32"
 
