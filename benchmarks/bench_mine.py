@@ -4,7 +4,7 @@
     SGD step; the loop of mine/stage.py `_train_step`, via benchmarks/_common.py) for
       fp32     precision=fp32, channels_last=false  (the baseline)
       fp32-cl  precision=fp32, channels_last=true   (layout alone)
-      bf16-cl  precision=bf16, channels_last=true   (the package's default)
+      bf16-cl  precision=bf16, channels_last=true   (what precision=auto picks on bf16 CPUs)
     on random images of --size px, batches of --batch, one freshly built model per setting
     (same seed, weights none). Steps of the settings are interleaved round by round.
 (b) CAMs: images/s of the package's `compute_cams` (every class of a batch of images from one

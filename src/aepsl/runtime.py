@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import os
 import random
 import sys
@@ -270,6 +271,7 @@ def summary_writer(log_dir: str) -> Any:
 # ------------------------------------------------------------------ device and precision
 
 
+@functools.cache  # asked at every autocast; the answer is fixed for the process
 def cpu_has_fast_bf16() -> bool:
     """True where oneDNN runs bf16 in hardware (AVX-512 / AMX). Elsewhere bf16 is emulated and
     far slower than fp32: on an AVX2-only AMD EPYC a bf16 matmul ran at 0.3 GFLOP/s against
