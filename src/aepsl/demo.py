@@ -52,7 +52,6 @@ def run_demo(
     save_config(config, out)
     result = run_pipeline(config, out)
     result["seconds"] = time.perf_counter() - started
-    result["backbone"] = backbone
     print(summary(result["mine"], result["labels"], result["val"], result["seconds"], backbone))
     return result
 
