@@ -1,15 +1,50 @@
-"""Dense CRF post-processing (Krähenbühl & Koltun 2011) with DeepLab-LargeFOV's parameters.
+"""Dense CRF post-processing (Krähenbühl & Koltun 2011) with DeepLab-LargeFOV's parameters,
+by one of two backends of the same model (`crf.backend`):
 
-pydensecrf is an optional dependency (the 'crf' extra), imported only when a CRF is run.
-`crf_labels` is a top-level function of picklable arguments, so callers can spread images over
-a multiprocessing Pool: the CRF runs on the CPU, one image per process.
+- pydensecrf: an optional dependency (the 'crf' extra), imported only when a CRF is run.
+  `crf_labels` is a top-level function of picklable arguments, so callers can spread images over
+  a multiprocessing Pool: the CRF runs on the CPU, one image per process.
+- torch: aepsl.inference.meanfield, batched, on the CPU (torch's threads, in the calling
+  process) or a GPU; no extra. `crf_labels_torch` labels a list of images.
+
+This module imports torch only inside the torch functions, so Pool workers stay light.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from aepsl.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+BACKENDS = ("auto", "pydensecrf", "torch")
+# what `auto` takes on the CPU (on a GPU it takes torch), from benchmarks/bench_crf.py
+AUTO_CPU = "torch"
+
+
+def pydensecrf_installed() -> bool:
+    try:
+        import pydensecrf.densecrf  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
+    """'pydensecrf' or 'torch' for a `crf.backend` setting on `device`: auto takes torch on a
+    GPU, and AUTO_CPU on the CPU (torch if pydensecrf is not installed)."""
+    if backend not in BACKENDS:
+        raise UserError(f"crf.backend: '{backend}' is none of {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    if str(device).startswith("cuda") or not pydensecrf_installed():
+        return "torch"
+    return AUTO_CPU
 
 
 def dense_crf(
@@ -44,3 +79,38 @@ def crf_labels(job: tuple[np.ndarray, np.ndarray], **params: float) -> np.ndarra
     for `Pool.map`, with `functools.partial(crf_labels, ...)` to change the parameters."""
     image, probs = job
     return dense_crf(image, probs, **params).argmax(axis=0).astype(np.uint8)
+
+
+def dense_crf_torch(
+    images: Sequence[np.ndarray],
+    probs: Sequence[np.ndarray],
+    device: torch.device | str = "cpu",
+    **params: float,
+) -> list[np.ndarray]:
+    """`dense_crf` of each image with the torch backend, all in one batched mean field on
+    `device`: (K, H, W) float32 marginals."""
+    from aepsl.inference.meanfield import mean_field
+
+    return [q.cpu().numpy() for q in mean_field(images, probs, device=device, **params)]
+
+
+def crf_labels_torch(
+    images: Sequence[np.ndarray],
+    probs: Sequence[np.ndarray],
+    device: torch.device | str = "cpu",
+    batch: int = 1,
+    **params: float,
+) -> list[np.ndarray]:
+    """(H, W) uint8 CRF labels of each image with the torch backend, `batch` images per mean
+    field (all share the lattices' buffers; memory grows with the batch)."""
+    import torch
+
+    from aepsl.inference.meanfield import mean_field
+
+    labels = []
+    for start in range(0, len(images), batch):
+        refined = mean_field(
+            images[start : start + batch], probs[start : start + batch], device=device, **params
+        )
+        labels += [q.argmax(0).to(torch.uint8).cpu().numpy() for q in refined]
+    return labels

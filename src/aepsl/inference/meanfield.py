@@ -1,0 +1,136 @@
+"""Dense CRF mean-field inference (Krähenbühl & Koltun 2011) in PyTorch, batched over images,
+on the CPU or a GPU with the same code.
+
+The model is the one pydensecrf builds for DeepLab: unary -log(p) (p clipped to 1e-5, as
+pydensecrf.utils.unary_from_softmax), a Gaussian kernel on the pixel position (x, y) / pos_xy
+and a bilateral kernel on (x / bi_xy, y / bi_xy, r / bi_rgb, g / bi_rgb, b / bi_rgb), each with
+Potts compatibility of weight pos_w / bi_w and symmetric normalisation: kernel k filters
+n_k * Q and scales the result by n_k again, n_k = (lattice filter of 1)^-1/2. Mean field:
+Q_0 = softmax(-U), Q_t+1 = softmax(-U + sum_k w_k n_k filter_k(n_k Q_t)), as pydensecrf's
+`inference` (its Potts term -w * filter, subtracted). Filtering uses the permutohedral lattice
+of aepsl.inference.lattice, like pydensecrf, so the two agree to float rounding.
+
+Images of a batch share one lattice per kernel (points grouped by image); the Gaussian lattice
+depends only on the image size and is cached.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from aepsl.inference import lattice as lat
+
+UNARY_CLIP = 1e-5
+_CACHE: OrderedDict[tuple, lat.Lattice] = OrderedDict()
+_CACHE_SIZE = 8
+
+
+def _positions(height: int, width: int, device: torch.device) -> Tensor:
+    """(H*W, 2) float32 (x, y) of the pixels in row-major order."""
+    y, x = torch.meshgrid(
+        torch.arange(height, dtype=torch.float32, device=device),
+        torch.arange(width, dtype=torch.float32, device=device),
+        indexing="ij",
+    )
+    return torch.stack([x.reshape(-1), y.reshape(-1)], 1)
+
+
+def _gaussian_lattice(height: int, width: int, xy: float, device: torch.device) -> lat.Lattice:
+    key = (height, width, float(xy), str(device))
+    if key in _CACHE:
+        _CACHE.move_to_end(key)
+        return _CACHE[key]
+    lattice = lat.build(_positions(height, width, device) / xy)
+    _CACHE[key] = lattice
+    while len(_CACHE) > _CACHE_SIZE:
+        _CACHE.popitem(last=False)
+    return lattice
+
+
+def _norm(lattice: lat.Lattice, dtype: torch.dtype) -> Tensor:
+    """(P,) symmetric normalisation (filter of 1 + 1e-20)^-1/2."""
+    ones = torch.ones(lattice.points, 1, dtype=dtype, device=lattice.offsets.device)
+    return lat.filter(lattice, ones)[:, 0].add(1e-20).rsqrt()
+
+
+def crf_operator(
+    images: Sequence[Tensor],
+    bi_w: float = 4,
+    bi_xy: float = 121,
+    bi_rgb: float = 5,
+    pos_w: float = 3,
+    pos_xy: float = 3,
+) -> lat.Operator:
+    """The pairwise message of the CRF over the pixels of (H, W, 3) uint8 `images` (one
+    device), concatenated in order: x -> sum_k w_k n_k filter_k(n_k x)."""
+    device = images[0].device
+    gaussian = lat.concat(
+        [_gaussian_lattice(im.shape[0], im.shape[1], pos_xy, device) for im in images]
+    )
+    features = torch.cat(
+        [
+            torch.cat(
+                [
+                    _positions(im.shape[0], im.shape[1], device) / bi_xy,
+                    im.reshape(-1, 3).float() / bi_rgb,
+                ],
+                1,
+            )
+            for im in images
+        ]
+    )
+    sizes = torch.tensor([im.shape[0] * im.shape[1] for im in images], device=device)
+    groups = torch.arange(len(images), device=device).repeat_interleave(sizes)
+    bilateral = lat.build(features, groups)
+    norms = [_norm(gaussian, torch.float32), _norm(bilateral, torch.float32)]
+    return lat.operator(
+        [gaussian, bilateral],
+        pre=norms,
+        post=[pos_w * norms[0], bi_w * norms[1]],
+    )
+
+
+def mean_field(
+    images: Sequence[np.ndarray | Tensor] | Tensor,
+    probs: Sequence[np.ndarray | Tensor] | Tensor,
+    iterations: int = 10,
+    bi_w: float = 4,
+    bi_xy: float = 121,
+    bi_rgb: float = 5,
+    pos_w: float = 3,
+    pos_xy: float = 3,
+    device: torch.device | str | None = None,
+) -> list[Tensor]:
+    """Refined (K, H, W) float32 marginals of each (H, W, 3) uint8 image with its (K, H, W)
+    class probabilities (a list, or batched tensors (B, H, W, 3), (B, K, H, W)); all images in
+    one mean field, on `device` (default: the device of the probabilities, else the CPU)."""
+    if device is None:
+        device = probs.device if isinstance(probs, Tensor) else torch.device("cpu")
+    device = torch.device(device)
+    images_t = [
+        torch.as_tensor(np.asarray(im) if not isinstance(im, Tensor) else im) for im in images
+    ]
+    images_t = [im.to(device=device, dtype=torch.uint8) for im in images_t]
+    probs_t = [torch.as_tensor(p).to(device=device, dtype=torch.float32) for p in probs]
+    classes = probs_t[0].shape[0]
+    for im, p in zip(images_t, probs_t, strict=True):
+        if p.shape[0] != classes or p.shape[1:] != im.shape[:2] or im.shape[2:] != (3,):
+            raise ValueError(f"image {tuple(im.shape)} does not fit probabilities {tuple(p.shape)}")
+    message = crf_operator(images_t, bi_w, bi_xy, bi_rgb, pos_w, pos_xy)
+    # (P, K): one row per pixel, images one after the other
+    neg_unary = torch.cat([p.reshape(classes, -1).t() for p in probs_t])
+    neg_unary = neg_unary.clamp(UNARY_CLIP, 1.0).log_()
+    q = torch.softmax(neg_unary, dim=1)
+    for _ in range(iterations):
+        q = torch.softmax(message(q, add=neg_unary), dim=1)
+    out, start = [], 0
+    for im in images_t:
+        size = im.shape[0] * im.shape[1]
+        out.append(q[start : start + size].t().reshape(classes, im.shape[0], im.shape[1]))
+        start += size
+    return out
