@@ -1,11 +1,9 @@
 """Shared helpers of the benchmarks: configs, synthetic batches, interleaved timing, and the
 training steps of the two training stages.
 
-The steps mirror the loops of the stages statement for statement (`_train_step` in
-src/aepsl/mine/stage.py, `run_train` in src/aepsl/psl/stage.py) and call the package's own
-builders, runtime helpers and loss, so a benchmark times the code path a real run takes. Left
-out, because they cost nothing next to a step: the LR scheduler, tqdm and TensorBoard logging.
-If a stage's loop changes, change its mirror here.
+The steps are the stages' own (`aepsl.training.Trainer`, built by mine/stage.py's
+`classifier_trainer` and psl/stage.py's `segnet_trainer`), so a benchmark times the step a
+real run takes; left out is what costs nothing next to a step: tqdm and TensorBoard logging.
 
 Not a benchmark itself: the bench_*.py scripts import it (`python benchmarks/bench_x.py` puts
 this folder on sys.path).
@@ -19,15 +17,14 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from aepsl.config import Config, load_config
-from aepsl.mine.stage import build_optimizer as build_classifier_optimizer
-from aepsl.models.classifier import CamClassifier, build_classifier
-from aepsl.models.segnet import SegNet, build_segnet
-from aepsl.psl.loss import psl_loss
-from aepsl.psl.stage import build_optimizer
-from aepsl.runtime import autocast, grad_scaler, prepare_model, seed_everything, to_device
+from aepsl.mine import stage as mine_stage
+from aepsl.models.classifier import build_classifier
+from aepsl.models.segnet import build_segnet
+from aepsl.psl import stage as psl_stage
+from aepsl.runtime import prepare_model, seed_everything
+from aepsl.training import Trainer
 
 VOC_CLASSES = 20
 
@@ -90,67 +87,25 @@ def random_pseudo_labels(
 # ------------------------------------------------------------------ training steps
 
 
-class ClassifierTraining:
-    """One training step of `aepsl mine` (mine/stage.py `_train_step`, inner loop)."""
-
-    def __init__(self, config: Config, num_classes: int, device: torch.device) -> None:
-        self.config, self.device = config, device
-        seed_everything(config.seed)
-        model = build_classifier(config.model.backbone, config.model.weights, num_classes)
-        self.model: CamClassifier = prepare_model(model, config, device)
-        self.optimizer = build_classifier_optimizer(self.model, config)
-        self.scaler = grad_scaler(config, device)
-        self.model.train()
-
-    def loss_and_backward(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        config, device = self.config, self.device
-        images, targets = to_device(images, config, device), targets.to(device)
-        with autocast(config, device):
-            logits = self.model(images)
-        loss = F.binary_cross_entropy_with_logits(logits.float(), targets)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        return loss
-
-    def step(self, images: torch.Tensor, targets: torch.Tensor) -> float:
-        loss = self.loss_and_backward(images, targets)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return loss.item()
+def classifier_trainer(config: Config, num_classes: int, device: torch.device) -> Trainer:
+    """A fresh classifier with the training step of `aepsl mine` (mine/stage.py); call
+    `.step([images, targets], iteration)`."""
+    seed_everything(config.seed)
+    model = build_classifier(
+        config.model.backbone, config.model.weights, num_classes, config.model.cam_output_stride
+    )
+    model = prepare_model(model, config, device)
+    return mine_stage.classifier_trainer(model, config, device, steps=config.mine.epochs * 1000)
 
 
-class SegnetTraining:
-    """One training step of `aepsl train` (psl/stage.py `run_train`, inner loop)."""
-
-    def __init__(self, config: Config, num_classes: int, device: torch.device) -> None:
-        self.config, self.device = config, device
-        seed_everything(config.seed)
-        model = build_segnet(
-            config.model.backbone, config.model.weights, num_classes, config.model.seg_output_stride
-        )
-        self.model: SegNet = prepare_model(model, config, device)
-        self.optimizer = build_optimizer(self.model, config)
-        self.scaler = grad_scaler(config, device)
-        self.model.train()
-
-    def loss_and_backward(
-        self, images: torch.Tensor, pseudo: torch.Tensor, targets: torch.Tensor
-    ) -> torch.Tensor:
-        config, device = self.config, self.device
-        images = to_device(images, config, device)
-        pseudo, targets = pseudo.to(device), targets.to(device)
-        with autocast(config, device):
-            scores, class_logits = self.model(images)
-        loss, _ = psl_loss(scores.float(), class_logits.float(), pseudo, targets, config.train.psl)
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        return loss
-
-    def step(self, images: torch.Tensor, pseudo: torch.Tensor, targets: torch.Tensor) -> float:
-        loss = self.loss_and_backward(images, pseudo, targets)
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        return loss.item()
+def segnet_trainer(config: Config, num_classes: int, device: torch.device) -> Trainer:
+    """A fresh segmentation network with the training step of `aepsl train` (psl/stage.py);
+    call `.step([images, pseudo_labels, targets], iteration)`."""
+    seed_everything(config.seed)
+    model = build_segnet(
+        config.model.backbone, config.model.weights, num_classes, config.model.seg_output_stride
+    )
+    return psl_stage.segnet_trainer(prepare_model(model, config, device), config, device)
 
 
 # ------------------------------------------------------------------ timing

@@ -4,18 +4,18 @@ images/s of the training step that consumes them, at the same batch size.
 Data: `aepsl synth` images (make_synth, --n images of --size px) in a temporary folder, read
 through the config exactly as the stages read it (load_dataset, the train split), with
 --workers DataLoader workers (data.num_workers):
-  mine   ErasedImages(train, C, previous, mean fill, crop=data.image_size) in the DataLoader of
-         mine/stage.py `_train_step` (shuffle, drop_last, seeded generator; a new loader every
-         epoch, as there). `previous` holds --erase-steps region folders (the synth masks
-         copied in), so every image is erased as at step --erase-steps + 1.
-  psl    PseudoLabelled(train, C, labels, train.crop_size, train.scale_range, seed) with the
-         ResumableSampler and DataLoader of psl/stage.py `run_train` (a new loader every
-         epoch); the pseudo labels are the synth masks copied into a labels folder.
+  mine   ErasedImages(train, C, previous, mean fill, crop=data.image_size) in the loader of
+         the training loop (aepsl.training.epoch_loader with mine/stage.py's plan: a new
+         loader every epoch, as there). `previous` holds --erase-steps region folders (the
+         synth masks copied in), so every image is erased as at step --erase-steps + 1.
+  psl    PseudoLabelled(train, C, labels, train.crop_size, train.scale_range, seed) in the
+         same loader with psl/stage.py's plan (a new loader every epoch); the pseudo labels
+         are the synth masks copied into a labels folder.
   Each loader runs --epochs timed epochs after one untimed epoch (page cache, imports). The
   headline counts whole epochs, worker start-up included, since the stages pay it every epoch;
   the rate after each epoch's first batch is printed beside it.
-Model: the training step that consumes each loader (benchmarks/_common.py: the loops of
-  `_train_step` and `run_train`), timed on the loader's first real batch: the classifier for
+Model: the training step that consumes each loader (the stages' own `Trainer.step`, built by
+  benchmarks/_common.py), timed on the loader's first real batch: the classifier for
   mine, the segmentation network for psl, at mine.batch_size and train.batch_size.
 
 Settings: built-in defaults (the paper's: VGG16, data.image_size 256, crop 321, batches 16 and
@@ -39,24 +39,26 @@ from pathlib import Path
 
 import torch
 from _common import (
-    ClassifierTraining,
-    SegnetTraining,
+    classifier_trainer,
     describe_machine,
     make_config,
     median,
+    segnet_trainer,
     set_threads,
     spread,
     time_interleaved,
 )
-from torch.utils.data import DataLoader
 
 from aepsl.config import Config
 from aepsl.data.datasets import load_dataset
 from aepsl.data.synth import make_synth
+from aepsl.layout import RunLayout
 from aepsl.mine.data import ErasedImages, mean_pixel
-from aepsl.mine.stage import _seed_for
-from aepsl.psl.data import PseudoLabelled, ResumableSampler
+from aepsl.mine.stage import classifier_plan
+from aepsl.psl.data import PseudoLabelled
+from aepsl.psl.stage import segnet_plan
 from aepsl.runtime import select_device
+from aepsl.training import epoch_loader
 
 TARGET = 3.0
 
@@ -65,54 +67,31 @@ def mine_loaders(config: Config, root: Path, work: Path, erase_steps: int, devic
     """(dataset, epoch -> DataLoader) as mine/stage.py `_train_step` builds them."""
     data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
     train = data.split(config.data.train_split)
+    run = RunLayout(work, config)
     previous = []
     for step in range(1, erase_steps + 1):
-        folder = work / "mine" / f"step{step}" / "regions"
-        shutil.copytree(root / "masks", folder)
-        previous.append(folder)
-    fill = mean_pixel(train)
-    cfg = config.mine
-    step = erase_steps + 1
-    dataset = ErasedImages(train, data.num_classes, previous, fill, crop=config.data.image_size)
-
-    def loader(epoch: int) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=cfg.batch_size,
-            shuffle=True,
-            drop_last=len(dataset) > cfg.batch_size,
-            num_workers=config.data.num_workers,
-            pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(_seed_for(config, step, epoch)),
-        )
-
-    return dataset, loader
+        shutil.copytree(root / "masks", run.step(step).regions)
+        previous.append(run.step(step).regions)
+    step = run.step(erase_steps + 1)
+    dataset = ErasedImages(
+        train, data.num_classes, previous, mean_pixel(train), crop=config.data.image_size
+    )
+    plan = classifier_plan(config, step, run, len(dataset))
+    return dataset, lambda epoch: epoch_loader(dataset, plan, epoch, 0, config, device)
 
 
 def psl_loaders(config: Config, root: Path, work: Path, device):
     """(dataset, epoch -> DataLoader) as psl/stage.py `run_train` builds them."""
     data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
     train = data.split(config.data.train_split)
-    labels_dir = work / "labels"
-    shutil.copytree(root / "masks", labels_dir)
+    run = RunLayout(work, config)
+    shutil.copytree(root / "masks", run.labels)
     cfg = config.train
     dataset = PseudoLabelled(
-        train, data.num_classes, labels_dir, cfg.crop_size, cfg.scale_range, config.seed
+        train, data.num_classes, run.labels, cfg.crop_size, cfg.scale_range, config.seed
     )
-
-    def loader(epoch: int) -> DataLoader:
-        dataset.epoch = epoch
-        sampler = ResumableSampler(len(dataset), config.seed, epoch, 0)
-        return DataLoader(
-            dataset,
-            batch_size=cfg.batch_size,
-            sampler=sampler,
-            drop_last=len(dataset) >= cfg.batch_size,
-            num_workers=config.data.num_workers,
-            pin_memory=device.type == "cuda",
-        )
-
-    return dataset, loader
+    plan = segnet_plan(config, run)
+    return dataset, lambda epoch: epoch_loader(dataset, plan, epoch, 0, config, device)
 
 
 def time_epochs(make_loader: Callable[[int], Iterable], epochs: int) -> dict[str, float]:
@@ -194,11 +173,11 @@ def main() -> None:
         psl_batch = next(iter(psl_loader(0)))
 
     num_classes = len(mine_batch[1][0])
-    classifier = ClassifierTraining(config, num_classes, device)
-    segnet = SegnetTraining(config, num_classes, device)
+    classifier = classifier_trainer(config, num_classes, device)
+    segnet = segnet_trainer(config, num_classes, device)
     runs = {
-        "mine": lambda: classifier.step(mine_batch[0], mine_batch[1]),
-        "psl": lambda: segnet.step(*psl_batch),
+        "mine": lambda: classifier.step(list(mine_batch), 0),
+        "psl": lambda: segnet.step(list(psl_batch), 0),
     }
     times = time_interleaved(runs, args.warmup, args.iters)
     batches = {"mine": len(mine_batch[0]), "psl": len(psl_batch[0])}

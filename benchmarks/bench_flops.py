@@ -27,8 +27,7 @@ import time
 import torch
 from _common import (
     VOC_CLASSES,
-    ClassifierTraining,
-    SegnetTraining,
+    classifier_trainer,
     describe_machine,
     make_config,
     median,
@@ -36,6 +35,7 @@ from _common import (
     random_images,
     random_labels,
     random_pseudo_labels,
+    segnet_trainer,
     set_threads,
     spread,
     time_interleaved,
@@ -86,16 +86,15 @@ def build_runs(args: argparse.Namespace) -> tuple[dict, dict]:
     names = ["classifier", "segnet"] if args.model == "both" else [args.model]
     for name in names:
         if name == "segnet":
-            training = SegnetTraining(config, args.classes, device)
-            batch = (images, random_pseudo_labels(labels, args.size, generator), targets)
+            training = segnet_trainer(config, args.classes, device)
+            batch = [images, random_pseudo_labels(labels, args.size, generator), targets]
         else:
-            training = ClassifierTraining(config, args.classes, device)
-            batch = (images, targets)
+            training = classifier_trainer(config, args.classes, device)
+            batch = [images, targets]
         with FlopCounterMode(display=False) as counter:
-            training.loss_and_backward(*batch)
-        training.optimizer.zero_grad(set_to_none=True)
+            training.step(batch, 0)  # forward, backward and the (uncounted) elementwise SGD
         flops[name] = counter.get_total_flops()
-        runs[name] = lambda t=training, b=batch: t.step(*b)
+        runs[name] = lambda t=training, b=batch: t.step(b, 0)
     return runs, flops
 
 

@@ -28,7 +28,7 @@ import argparse
 import torch
 from _common import (
     VOC_CLASSES,
-    ClassifierTraining,
+    classifier_trainer,
     describe_machine,
     make_config,
     median,
@@ -64,9 +64,11 @@ def bench_training(args: argparse.Namespace) -> tuple[float, float]:
     runs, losses = {}, {}
     for name, overrides in SETTINGS.items():
         config = make_config(None, [*overrides, *common_overrides(args)])
-        training = ClassifierTraining(config, args.classes, select_device(config))
+        training = classifier_trainer(config, args.classes, select_device(config))
         losses[name] = []
-        runs[name] = lambda t=training, name=name: losses[name].append(t.step(images, targets))
+        runs[name] = lambda t=training, name=name: losses[name].append(
+            t.step([images, targets], 0)["total"]
+        )
     print(
         f"(a) training step, {args.backbone} at {args.size} px, batch {args.batch}, "
         f"{args.iters} timed steps after {args.warmup} warm-up (median):"
@@ -118,7 +120,7 @@ def bench_cams(args: argparse.Namespace) -> float:
     """Prints images/s of both; returns batched / naive."""
     config = make_config(None, ["precision=bf16", "channels_last=true", *common_overrides(args)])
     device = select_device(config)
-    model = ClassifierTraining(config, args.classes, device).model.eval()
+    model = classifier_trainer(config, args.classes, device).net.eval()
     generator = torch.Generator().manual_seed(args.seed + 1)
     labels = random_labels(args.cam_images, args.classes, generator)
     images = random_images(args.cam_images, args.size, generator)

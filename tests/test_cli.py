@@ -78,3 +78,84 @@ def test_console_script_entry_point(folder_dataset):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().startswith("aepsl data-info: error: /nonexistent")
+
+
+def test_overrides_after_options(folder_dataset, tmp_path, capsys):
+    """As users type it: `aepsl COMMAND CONFIG --option VALUE key=value`."""
+    out = tmp_path / "eval"
+    preds = tmp_path / "preds"
+    for name in ("img4", "img5"):
+        write_index_png(
+            preds / f"{name}.png", read_index_png(folder_dataset / "masks" / f"{name}.png")
+        )
+    argv = [
+        "evaluate",
+        str(preds),
+        DEMO,
+        "--out",
+        str(out),
+        f"data.root={folder_dataset}",
+        "seed=3",
+    ]
+    assert main(argv) == 0
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["seed"] == 3 and saved["data"]["root"] == str(folder_dataset)
+    assert main(["data-info", "--check", f"data.root={folder_dataset}"]) == 0
+
+
+def test_unknown_option_after_overrides_is_argparse_error(folder_dataset, capsys):
+    try:
+        main(["data-info", f"data.root={folder_dataset}", "--nope"])
+    except SystemExit as exc:
+        assert exc.code == 2
+    assert "unrecognized arguments: --nope" in capsys.readouterr().err
+
+
+def test_closed_pipe_ends_quietly(folder_dataset):
+    """`aepsl data-info ... | head -1`: no BrokenPipeError traceback."""
+    reader = subprocess.Popen(["head", "-c", "1"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL)
+    writer = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom aepsl.cli import main\n"
+            "time.sleep(1)\nfor _ in range(200):\n    main(['data-info', *sys.argv[1:]])",
+            DEMO,
+            f"data.root={folder_dataset}",
+        ],
+        stdout=reader.stdin,
+        stderr=subprocess.PIPE,
+        text=True,
+        check=False,
+    )
+    reader.stdin.close()
+    reader.wait()
+    assert "Traceback" not in writer.stderr and "BrokenPipeError" not in writer.stderr
+
+
+def test_sigterm_is_one_line_and_exit_143(folder_dataset, tmp_path):
+    code = (
+        "import os, signal, sys\n"
+        "import aepsl.cli as cli\n"
+        "def stage(args):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "cli.cmd_mine = stage\n"
+        "sys.exit(cli.main(sys.argv[1:]))\n"
+    )
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            code,
+            "mine",
+            DEMO,
+            f"data.root={folder_dataset}",
+            "--out",
+            str(tmp_path / "run"),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 143
+    assert result.stderr.strip() == "aepsl mine: terminated; re-run the same command to resume"

@@ -3,8 +3,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aepsl.config import load_config, save_config, stage_settings
+from aepsl.config import load_config, save_config
 from aepsl.errors import UserError
+from aepsl.layout import training_settings
 
 CONFIGS = Path(__file__).parent.parent / "configs"
 
@@ -119,4 +120,4 @@ def test_auto_precision_follows_the_hardware(
     monkeypatch.setattr(runtime, "cpu_has_fast_bf16", lambda: cpu_bf16)
     config = load_config(None, [f"precision={precision}", f"device={device}"])
     assert runtime.effective_precision(config) == expected
-    assert stage_settings(config, "mine")["precision"] == expected
+    assert training_settings(config, "mine")["precision"] == expected

@@ -15,8 +15,8 @@ import torch
 from aepsl import runtime
 from aepsl.errors import UserError
 from aepsl.io import read_index_png
-from aepsl.psl.data import ResumableSampler
 from aepsl.runtime import per_rank_batch, shard_batches
+from aepsl.training import EpochSampler
 
 DEMO = str(Path(__file__).parent.parent / "configs" / "demo_tiny.yaml")
 TINY = [
@@ -176,13 +176,12 @@ def test_shards_partition_each_global_batch():
 
 @pytest.mark.parametrize("offset", [0, 4, 8])
 def test_resumed_shards_follow_the_same_permutation(offset):
-    whole = list(ResumableSampler(13, seed=3, epoch=2, offset=offset))
+    whole = list(EpochSampler(13, seed=3, offset=offset))
     shards = [
-        list(ResumableSampler(13, 3, 2, offset, batch_size=4, rank=r, world_size=2))
-        for r in range(2)
+        list(EpochSampler(13, 3, offset, batch_size=4, rank=r, world_size=2)) for r in range(2)
     ]
     for r, shard in enumerate(shards):
-        assert len(shard) == len(ResumableSampler(13, 3, 2, offset, batch_size=4, world_size=2))
+        assert len(shard) == len(EpochSampler(13, 3, offset, batch_size=4, world_size=2))
         batches = range(0, len(whole) - 3, 4)  # the complete global batches of 4
         assert shard == [i for b in batches for i in whole[b + 2 * r : b + 2 * r + 2]]
 

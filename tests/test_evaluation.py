@@ -7,11 +7,16 @@ from torchmetrics.functional.classification import multiclass_jaccard_index
 
 from aepsl.data.datasets import load_folder
 from aepsl.evaluation import (
+    SEED_THRESHOLDS,
     average_precision,
     confusion_matrix,
     evaluate_folder,
     metrics_from_confusion,
+    pseudo_label_confusions,
+    pseudo_label_metrics,
     region_scores,
+    seed_confusions,
+    seed_miou_curve,
 )
 from aepsl.io import read_index_png, write_index_png
 
@@ -73,3 +78,133 @@ def test_evaluate_folder(folder_dataset, tmp_path):
     result = evaluate_folder(preds, data.split("val"), data.classes)
     assert result["mIoU"] == pytest.approx(1.0)
     assert result["images"] == 2
+
+
+# ------------------------------------------------ seed mIoU sweep and pseudo-label policies
+
+
+def seed_example():
+    """A 2x3 image with classes 1 and 3 present (of C = 3): CAMs, ground truth, by hand."""
+    cam1 = [[0.9, 0.5, 0.1], [0.3, 0.0, 0.6]]
+    cam3 = [[0.2, 0.7, 0.5], [0.3, 0.0, 0.6]]
+    target = np.array([[1, 3, 0], [255, 0, 1]], np.uint8)
+    return np.array([cam1, cam3]), [1, 3], target
+
+
+def test_seed_confusions_by_hand():
+    cams, present, target = seed_example()
+    # Per pixel (best class, score, ground truth): (1, .9, 1) (3, .7, 3) (3, .5, 0)
+    # (1, .3, 255: not scored) (1, .0, 0) (1, .6, 1: tie with class 3, the first listed wins).
+    # Foreground iff score > t; the .5 pixel is background at t = .5 (tie goes to background).
+    expected = [
+        [  # t = .25: pred 0, 1, 2, 3 per ground-truth row
+            [1, 0, 0, 1],
+            [0, 2, 0, 0],
+            [0, 0, 0, 0],
+            [0, 0, 0, 1],
+        ],
+        [  # t = .5
+            [2, 0, 0, 0],
+            [0, 2, 0, 0],
+            [0, 0, 0, 0],
+            [0, 0, 0, 1],
+        ],
+        [  # t = .65: the .6 pixel of class 1 falls to background
+            [2, 0, 0, 0],
+            [1, 1, 0, 0],
+            [0, 0, 0, 0],
+            [0, 0, 0, 1],
+        ],
+    ]
+    got = seed_confusions(cams, present, target, [0.25, 0.5, 0.65], num_classes=3)
+    assert got.shape == (3, 4, 4)
+    assert got.tolist() == expected
+
+    curve = seed_miou_curve(got, [0.25, 0.5, 0.65])
+    # t=.25: bg 1/2, class 1: 2/2, class 2 absent (left out), class 3: 1/2
+    # t=.65: bg 2/3, class 1: 1/2, class 3: 1/1
+    assert [t for t, _ in curve["curve"]] == [0.25, 0.5, 0.65]
+    assert [m for _, m in curve["curve"]] == pytest.approx([2 / 3, 1.0, 13 / 18], abs=1e-6)
+    assert curve["best_threshold"] == 0.5 and curve["best_mIoU"] == 1.0
+    assert "oracle" in curve["protocol"]
+    # the same rule as the rest of the module
+    names = ["bg", "a", "b", "c"]
+    assert metrics_from_confusion(torch.from_numpy(got[2]), names)["mIoU"] == pytest.approx(13 / 18)
+
+
+def test_seed_confusions_without_classes_is_background():
+    target = np.array([[0, 2], [255, 1]], np.uint8)
+    got = seed_confusions(np.zeros((0, 2, 2)), [], target, SEED_THRESHOLDS, num_classes=2)
+    assert got.shape == (len(SEED_THRESHOLDS), 3, 3)
+    assert (got == np.array([[1, 0, 0], [1, 0, 0], [1, 0, 0]])).all(axis=(1, 2)).all()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_seed_confusions_match_stacked_argmax(seed):
+    """Against the field's reference: pad the CAMs with t in front, argmax, map to classes,
+    accumulated over images; values on a 0.05 grid so ties with thresholds really happen."""
+    rng = np.random.default_rng(seed)
+    thresholds = np.arange(1, 20) / 20
+    num_classes = 5
+    total = np.zeros((len(thresholds), 6, 6), np.int64)
+    reference = torch.zeros(len(thresholds), 6, 6, dtype=torch.long)
+    for _ in range(4):
+        present = sorted(rng.choice(np.arange(1, 6), size=rng.integers(0, 4), replace=False))
+        cams = rng.integers(0, 21, (len(present), 9, 7)) / 20
+        target = rng.integers(0, 6, (9, 7)).astype(np.uint8)
+        target[rng.random((9, 7)) < 0.2] = 255
+        total += seed_confusions(cams, present, target, thresholds, num_classes)
+        keys = np.array([0, *present])
+        for i, t in enumerate(thresholds):
+            stacked = np.concatenate([np.full((1, 9, 7), t), cams])
+            pred = keys[stacked.argmax(0)]
+            reference[i] += confusion_matrix(torch.from_numpy(pred), torch.from_numpy(target), 6)
+    assert total.tolist() == reference.tolist()
+    curve = seed_miou_curve(total, thresholds)
+    for (t, miou), matrix in zip(curve["curve"], reference, strict=True):
+        assert miou == pytest.approx(metrics_from_confusion(matrix, list("012345"))["mIoU"])
+        assert t in thresholds
+
+
+def test_seed_confusions_reject_bad_input():
+    cams, present, target = seed_example()
+    with pytest.raises(ValueError, match="strictly increasing"):
+        seed_confusions(cams, present, target, [0.5, 0.25], 3)
+    with pytest.raises(ValueError, match="cams must be"):
+        seed_confusions(cams[:1], present, target, [0.5], 3)
+    with pytest.raises(ValueError, match=r"in 1\.\.3"):
+        seed_confusions(cams, [1, 4], target, [0.5], 3)
+    with pytest.raises(ValueError, match="target labels"):
+        seed_confusions(cams, present, np.full((2, 3), 7, np.uint8), [0.5], 3)
+
+
+def test_pseudo_label_policies_side_by_side():
+    target = np.array([0, 0, 1, 1, 2, 255], np.uint8)
+    pred = np.array([0, 255, 1, 255, 1, 1], np.uint8)
+    confusions = pseudo_label_confusions(pred, target, 3)
+    # labelled pixels only: (0,0) (1,1) (2,1); unlabelled as background adds (0,0) and (1,0)
+    assert confusions[0].tolist() == [[1, 0, 0], [0, 1, 0], [0, 1, 0]]
+    assert confusions[1].tolist() == [[2, 0, 0], [1, 1, 0], [0, 1, 0]]
+    result = pseudo_label_metrics(confusions, ["bg", "a", "b"])
+    assert result["exclude"]["mIoU"] == pytest.approx((1 + 1 / 2 + 0) / 3)
+    assert result["background"]["mIoU"] == pytest.approx((2 / 3 + 1 / 3 + 0) / 3)
+    assert result["labelled_fraction_of_scored"] == pytest.approx(3 / 5)
+    assert "predicted 255 excluded" in result["exclude"]["protocol"]
+    assert "counted as background" in result["background"]["protocol"]
+
+
+def test_pseudo_label_metrics_agree_with_evaluate_folder(folder_dataset, tmp_path):
+    data = load_folder(folder_dataset)
+    preds = tmp_path / "pred"
+    total = torch.zeros(2, 3, 3, dtype=torch.long)
+    for k, sample in enumerate(data.split("train")):
+        mask = read_index_png(sample.mask)
+        pred = np.where(mask == 255, 0, mask)
+        pred[k % 3 :: 3] = 255  # some unlabelled rows
+        write_index_png(preds / f"{sample.id}.png", pred)
+        total += pseudo_label_confusions(pred, mask, 3)
+    both = pseudo_label_metrics(total, ["background", *data.classes])
+    for policy in ("exclude", "background"):
+        single = evaluate_folder(preds, data.split("train"), data.classes, policy)
+        assert both[policy]["mIoU"] == single["mIoU"]
+        assert both[policy]["per_class"] == single["per_class"]

@@ -102,7 +102,7 @@ def test_missing_stages_say_not_run(tmp_path):
 def test_scalars_and_chart(report):
     out, _ = report
     mine = read_scalars(out / "mine" / "tensorboard")
-    assert sorted(mine) == [f"step{t}/loss" for t in range(1, STEPS + 1)]
+    assert sorted(mine) == [f"step{t}/total" for t in range(1, STEPS + 1)]
     train = read_scalars(out / "train" / "tensorboard")
     assert sorted(train) == ["train/cls", "train/psl", "train/seg", "train/total"]
     assert [s for s, _ in train["train/total"]] == [1, 2, 3, 4, 5, 6]

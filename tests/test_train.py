@@ -12,7 +12,7 @@ import torch
 from aepsl.cli import main
 from aepsl.config import load_config
 from aepsl.io import read_index_png
-from aepsl.psl import stage
+from aepsl import training
 from aepsl.psl.stage import run_train
 
 DEMO = str(Path(__file__).parent.parent / "configs" / "demo_tiny.yaml")
@@ -65,14 +65,14 @@ def test_training_resumes_to_identical_weights(tmp_path, monkeypatch):
     root = make_folder_dataset(tmp_path / "data", n=8)
     config = load_config(DEMO, [f"data.root={root}", *TINY])
     full = run_train(config, _with_pseudo_labels(root, tmp_path / "full"))
-    save = stage.save_checkpoint
+    save = training.save_checkpoint
 
     def killed_after_first_checkpoint(path, state):
         save(path, state)
         if path.name == "checkpoint.pt":
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(stage, "save_checkpoint", killed_after_first_checkpoint)
+    monkeypatch.setattr(training, "save_checkpoint", killed_after_first_checkpoint)
     resumed_out = _with_pseudo_labels(root, tmp_path / "resumed")
     with pytest.raises(KeyboardInterrupt):
         run_train(config, resumed_out)

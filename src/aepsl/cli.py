@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 import warnings
@@ -98,6 +99,17 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     write_json(out / "metrics.json", result)
     save_config(config, out)
     print(f"wrote {out / 'metrics.json'}")
+
+
+def cmd_prepare_voc(args: argparse.Namespace) -> None:
+    from aepsl.data.voc_prepare import prepare_voc
+
+    counts = prepare_voc(Path(args.voc), Path(args.sbd))
+    print(
+        f"{counts['mask_dir']}: wrote {counts['masks_from_voc']} masks from VOC and "
+        f"{counts['masks_from_sbd']} from SBD; {counts['masks_existing']} already there, left alone"
+    )
+    print(f"{counts['list_path']}: {counts['train_aug']} ids ({counts['list']})")
 
 
 def cmd_mine(args: argparse.Namespace) -> None:
@@ -243,6 +255,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.set_defaults(func=cmd_evaluate)
 
+    p = sub.add_parser(
+        "prepare-voc",
+        help="add SBD's masks (SegmentationClassAug/) and the train_aug split to VOC 2012",
+        description="Adds SegmentationClassAug/<id>.png and ImageSets/Segmentation/train_aug.txt "
+        "to VOC 2012 from the SBD release; only adds files, never overwrites or deletes.",
+        parents=[_common()],
+    )
+    p.add_argument("--voc", required=True, help="VOCdevkit/VOC2012 (files are added here)")
+    p.add_argument("--sbd", required=True, help="SBD's benchmark_RELEASE folder (read only)")
+    p.set_defaults(func=cmd_prepare_voc)
+
     p = _stage_parser(sub, "mine", "stage 1: mine object regions by adversarial erasing")
     p.add_argument("--out", required=True, help="run folder (writes OUT/mine)")
     p.set_defaults(func=cmd_mine)
@@ -292,21 +315,39 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _split_overrides(args: argparse.Namespace) -> None:
-    """A first positional holding '=' is an override, not a config path."""
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, taking `key=value` overrides anywhere after the command, before or after options
+    (`aepsl mine CONFIG --out RUN mine.steps=2`), and a first positional holding '=' that is no
+    file as an override rather than a config path."""
+    args, extra = parser.parse_known_args(argv)
+    unknown = [token for token in extra if token.startswith("-") or "=" not in token]
+    if unknown or (extra and not hasattr(args, "overrides")):
+        parser.parse_args(argv)  # argparse's own message and exit 2
     if getattr(args, "config", None) and "=" in args.config and not Path(args.config).exists():
         args.overrides = [args.config, *args.overrides]
         args.config = None
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (sent by clusters and `kill` before a hard stop), handled like Ctrl-C."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
-    _split_overrides(args)
+    args = parse_args(parser, argv)
+    signal.signal(signal.SIGTERM, _terminate)
     warnings.simplefilter("default")
     warnings.formatwarning = lambda message, *_: f"aepsl {args.command}: warning: {message}\n"
     try:
         args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
     except UserError as exc:
         if args.debug:
             raise
@@ -317,9 +358,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"aepsl {args.command}: error: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print(
-            f"aepsl {args.command}: interrupted; re-run the same command to resume", file=sys.stderr
-        )
-        return 130
+    except BrokenPipeError:
+        # The reader of our output went away (`aepsl data-info ... | head`): end quietly, with
+        # stdout pointed at /dev/null so the interpreter's final flush cannot fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    except KeyboardInterrupt as exc:
+        what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+        print(f"aepsl {args.command}: {what}; re-run the same command to resume", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT)
     return 0

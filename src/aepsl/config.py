@@ -303,17 +303,3 @@ def save_config(config: Config, out: str | os.PathLike, name: str = "config.yaml
     path = Path(out) / name
     write_text(path, yaml.safe_dump(resolved_config(config), sort_keys=False))
     return path
-
-
-def stage_settings(config: Config, section: str, exclude: set[str] = frozenset()) -> dict[str, Any]:
-    """The settings a training stage's outputs depend on: seed, data, model, precision and the
-    stage's own section (less `exclude`, e.g. how often it checkpoints), for its manifest hash."""
-    from aepsl.runtime import effective_precision
-
-    return {
-        "seed": config.seed,
-        "data": config.data.model_dump(exclude={"num_workers"}),
-        "model": config.model.model_dump(),
-        "precision": effective_precision(config),
-        section: getattr(config, section).model_dump(exclude=set(exclude)),
-    }

@@ -17,7 +17,8 @@ import torch
 
 from aepsl.data.datasets import Sample, load_mask
 from aepsl.errors import UserError
-from aepsl.io import IGNORE, read_index_png
+from aepsl.io import read_index_png
+from aepsl.labelmap import IGNORE
 from aepsl.runtime import all_reduce_sum
 
 PredIgnore = Literal["exclude", "background"]
@@ -172,3 +173,148 @@ def average_precision(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tens
     positives = hits.sum(0)
     ap = (precision * hits).sum(0) / positives.clamp(min=1)
     return torch.where(positives > 0, ap, torch.nan)
+
+
+# ------------------------------------------------ stage metrics: CAM seeds and pseudo labels
+
+SEED_THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * k, 2) for k in range(1, 20))  # .05-.95
+
+SEED_PROTOCOL = (
+    "seed mIoU: CAMs of the image's classes normalised to [0, 1], a constant background score t "
+    "stacked in front, argmax over background and the image's classes (a tie goes to the "
+    "background, then to the class listed first); mIoU over background + classes, ground-truth "
+    "255 excluded, classes absent from both excluded from the mean; t swept against ground "
+    "truth, so the best t is an oracle"
+)
+
+
+def seed_confusions(
+    cams: np.ndarray,
+    present_classes: Iterable[int],
+    target: np.ndarray,
+    thresholds: Iterable[float],
+    num_classes: int,
+) -> np.ndarray:
+    """Confusion matrices of one image's CAM seeds, one per background threshold.
+
+    The standard seed protocol of the field (IRN's eval_cam.py): `cams` (K, H, W) holds the
+    normalised CAMs in [0, 1] of the image's K present classes `present_classes` (values in
+    1..num_classes, in the order of `cams`); a constant background score t is stacked in front
+    and the argmax over background and those classes is the seed label map. A pixel therefore
+    takes its highest-scoring class c when cam_c > t, and background when every cam <= t (as
+    np.argmax picks the first of equal values). K = 0 gives background everywhere.
+
+    Returns int64 counts[i, g, p] of pixels with ground truth g (`target`, (H, W), 255 excluded)
+    and seed label p at `thresholds[i]` (strictly increasing), shape (T, C+1, C+1). Sum these
+    over images and pass the sum to `seed_miou_curve`; only the (T, C+1, C+1) sum need be kept.
+    Costs one pass over the pixels whatever T is.
+    """
+    cams = np.asarray(cams)
+    target = np.asarray(target)
+    classes = np.asarray(list(present_classes), dtype=np.int64)
+    ts = np.asarray(list(thresholds), dtype=np.float64)
+    labels = num_classes + 1
+    if ts.ndim != 1 or ts.size == 0 or (ts.size > 1 and not (np.diff(ts) > 0).all()):
+        raise ValueError("thresholds must be a non-empty, strictly increasing sequence")
+    if target.ndim != 2:
+        raise ValueError(f"target must be (H, W), got shape {target.shape}")
+    if cams.ndim != 3 or cams.shape[0] != classes.size or cams.shape[1:] != target.shape:
+        raise ValueError(
+            f"cams must be ({classes.size}, {target.shape[0]}, {target.shape[1]}) for "
+            f"{classes.size} present classes and target {target.shape}, got {cams.shape}"
+        )
+    if ((classes < 1) | (classes > num_classes)).any():
+        raise ValueError(f"present classes must lie in 1..{num_classes}, got {classes.tolist()}")
+    if not np.isfinite(cams).all():
+        raise ValueError("cams hold NaN or infinite values")
+    valid = (target != IGNORE).reshape(-1)
+    gt = target.reshape(-1)[valid].astype(np.int64)
+    if (gt > num_classes).any():
+        raise ValueError(f"target labels outside 0..{num_classes} (or 255)")
+    if classes.size:
+        flat = cams.reshape(classes.size, -1)[:, valid]
+        top = flat.argmax(0)
+        score = flat[top, np.arange(flat.shape[1])].astype(np.float64)
+        label = classes[top]
+    else:
+        score = np.full(gt.size, -np.inf)
+        label = np.zeros(gt.size, np.int64)
+    # below[n] = how many thresholds lie strictly below pixel n's score: the pixel keeps its
+    # class at thresholds 0..below-1 and is background from threshold `below` on.
+    below = np.searchsorted(ts, score, side="left")
+    t_count = ts.size
+    hist = np.bincount(
+        (below * labels + gt) * labels + label, minlength=(t_count + 1) * labels * labels
+    ).reshape(t_count + 1, labels, labels)
+    settled = hist.cumsum(0)[:t_count]  # [i]: pixels that are background at threshold i
+    out = hist.sum(0)[None] - settled  # the others keep their class
+    out[:, :, 0] += settled.sum(2)
+    return out
+
+
+def seed_miou_curve(confusions: np.ndarray, thresholds: Iterable[float]) -> dict:
+    """mIoU at each background threshold from `seed_confusions` summed over images.
+
+    Returns {"curve": [[t, mIoU], ...], "best_threshold": t, "best_mIoU": m, "protocol": ...}
+    (mIoU None where nothing was scored; the first t wins a tie). The best threshold is chosen
+    against ground truth: an oracle, to be reported as such. For per-class IoU, precision and
+    recall at one threshold, pass `torch.from_numpy(confusions[i])` to metrics_from_confusion.
+    """
+    ts = [float(t) for t in thresholds]
+    m = np.asarray(confusions, dtype=np.float64)
+    if m.ndim != 3 or m.shape[0] != len(ts) or m.shape[1] != m.shape[2]:
+        raise ValueError(f"confusions must be ({len(ts)}, L, L), got shape {m.shape}")
+    tp = np.diagonal(m, axis1=1, axis2=2)
+    union = m.sum(2) + m.sum(1) - tp
+    present = union > 0
+    iou = np.where(present, tp / np.maximum(union, 1), 0.0)
+    counted = present.sum(1)
+    mious = [
+        round(float(iou[i].sum() / counted[i]), 6) if counted[i] else None for i in range(len(ts))
+    ]
+    scored = [i for i, v in enumerate(mious) if v is not None]
+    best = max(scored, key=lambda i: (mious[i], -i)) if scored else None
+    return {
+        "curve": [[t, v] for t, v in zip(ts, mious, strict=True)],
+        "best_threshold": None if best is None else ts[best],
+        "best_mIoU": None if best is None else mious[best],
+        "protocol": SEED_PROTOCOL,
+    }
+
+
+def pseudo_label_confusions(
+    pred: np.ndarray | torch.Tensor, target: np.ndarray | torch.Tensor, num_labels: int
+) -> torch.Tensor:
+    """Both field policies at once for one pseudo label: (2, L, L) counts, [0] with its 255
+    (unlabelled) pixels excluded, [1] with them counted as background. Sum over images and pass
+    to `pseudo_label_metrics`. (`evaluate_folder` with pred_ignore "exclude" / "background"
+    gives the same two numbers from a folder of PNGs, one policy per call.)"""
+    pred = torch.as_tensor(np.asarray(pred))
+    target = torch.as_tensor(np.asarray(target))
+    return torch.stack(
+        [
+            confusion_matrix(pred, target, num_labels, "exclude"),
+            confusion_matrix(pred, target, num_labels, "background"),
+        ]
+    )
+
+
+def pseudo_label_metrics(confusions: torch.Tensor, names: list[str]) -> dict:
+    """Pseudo-label scores side by side from summed `pseudo_label_confusions`.
+
+    "exclude": over labelled pixels only (how precise the labels the loss sees are);
+    "background": unlabelled pixels counted as background (the number most papers print).
+    Each is a metrics_from_confusion dict with its "protocol"; "labelled_fraction_of_scored" is
+    the share of scored pixels (ground truth not 255) that the pseudo labels label.
+    """
+    excluded, background = confusions[0], confusions[1]
+    policies: tuple[PredIgnore, PredIgnore] = ("exclude", "background")
+    result: dict = {}
+    for policy, matrix in zip(policies, (excluded, background), strict=True):
+        result[policy] = metrics_from_confusion(matrix, names)
+        result[policy]["protocol"] = protocol(policy)
+    scored = int(background.sum())
+    result["labelled_fraction_of_scored"] = (
+        round(int(excluded.sum()) / scored, 6) if scored else None
+    )
+    return result

@@ -11,7 +11,6 @@ import json
 import os
 import pickle
 import re
-import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,26 +22,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from aepsl.errors import UserError
-
-IGNORE = 255
-
-
-def voc_palette() -> list[int]:
-    """The PASCAL VOC colour map (bit-interleaved), 256 RGB triplets flattened."""
-    palette = []
-    for label in range(256):
-        r = g = b = 0
-        c = label
-        for bit in range(8):
-            r |= ((c >> 0) & 1) << (7 - bit)
-            g |= ((c >> 1) & 1) << (7 - bit)
-            b |= ((c >> 2) & 1) << (7 - bit)
-            c >>= 3
-        palette += [r, g, b]
-    return palette
-
-
-PALETTE = voc_palette()
+from aepsl.labelmap import PALETTE
 
 
 @contextmanager
@@ -62,11 +42,6 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         raise
 
 
-def settings_digest(settings: dict[str, Any]) -> str:
-    """A short hash of the settings that determine a stage's outputs."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
-
-
 def file_digest(path: Path) -> str:
     """SHA-256 of a file's bytes (short form), to tie outputs to the checkpoint behind them."""
     digest = hashlib.sha256()
@@ -74,27 +49,6 @@ def file_digest(path: Path) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()[:16]
-
-
-def claim_folder(folder: Path, digest: str) -> bool:
-    """Resume in `folder` if the same settings produced it; otherwise empty it and start over.
-
-    Returns True when the stage already finished there with these settings (see mark_complete).
-    """
-    manifest = folder / "manifest.json"
-    if manifest.is_file():
-        record = json.loads(manifest.read_text())
-        if record.get("settings_hash") == digest:
-            return bool(record.get("complete"))
-        print(f"{folder}: settings changed since the last run; starting this stage again")
-        shutil.rmtree(folder)
-    write_json(manifest, {"settings_hash": digest, "complete": False})
-    return False
-
-
-def mark_complete(folder: Path, digest: str) -> None:
-    """Record that the stage in `folder` finished, so a re-run with the same settings skips it."""
-    write_json(folder / "manifest.json", {"settings_hash": digest, "complete": True})
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:

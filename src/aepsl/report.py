@@ -29,16 +29,9 @@ from PIL import Image
 from aepsl.config import Config
 from aepsl.data.datasets import Dataset, Sample, load_dataset, load_image
 from aepsl.errors import UserError
-from aepsl.io import (
-    PALETTE,
-    claim_folder,
-    file_digest,
-    read_gray_png,
-    read_image,
-    read_index_png,
-    settings_digest,
-    write_text,
-)
+from aepsl.io import file_digest, read_gray_png, read_image, read_index_png, write_text
+from aepsl.labelmap import PALETTE, colourise
+from aepsl.layout import claim_folder, settings_digest
 from aepsl.runtime import effective_precision
 
 THUMB = 256  # longest side of an embedded picture, in pixels
@@ -602,12 +595,11 @@ def _val_images_section(out: Path, samples: list[Sample]) -> str:
 def _legend(classes: list[str]) -> str:
     if not classes:
         return ""
-    palette = np.array(PALETTE).reshape(256, 3)
     names = [(0, "background"), *enumerate(classes, start=1), (255, "ignore / conflict")]
+    colours = colourise(np.array([k for k, _ in names], np.uint8)).tolist()
     items = "".join(
-        f'<span class="swatch" style="background: rgb{tuple(int(c) for c in palette[k])}">'
-        f"</span>{html.escape(name)} "
-        for k, name in names
+        f'<span class="swatch" style="background: rgb{tuple(colour)}"></span>{html.escape(name)} '
+        for colour, (_, name) in zip(colours, names, strict=True)
     )
     return f'<h2 id="legend">Colours</h2><p class="legend-row">{items}</p>'
 

@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image
 
 from aepsl.errors import UserError
-from aepsl.io import IGNORE, read_image, read_index_png
+from aepsl.io import read_image, read_index_png
+from aepsl.labelmap import IGNORE
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 

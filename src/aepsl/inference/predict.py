@@ -26,16 +26,9 @@ from aepsl.data.datasets import IMAGE_EXTENSIONS, Sample, check_id, load_dataset
 from aepsl.errors import UserError
 from aepsl.evaluation import evaluate_folder
 from aepsl.inference.crf import crf_labels, dense_crf
-from aepsl.io import (
-    PALETTE,
-    claim_folder,
-    file_digest,
-    mark_complete,
-    settings_digest,
-    write_index_png,
-    write_json,
-    write_png,
-)
+from aepsl.io import file_digest, write_index_png, write_json, write_png
+from aepsl.labelmap import colourise
+from aepsl.layout import RunLayout, claim_folder, mark_complete, settings_digest
 from aepsl.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from aepsl.models.segnet import SegNet
 from aepsl.runtime import autocast, barrier, is_main, on_main, rank, to_device, world_size
@@ -94,7 +87,7 @@ def predict_probs(
 
 
 def overlay(image: np.ndarray, labels: np.ndarray) -> np.ndarray:
-    colours = np.array(PALETTE, np.uint8).reshape(256, 3)[labels]
+    colours = colourise(labels)
     return np.where(labels[..., None] > 0, 0.45 * image + 0.55 * colours, image).astype(np.uint8)
 
 
@@ -188,24 +181,25 @@ def _write(
 def evaluate_trained(config: Config, out: Path, model: SegNet, device: torch.device) -> dict:
     """Predict the val split without and with CRF into OUT/predict and OUT/predict_crf, score
     both, and write OUT/train/metrics.json."""
+    run = RunLayout(out, config)
     data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
     split = config.data.val_split
     result: dict = {"split": split}
     if not data.has_split(split) or any(s.mask is None for s in data.split(split)):
         result["note"] = f"split '{split}' is missing or lacks ground truth: nothing scored"
-        on_main(write_json, out / "train" / "metrics.json", result)
+        on_main(write_json, run.train_metrics, result)
         return result
     samples = data.split(split)
     digest = settings_digest(
         {
-            "model": file_digest(out / "train" / "model.pt"),
+            "model": file_digest(run.model),
             "predict": config.predict.model_dump(),
             "crf": config.crf.model_dump(exclude={"workers"}),
         }
     )
-    plain, refined = out / "predict", out / "predict_crf"
+    plain, refined = run.predict, run.predict_crf
     use_crf = crf_available()
-    metrics_path = out / "train" / "metrics.json"
+    metrics_path = run.train_metrics
 
     def claim() -> bool:
         finished = claim_folder(plain, digest)

@@ -12,8 +12,7 @@ from typing import Literal
 
 import numpy as np
 
-from aepsl.io import IGNORE
-from aepsl.mine.cam import CONFLICT
+from aepsl.labelmap import CONFLICT, IGNORE
 
 LowSaliency = Literal["mined", "background"]
 

@@ -11,7 +11,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-CONFLICT = 255
+from aepsl.labelmap import CONFLICT
+
 ThresholdMode = Literal["relative", "quantile"]
 
 

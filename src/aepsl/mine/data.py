@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.utils.data import Dataset as TorchDataset
-from torch.utils.data import Sampler
 from torchvision.transforms import v2
 
 from aepsl.data.datasets import Sample, load_image
@@ -21,7 +20,6 @@ from aepsl.errors import UserError
 from aepsl.io import read_index_png
 from aepsl.mine.cam import fill_erased
 from aepsl.models.backbones import IMAGENET_MEAN, IMAGENET_STD
-from aepsl.runtime import shard_batches
 
 
 def mean_pixel(samples: list[Sample], limit: int = 500) -> list[float]:
@@ -52,7 +50,7 @@ class ErasedImages(TorchDataset):
     """(normalised image, multi-hot labels, index) with earlier steps' regions erased.
 
     With `crop` set, images are randomly resized-cropped to `crop` x `crop` and flipped
-    (training), the randomness seeded by (`epoch_seed`, index); without it they are returned
+    (training), the randomness seeded by (`seed` + epoch, index); without it they are returned
     whole (CAM extraction, evaluation).
     """
 
@@ -63,13 +61,15 @@ class ErasedImages(TorchDataset):
         region_dirs: list[Path],
         fill: list[float],
         crop: int | None = None,
+        seed: int = 0,
     ) -> None:
         self.samples = samples
         self.num_classes = num_classes
         self.region_dirs = region_dirs
         self.fill = torch.tensor(fill).round().to(torch.uint8)
         self.crop = crop
-        self.epoch_seed = 0
+        self.seed = seed
+        self.epoch = 0
         augment = (
             [
                 v2.RandomResizedCrop(crop, scale=(0.5, 1.0), antialias=True),
@@ -89,6 +89,9 @@ class ErasedImages(TorchDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, int]:
         sample = self.samples[index]
         image = torch.from_numpy(load_image(sample)).permute(2, 0, 1).contiguous()
@@ -102,29 +105,8 @@ class ErasedImages(TorchDataset):
         if not self.crop:
             return self.transform(image), target, index
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(hash((self.epoch_seed, index)) % 2**63)
+            torch.manual_seed(hash((self.seed + self.epoch, index)) % 2**63)
             return self.transform(image), target, index
-
-
-class ShuffledShard(Sampler[int]):
-    """A seeded permutation of `size` items; with `world_size` processes, this rank's share of
-    every complete global batch of `batch_size` (see runtime.shard_batches)."""
-
-    def __init__(
-        self, size: int, seed: int, batch_size: int, rank: int = 0, world_size: int = 1
-    ) -> None:
-        self.size, self.seed, self.batch_size = size, seed, batch_size
-        self.rank, self.world_size = rank, world_size
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed)
-        order = torch.randperm(self.size, generator=generator).tolist()
-        yield from shard_batches(order, self.batch_size, self.rank, self.world_size)
-
-    def __len__(self) -> int:
-        if self.world_size == 1:
-            return self.size
-        return self.size // self.batch_size * (self.batch_size // self.world_size)
 
 
 def collate_list(batch: list) -> list:

@@ -1,17 +1,7 @@
 """`aepsl mine`: K steps of adversarial erasing (ALGORITHM.md, stage 1).
 
-Layout of OUT/mine (each file written atomically; a re-run skips finished work):
-  manifest.json              hash of the settings that produced this folder
-  mean_pixel.json            the fill colour of erased pixels
-  step<t>/checkpoint.pt      resumable training state (removed when the step's training ends)
-  step<t>/classifier.pt      the trained classifier's state dict
-  step<t>/train.json         final training loss of the step
-  step<t>/regions/<id>.png   regions mined at step t (k = class, 255 = conflict)
-  step<t>/cams/<id>.npz      with mine.save_cams: keys, cams (float16, K x H x W, in [0, 1])
-  step<t>/vis/<id>.png       erased image | CAM | regions, for a few images
-  step<t>/done.json          the step's metrics, written last
-  regions/<id>.png           union over steps, same encoding
-  metrics.json               per step: loss, val mAP, region precision / recall
+Writes OUT/mine (layout.py lists its files; each written atomically, a re-run skips finished
+work): per step the classifier, its regions and metrics, then the union of the steps' regions.
 
 Under `torchrun` every process trains the same classifier on its share of each global batch
 (DDP), extracts the CAMs and regions of its share of the images, and rank 0 alone writes the
@@ -22,7 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -33,23 +22,20 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from aepsl.config import Config, stage_settings
+from aepsl.config import Config
 from aepsl.data.datasets import Dataset, Sample, load_dataset, load_mask
 from aepsl.errors import UserError
 from aepsl.evaluation import average_precision, region_scores
 from aepsl.io import (
-    PALETTE,
     atomic_path,
-    claim_folder,
     load_checkpoint,
-    mark_complete,
     read_index_png,
-    save_checkpoint,
-    settings_digest,
     write_index_png,
     write_json,
     write_png,
 )
+from aepsl.labelmap import colourise
+from aepsl.layout import MineStep, RunLayout
 from aepsl.mine.cam import (
     max_normalise,
     regions_to_label_map,
@@ -57,7 +43,7 @@ from aepsl.mine.cam import (
     union_label_maps,
     upsample_relu,
 )
-from aepsl.mine.data import ErasedImages, ShuffledShard, collate_list, mean_pixel
+from aepsl.mine.data import ErasedImages, collate_list, mean_pixel
 from aepsl.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from aepsl.models.classifier import CamClassifier, build_classifier
 from aepsl.runtime import (
@@ -66,47 +52,17 @@ from aepsl.runtime import (
     autocast,
     barrier,
     check_precision,
-    data_parallel,
-    grad_scaler,
     is_main,
     on_main,
     per_rank_batch,
     prepare_model,
     rank,
     seed_everything,
-    seed_rank,
     select_device,
-    summary_writer,
     to_device,
     world_size,
 )
-
-
-def settings_hash(config: Config) -> str:
-    """Hash of every setting that changes what `mine` writes."""
-    relevant = stage_settings(config, "mine", {"visualise", "checkpoint_every"})
-    return settings_digest(relevant)
-
-
-def build_optimizer(model: CamClassifier, config: Config) -> torch.optim.SGD:
-    """SGD with the new layers at mine.lr and a pretrained backbone at backbone_lr_mult x it."""
-    cfg = config.mine
-    pretrained = config.model.weights != "none"
-    new = {id(p) for p in model.new_parameters()}
-    backbone = [p for p in model.parameters() if id(p) not in new]
-    return torch.optim.SGD(
-        [
-            {"params": backbone, "lr": cfg.lr * (cfg.backbone_lr_mult if pretrained else 1.0)},
-            {"params": model.new_parameters(), "lr": cfg.lr},
-        ],
-        lr=cfg.lr,
-        momentum=cfg.momentum,
-        weight_decay=cfg.weight_decay,
-    )
-
-
-def step_dir(out: Path, step: int) -> Path:
-    return out / "mine" / f"step{step}"
+from aepsl.training import Plan, Trainer, finish, fit, poly, sgd
 
 
 def run_mine(config: Config, out: Path) -> dict[str, Any]:
@@ -116,26 +72,21 @@ def run_mine(config: Config, out: Path) -> dict[str, Any]:
     per_rank_batch(config.mine.batch_size, "mine.batch_size")
     data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
     train = data.split(config.data.train_split)
-    mine_dir = out / "mine"
-    digest = settings_hash(config)
-    if on_main(claim_folder, mine_dir, digest):
-        print(f"mine: finished for these settings in {mine_dir}; skipped")
-        return json.loads((mine_dir / "metrics.json").read_text())
-    fill = on_main(_mean_pixel, mine_dir, train)
-    writer = summary_writer(str(mine_dir / "tensorboard"))
+    run = RunLayout(out, config)
+    if on_main(run.claim, "mine"):
+        print(f"mine: finished for these settings in {run.mine}; skipped")
+        return json.loads(run.mine_metrics.read_text())
+    fill = on_main(_mean_pixel, run.mean_pixel, train)
     steps: list[dict[str, Any]] = []
     first_loss = None
-    for step in range(1, config.mine.steps + 1):
-        folder = step_dir(out, step)
-        done = folder / "done.json"
-        if on_main(done.is_file):
-            record = json.loads(done.read_text())
+    for number in range(1, config.mine.steps + 1):
+        step = run.step(number)
+        if on_main(step.done.is_file):
+            record = json.loads(step.done.read_text())
         else:
-            previous = [step_dir(out, s) / "regions" for s in range(1, step)]
-            model, loss = _train_step(
-                config, data, train, previous, fill, folder, device, step, writer
-            )
-            record = {"step": step, "train_loss": loss}
+            previous = [run.step(s).regions for s in range(1, number)]
+            model, loss = _train_step(config, data, train, previous, fill, step, device, run)
+            record = {"step": number, "train_loss": loss}
             stop = (
                 config.mine.auto_stop
                 and first_loss is not None
@@ -147,17 +98,17 @@ def run_mine(config: Config, out: Path) -> dict[str, Any]:
                     f"{first_loss:.4f}: regions of this step are not used"
                 )
             else:
-                _extract_regions(config, data, train, previous, fill, folder, model, device)
+                _extract_regions(config, data, train, previous, fill, step, model, device)
                 record["val_mAP"] = _val_map(config, data, model, device)
-                record.update(_score_regions(data, train, out, step))
-            on_main(write_json, done, record)
+                record.update(_score_regions(data, train, run, number))
+            on_main(write_json, step.done, record)
         first_loss = record["train_loss"] if first_loss is None else first_loss
         steps.append(record)
         print(_step_line(record))
         if "stopped" in record:
             break
     used = [r["step"] for r in steps if "stopped" not in r]
-    _write_union(out, train, used)
+    _write_union(run, train, used)
     barrier()  # every rank's union maps written
     metrics = {
         "steps": steps,
@@ -169,15 +120,13 @@ def run_mine(config: Config, out: Path) -> dict[str, Any]:
         "mined / ground-truth object pixels; conflicts count as mined, never correct",
     }
     if is_main():
-        write_json(mine_dir / "metrics.json", metrics)
-        mark_complete(mine_dir, digest)
-    writer.close()
+        write_json(run.mine_metrics, metrics)
+        run.mark_complete("mine")
     barrier()
     return metrics
 
 
-def _mean_pixel(mine_dir: Path, train: list[Sample]) -> list[float]:
-    path = mine_dir / "mean_pixel.json"
+def _mean_pixel(path: Path, train: list[Sample]) -> list[float]:
     if path.is_file():
         return json.loads(path.read_text())["mean_pixel"]
     fill = mean_pixel(train)
@@ -205,9 +154,46 @@ def _step_line(record: dict[str, Any]) -> str:
 # ------------------------------------------------------------------ training
 
 
-def _seed_for(config: Config, step: int, epoch: int) -> int:
-    """A seed per (step, epoch), so a resumed epoch replays the uninterrupted run exactly."""
-    return config.seed * 1_000_003 + step * 1009 + epoch
+def classifier_loss(
+    logits: torch.Tensor, rest: list[torch.Tensor], iteration: int
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Multi-label BCE of a batch of (images, targets, indices); logged: the global batch's."""
+    del iteration
+    loss = F.binary_cross_entropy_with_logits(logits.float(), rest[0])
+    return loss, {"total": all_reduce_sum(loss.detach()).item() / world_size()}
+
+
+def classifier_trainer(
+    model: CamClassifier, config: Config, device: torch.device, steps: int
+) -> Trainer:
+    """The SGD step of a classifier: new layers at mine.lr, a pretrained backbone at
+    mine.backbone_lr_mult x it, poly decay over `steps` iterations."""
+    cfg = config.mine
+    pretrained = config.model.weights != "none"
+    backbone_lr = cfg.lr * (cfg.backbone_lr_mult if pretrained else 1.0)
+    optimizer = sgd(model, backbone_lr, cfg.lr, cfg.momentum, cfg.weight_decay)
+    return Trainer(model, optimizer, lambda it: poly(it, steps), classifier_loss, config, device)
+
+
+def _base_seed(config: Config, step: MineStep) -> int:
+    """Step t's seed; epoch e of it draws from seed + e (permutation, crops, dropout)."""
+    return config.seed * 1_000_003 + step.number * 1009
+
+
+def classifier_plan(config: Config, step: MineStep, run: RunLayout, images: int) -> Plan:
+    """mine.epochs epochs over `images` training images, checkpointed every
+    mine.checkpoint_every epochs."""
+    cfg = config.mine
+    per_epoch = max(1, images // cfg.batch_size)
+    return Plan(
+        name=f"step {step.number}",
+        iterations=per_epoch * cfg.epochs,
+        batch_size=cfg.batch_size,
+        epoch_seed=lambda epoch: _base_seed(config, step) + epoch,
+        checkpoint=step.checkpoint,
+        checkpoint_every=cfg.checkpoint_every * per_epoch,
+        tensorboard=run.mine_tensorboard,
+    )
 
 
 def _train_step(
@@ -216,10 +202,9 @@ def _train_step(
     train: list[Sample],
     previous: list[Path],
     fill: list[float],
-    folder: Path,
+    step: MineStep,
     device: torch.device,
-    step: int,
-    writer: Any,
+    run: RunLayout,
 ) -> tuple[CamClassifier, float]:
     """Train a fresh classifier (same initialisation every step) on the erased images.
 
@@ -235,104 +220,38 @@ def _train_step(
         config.model.cam_output_stride,
     )
     model = prepare_model(model, config, device)
-    final = folder / "classifier.pt"
-    if on_main(final.is_file):
-        model.load_state_dict(load_checkpoint(final))
-        return model, json.loads((folder / "train.json").read_text())["train_loss"]
+    if on_main(step.classifier.is_file):
+        model.load_state_dict(load_checkpoint(step.classifier))
+        return model, json.loads(step.train_log.read_text())["train_loss"]
 
-    optimizer = build_optimizer(model, config)
-    dataset = ErasedImages(train, data.num_classes, previous, fill, crop=config.data.image_size)
-    world = world_size()
-    if world > 1 and len(dataset) < cfg.batch_size:
+    dataset = ErasedImages(
+        train,
+        data.num_classes,
+        previous,
+        fill,
+        crop=config.data.image_size,
+        seed=_base_seed(config, step),
+    )
+    if world_size() > 1 and len(dataset) < cfg.batch_size:
         raise UserError(
             f"mine.batch_size={cfg.batch_size} is more than the {len(dataset)} training images; "
             "with several processes every global batch must be complete"
         )
-    per_epoch = math.ceil(len(dataset) / cfg.batch_size)
-    total = per_epoch * cfg.epochs
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda it: (1 - min(it, total - 1) / total) ** 0.9
+    # The decay spans ceil(n / batch) steps an epoch, as the loop of earlier versions counted.
+    schedule = -(-len(dataset) // cfg.batch_size) * cfg.epochs
+    trainer = classifier_trainer(model, config, device, schedule)
+    plan = classifier_plan(config, step, run, len(dataset))
+    result = fit(trainer, dataset, plan)
+    loss = round(result.epoch_mean, 6)
+    on_main(
+        finish,
+        step.checkpoint,
+        step.classifier,
+        model.state_dict(),
+        step.train_log,
+        {"train_loss": loss},
     )
-    scaler = grad_scaler(config, device)
-    start_epoch = 0
-    checkpoint = folder / "checkpoint.pt"
-    if on_main(checkpoint.is_file):
-        state = load_checkpoint(checkpoint)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        start_epoch = int(state["epoch"])
-        print(f"step {step}: resuming training at epoch {start_epoch + 1}/{cfg.epochs}")
-
-    net = model  # the module itself; `model` may be its DDP wrapper
-    model = data_parallel(net, device)
-    epoch_loss = math.nan
-    bar = tqdm(
-        total=total,
-        initial=start_epoch * per_epoch,
-        desc=f"step {step} train",
-        unit="batch",
-        dynamic_ncols=True,
-        disable=not is_main(),
-    )
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            seed_rank(_seed_for(config, step, epoch))  # dropout; crops are seeded per sample
-            dataset.epoch_seed = _seed_for(config, step, epoch)
-            loader = DataLoader(
-                dataset,
-                batch_size=cfg.batch_size // world,
-                sampler=ShuffledShard(
-                    len(dataset), _seed_for(config, step, epoch), cfg.batch_size, rank(), world
-                ),
-                drop_last=len(dataset) > cfg.batch_size,
-                num_workers=config.data.num_workers,
-                pin_memory=device.type == "cuda",
-            )
-            model.train()
-            losses = []
-            for images, targets, _ in loader:
-                images, targets = to_device(images, config, device), targets.to(device)
-                with autocast(config, device):
-                    logits = model(images)
-                loss = F.binary_cross_entropy_with_logits(logits.float(), targets)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                # the global batch's mean loss (equal shards), the same number on every rank
-                losses.append(all_reduce_sum(loss.detach()).item() / world)
-                writer.add_scalar(f"step{step}/loss", losses[-1], scheduler.last_epoch)
-                bar.update()
-                bar.set_postfix(loss=f"{losses[-1]:.4f}")
-            epoch_loss = float(np.mean(losses))
-            if not math.isfinite(epoch_loss):
-                raise FloatingPointError(
-                    f"step {step}: training loss is {epoch_loss} at epoch {epoch + 1}"
-                )
-            if (epoch + 1) % cfg.checkpoint_every == 0 and epoch + 1 < cfg.epochs and is_main():
-                save_checkpoint(
-                    checkpoint,
-                    {
-                        "model": net.state_dict(),
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "epoch": epoch + 1,
-                    },
-                )
-    finally:
-        bar.close()  # before any error line, so it starts a line of its own
-    if math.isnan(epoch_loss):  # resumed after the last epoch had already run
-        epoch_loss = float(json.loads((folder / "train.json").read_text())["train_loss"])
-
-    def save() -> None:
-        save_checkpoint(final, net.state_dict())
-        write_json(folder / "train.json", {"train_loss": round(epoch_loss, 6)})
-        checkpoint.unlink(missing_ok=True)
-
-    on_main(save)
-    return net, round(epoch_loss, 6)
+    return model, loss
 
 
 # ------------------------------------------------------------------ CAMs and regions
@@ -383,17 +302,16 @@ def _extract_regions(
     train: list[Sample],
     previous: list[Path],
     fill: list[float],
-    folder: Path,
+    step: MineStep,
     model: CamClassifier,
     device: torch.device,
 ) -> None:
     """Write the step's regions of this rank's share of the images (every rank's, after the
     closing barrier)."""
-    regions_dir = folder / "regions"
     mine = train[rank() :: world_size()]  # disjoint files per rank
-    todo = [s for s in mine if not (regions_dir / f"{s.id}.png").is_file()]
+    todo = [s for s in mine if not step.region(s.id).is_file()]
     if todo:
-        _extract_todo(config, data, train, todo, previous, fill, folder, model, device)
+        _extract_todo(config, data, train, todo, previous, fill, step, model, device)
     barrier()
 
 
@@ -404,11 +322,10 @@ def _extract_todo(
     todo: list[Sample],
     previous: list[Path],
     fill: list[float],
-    folder: Path,
+    step: MineStep,
     model: CamClassifier,
     device: torch.device,
 ) -> None:
-    regions_dir = folder / "regions"
     model.eval()
     dataset = ErasedImages(todo, data.num_classes, previous, fill)
     loader = DataLoader(
@@ -420,7 +337,7 @@ def _extract_todo(
     vis_ids = {s.id for s in train[: config.mine.visualise]}
     bar = tqdm(
         total=len(todo),
-        desc=f"{folder.name} CAMs",
+        desc=f"step {step.number} CAMs",
         unit="img",
         dynamic_ncols=True,
         disable=not is_main(),
@@ -436,13 +353,13 @@ def _extract_todo(
             labels = regions_to_label_map(regions, keys).numpy()
             if config.mine.save_cams:
                 _save_npz(
-                    folder / "cams" / f"{sample.id}.npz",
+                    step.cam(sample.id),
                     np.array(keys, np.uint8),
                     own.numpy().astype(np.float16),
                 )
             if sample.id in vis_ids:
-                write_png(folder / "vis" / f"{sample.id}.png", _visual(image, own, labels))
-            write_index_png(regions_dir / f"{sample.id}.png", labels)  # last: marks done
+                write_png(step.vis / f"{sample.id}.png", _visual(image, own, labels))
+            write_index_png(step.region(sample.id), labels)  # last: marks done
         bar.update(len(group))
     bar.close()
 
@@ -462,7 +379,7 @@ def _visual(image: torch.Tensor, cams: torch.Tensor, labels: np.ndarray) -> np.n
     heat = cams.amax(0).numpy() if len(cams) else np.zeros(labels.shape, np.float32)
     heat_rgb = np.stack([heat, 1 - np.abs(2 * heat - 1), 1 - heat], axis=-1)
     heat_rgb = (0.5 * rgb + 0.5 * 255 * heat_rgb).astype(np.uint8)
-    colours = np.array(PALETTE, np.uint8).reshape(256, 3)[labels]
+    colours = colourise(labels)
     overlay = np.where(labels[..., None] > 0, (0.4 * rgb + 0.6 * colours), rgb).astype(np.uint8)
     return np.concatenate([rgb, heat_rgb, overlay], axis=1)
 
@@ -506,29 +423,27 @@ def _val_map(config: Config, data: Dataset, model: CamClassifier, device: torch.
     return round(float(ap[~ap.isnan()].mean()), 6) if (~ap.isnan()).any() else None
 
 
-def union_of_steps(out: Path, image_id: str, steps: list[int]) -> np.ndarray:
-    """The union label map of an image's regions over the given steps of run `out`."""
+def union_of_steps(run: RunLayout, image_id: str, steps: list[int]) -> np.ndarray:
+    """The union label map of an image's regions over the given steps of the run."""
     union = None
     for step in steps:
-        regions = torch.from_numpy(
-            read_index_png(step_dir(out, step) / "regions" / f"{image_id}.png")
-        )
+        regions = torch.from_numpy(read_index_png(run.step(step).region(image_id)))
         union = regions if union is None else union_label_maps(union, regions)
     return union.numpy()
 
 
-def _score_regions(data: Dataset, train: list[Sample], out: Path, step: int) -> dict[str, Any]:
+def _score_regions(data: Dataset, train: list[Sample], run: RunLayout, step: int) -> dict[str, Any]:
     """Region precision / recall of step `step` alone and of the union of steps 1..step (each
     rank counts its share of the images; the counts are summed over ranks)."""
     if not train or any(s.mask is None for s in train):
         return {}
     totals = {"step": np.zeros(3, np.int64), "union": np.zeros(3, np.int64)}
     for sample in train[rank() :: world_size()]:
-        regions = read_index_png(step_dir(out, step) / "regions" / f"{sample.id}.png")
+        regions = read_index_png(run.step(step).region(sample.id))
         target = load_mask(sample, regions.shape, data.num_classes)
         totals["step"] += region_scores(regions, target)
         totals["union"] += region_scores(
-            union_of_steps(out, sample.id, list(range(1, step + 1))), target
+            union_of_steps(run, sample.id, list(range(1, step + 1))), target
         )
     for key, counts in totals.items():
         totals[key] = all_reduce_sum(torch.from_numpy(counts)).numpy()
@@ -542,10 +457,9 @@ def _score_regions(data: Dataset, train: list[Sample], out: Path, step: int) -> 
     return result
 
 
-def _write_union(out: Path, train: list[Sample], steps: list[int]) -> None:
-    folder = out / "mine" / "regions"
+def _write_union(run: RunLayout, train: list[Sample], steps: list[int]) -> None:
     mine = train[rank() :: world_size()]  # disjoint files per rank
     for sample in tqdm(
         mine, desc="union", unit="img", dynamic_ncols=True, leave=False, disable=not is_main()
     ):
-        write_index_png(folder / f"{sample.id}.png", union_of_steps(out, sample.id, steps))
+        write_index_png(run.union_region(sample.id), union_of_steps(run, sample.id, steps))

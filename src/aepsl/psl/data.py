@@ -12,15 +12,14 @@ from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset as TorchDataset
-from torch.utils.data import Sampler
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from aepsl.data.datasets import Sample, load_image
 from aepsl.errors import UserError
-from aepsl.io import IGNORE, read_index_png
+from aepsl.io import read_index_png
+from aepsl.labelmap import IGNORE
 from aepsl.models.backbones import IMAGENET_MEAN, IMAGENET_STD
-from aepsl.runtime import shard_batches
 
 MEAN_RGB = [round(255 * m) for m in IMAGENET_MEAN]
 
@@ -58,6 +57,9 @@ class PseudoLabelled(TorchDataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         sample = self.samples[index]
         image = load_image(sample)
@@ -80,38 +82,3 @@ class PseudoLabelled(TorchDataset):
             label_t.as_subclass(torch.Tensor).long(),
             target,
         )
-
-
-class ResumableSampler(Sampler[int]):
-    """A seeded permutation per epoch, started at `offset`: resuming mid-epoch replays the rest
-    of the epoch the uninterrupted run would have seen.
-
-    With `world_size` > 1 processes, each yields its rank's share of every complete global
-    batch of `batch_size` items of that same permutation (runtime.shard_batches); `offset`
-    counts global items and must then be a multiple of `batch_size`.
-    """
-
-    def __init__(
-        self,
-        size: int,
-        seed: int,
-        epoch: int,
-        offset: int = 0,
-        *,
-        batch_size: int = 1,
-        rank: int = 0,
-        world_size: int = 1,
-    ) -> None:
-        self.size, self.seed, self.epoch, self.offset = size, seed, epoch, offset
-        self.batch_size, self.rank, self.world_size = batch_size, rank, world_size
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.size, generator=generator)[self.offset :].tolist()
-        yield from shard_batches(order, self.batch_size, self.rank, self.world_size)
-
-    def __len__(self) -> int:
-        rest = self.size - self.offset
-        if self.world_size == 1:
-            return rest
-        return rest // self.batch_size * (self.batch_size // self.world_size)
