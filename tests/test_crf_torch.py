@@ -30,18 +30,20 @@ def test_simplex_corners_surround_the_elevated_point():
     """Barycentric weights are >= 0 and sum to 1, the corners are lattice points of remainder
     0..d on the hyperplane, and the weighted corners give the point back."""
     features = torch.randn(500, 5, dtype=torch.float64) * 3
-    elevated = lat._elevate(features)
-    torch.testing.assert_close(elevated.sum(1), torch.zeros(500, dtype=torch.float64))
-    rem0, rank, weights = lat._enclosing_simplex(elevated)
+    elevated = lat._elevate(features)  # (d+1, P)
+    torch.testing.assert_close(elevated.sum(0), torch.zeros(500, dtype=torch.float64))
+    quotient, rank, weights = lat._enclosing_simplex(elevated)
     d1 = 6
     assert (weights >= -1e-12).all()
-    torch.testing.assert_close(weights.sum(1), torch.ones(500, dtype=torch.float64))
+    torch.testing.assert_close(weights.sum(0), torch.ones(500, dtype=torch.float64))
+    assert (rank.sort(0).values == torch.arange(d1)[:, None]).all()  # a permutation
     remainder = torch.arange(d1)
-    corners = rem0[:, None, :] + remainder[None, :, None]
-    corners = corners - d1 * (rank[:, None, :] > (d1 - 1 - remainder)[None, :, None]).long()
-    assert (corners.sum(2) == 0).all()
-    assert ((corners - remainder[None, :, None]) % d1 == 0).all()
-    torch.testing.assert_close((weights[..., None] * corners).sum(1), elevated)
+    # corners[r, i, p]: coordinate i of corner r of point p
+    corners = d1 * quotient[None] + remainder[:, None, None]
+    corners = corners - d1 * (rank[None] > (d1 - 1 - remainder)[:, None, None]).long()
+    assert (corners.sum(1) == 0).all()
+    assert ((corners - remainder[:, None, None]) % d1 == 0).all()
+    torch.testing.assert_close((weights[:, None] * corners).sum(0), elevated)
 
 
 def test_filter_of_a_constant_is_constant_after_normalisation():

@@ -5,8 +5,8 @@ A Gaussian of unit standard deviation in feature space is approximated in four s
 
 1. `build` embeds each point in the hyperplane of R^(d+1) whose coordinates sum to 0, finds the
    simplex of the lattice (the points of (d+1)Z^(d+1) and their d+1 "remainder" translates) that
-   encloses it, and records its d+1 vertices and the barycentric weights. Hashing is a sort: each
-   vertex key becomes one int64 code, and the sorted unique codes number the vertices.
+   encloses it, and records its d+1 corners and barycentric weights. Hashing is a sort: each
+   corner key becomes one integer code, and the sorted distinct codes number the vertices.
 2. `splat`: every point adds its value times its barycentric weights to its d+1 vertices
    (scatter-add, `index_add_`).
 3. `blur`: along each of the d+1 lattice directions in turn, v <- v + (v[n1] + v[n2]) / 2, with
@@ -20,19 +20,20 @@ Krähenbühl & Koltun's dense CRF code, so `filter` = slice(blur(splat(v))) is t
 mean field uses. Points carry a group id (an image of a batch): points of different groups never
 share a vertex, so one lattice filters a batch without mixing images; `concat` joins lattices.
 
-`operator` turns a lattice into three sparse CSR matrices (splat, one blur per direction, slice)
-with optional per-point scales folded in: the same arithmetic, faster than scatter/gather (one
-pass per step, see benchmarks/bench_crf.py). Everything is device agnostic (CPU or CUDA).
+`operator` writes lattices as sparse CSR matrices (splat, one blur per direction, slice) with
+per-point scales folded in: the same arithmetic in one pass per step, several times faster than
+the scatter/gather steps on a CPU (benchmarks/bench_crf.py). Everything is device agnostic.
 
-Grids (the tensors `splat` returns) have one row per vertex plus row 0, the absent vertex, which
-stays 0; vertex indices in `offsets` and `neighbours` start at 1.
+Per-corner tensors are laid out (d+1, P): row r holds corner r of every point. Grids (what
+`splat` returns) have one row per vertex plus row 0, the absent vertex, which stays 0: vertex
+indices in `offsets` and `neighbours` start at 1.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -42,12 +43,12 @@ from torch import Tensor
 class Lattice:
     """The enclosing simplices of P points in a lattice of M vertices (dimension d).
 
-    offsets: (P, d+1) int64 vertex of each simplex corner, in 1..M.
-    weights: (P, d+1) barycentric weights (they sum to 1 per point).
+    offsets: (d+1, P) int64 vertex of each point's corner r, in 1..M.
+    weights: (d+1, P) barycentric weights (they sum to 1 over the corners of a point).
     neighbours: (d+1, 2, M) int64 the two neighbours of vertex 1..M along each lattice direction,
         0 where that neighbour holds no point's mass (is not in the lattice).
-    order: (P*(d+1),) int64 the entries p*(d+1) + corner of `offsets`, sorted by vertex (stable):
-        the splat's rows, ready for a sparse matrix.
+    order: (P*(d+1),) int64 the entries r*P + p of `offsets`, sorted by vertex (the rows of the
+        splat as a sparse matrix).
     """
 
     offsets: Tensor
@@ -57,11 +58,11 @@ class Lattice:
 
     @property
     def dim(self) -> int:
-        return self.offsets.shape[1] - 1
+        return self.offsets.shape[0] - 1
 
     @property
     def points(self) -> int:
-        return self.offsets.shape[0]
+        return self.offsets.shape[1]
 
     @property
     def vertices(self) -> int:
@@ -73,46 +74,62 @@ class Lattice:
 
 
 def _elevate(features: Tensor) -> Tensor:
-    """(P, d) features -> (P, d+1) coordinates in the hyperplane sum = 0, scaled so that the
+    """(P, d) features -> (d+1, P) coordinates in the hyperplane sum = 0, scaled so that the
     lattice blur approximates a Gaussian of standard deviation 1 (Adams et al. 2010, p. 5-6)."""
     d = features.shape[1]
     inv_std = math.sqrt(2.0 / 3.0) * (d + 1)
     scale = [inv_std / math.sqrt((i + 2) * (i + 1)) for i in range(d)]
-    cf = features * torch.tensor(scale, dtype=features.dtype, device=features.device)
-    # suffix[:, m] = cf[:, d-1] + ... + cf[:, d-1-m], summed in the reference's order
-    suffix = cf.flip(1).cumsum(1)
-    # elevated[0] = sum(cf); elevated[j] = sum(cf[j:]) - j * cf[j-1] for j = 1..d
-    later = torch.cat([suffix[:, : d - 1].flip(1), torch.zeros_like(cf[:, :1])], dim=1)
-    steps = torch.arange(1, d + 1, dtype=features.dtype, device=features.device)
-    return torch.cat([suffix[:, d - 1 :], later - steps * cf], dim=1)
+    scale_t = torch.tensor(scale, dtype=features.dtype, device=features.device)
+    cf = (features * scale_t).t().contiguous()
+    elevated = torch.empty(d + 1, features.shape[0], dtype=features.dtype, device=features.device)
+    # elevated[j] = sum(cf[j:]) - j * cf[j-1] for j = 1..d; elevated[0] = sum(cf); summed from
+    # the last feature down, as the reference
+    total = torch.zeros_like(elevated[0])
+    for j in range(d, 0, -1):
+        torch.add(total, cf[j - 1], alpha=-j, out=elevated[j])
+        total += cf[j - 1]
+    elevated[0] = total
+    return elevated
 
 
 def _enclosing_simplex(elevated: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Remainder-0 vertex (P, d+1) int64, rank of each coordinate (P, d+1) int64 and barycentric
-    weights (P, d+1) of elevated points (Adams et al. 2010, p. 10)."""
-    points, d1 = elevated.shape
+    """For (d+1, P) elevated points: the remainder-0 corner divided by d+1 (d+1, P) int64, the
+    rank of each coordinate (d+1, P) int64 and the barycentric weights (d+1, P)
+    (Adams et al. 2010, p. 10)."""
+    d1, points = elevated.shape
     d = d1 - 1
     down = 1.0 / d1
     rounded = torch.round(elevated * down)  # half to even, as the SSE reference
-    rem0 = rounded * d1
-    total = rounded.sum(1, keepdim=True).long()
-    residual = elevated - rem0
-    # rank[i] = #{j > i: r_i < r_j} + #{j < i: r_j >= r_i} (a tie ranks the lower index lower)
-    rank = total.expand(points, d1).clone()
+    residual = elevated - rounded * d1
+    # rank[i] = #{j > i: r_i < r_j} + #{j < i: r_j >= r_i} (a tie ranks the lower index lower),
+    # plus the sum of the rounded point, which wraps around to bring it back on the hyperplane
+    total = rounded.sum(0).to(torch.int32)
+    ranks = [total.clone() for _ in range(d1)]
     for i in range(d):
-        less = (residual[:, i : i + 1] < residual[:, i + 1 :]).long()
-        rank[:, i] += less.sum(1)
-        rank[:, i + 1 :] += 1 - less
-    # bring the point back onto the hyperplane: ranks out of 0..d wrap around
-    wrap = (rank < 0).long() - (rank > d).long()
-    rank = rank + wrap * d1
-    rem0 = rem0 + wrap.to(rem0.dtype) * d1
-    value = (elevated - rem0) * down
-    bary = torch.zeros(points, d1 + 1, dtype=elevated.dtype, device=elevated.device)
-    bary.scatter_add_(1, d - rank, value)
-    bary.scatter_add_(1, d - rank + 1, -value)
-    bary[:, 0] += 1.0 + bary[:, d1]
-    return rem0.long(), rank, bary[:, :d1].contiguous()
+        for j in range(i + 1, d1):
+            less = residual[i] < residual[j]
+            ranks[i] += less
+            ranks[j] += ~less
+    rank = torch.stack(ranks)
+    wrap = (rank < 0).to(torch.int32) - (rank > d).to(torch.int32)
+    rank += wrap * d1
+    quotient = rounded.to(torch.int32) + wrap  # the remainder-0 corner is d1 * quotient
+    value = (elevated - quotient * d1) * down
+    # barycentric weights: b[d - rank_i] += v_i, b[d - rank_i + 1] -= v_i, b[0] += 1 + b[d+1]
+    sorted_value = torch.zeros(d1 + 1, points, dtype=elevated.dtype, device=elevated.device)
+    sorted_value[1:].scatter_(0, (d - rank).long(), value)  # u_k = v of rank d - k, at k + 1
+    weights = sorted_value[1:] - sorted_value[:-1]
+    weights[0] += 1.0 - sorted_value[d1]
+    return quotient.long(), rank.long(), weights
+
+
+def _radix(low: Tensor, high: Tensor) -> tuple[list[int], int]:
+    """Strides of a mixed-radix number of digits in [low, high] each, and its range."""
+    strides, size = [], 1
+    for span in (high - low + 1).tolist():
+        strides.append(size)
+        size *= span
+    return strides, size
 
 
 def build(features: Tensor, groups: Tensor | None = None) -> Lattice:
@@ -121,74 +138,81 @@ def build(features: Tensor, groups: Tensor | None = None) -> Lattice:
     points, d = features.shape
     d1 = d + 1
     device = features.device
-    rem0, rank, weights = _enclosing_simplex(_elevate(features))
-    # Vertex r of a simplex has the key rem0 + r, minus d+1 where rank > d - r (the first d
-    # coordinates; the last is implied by the zero sum). Its code is the mixed-radix number of
-    # (group, key - low); a margin of 2(d+1) per coordinate keeps the blur neighbours' codes
-    # (every coordinate -1 or +1, one of them +d or -d) from wrapping.
-    key0 = rem0[:, :d]
-    low = key0.amin(0) - 2 * d1
-    spans = (key0.amax(0) - low + 2 * d1 + 1).tolist()
-    strides, size = [], 1
-    for span in spans:
-        strides.append(size)
-        size *= span
+    quotient, rank, weights = _enclosing_simplex(_elevate(features))
+    # Corner r of a simplex is the lattice point k = d1 * q + r with q = quotient - 1 where
+    # rank > d - r (first d coordinates; the last is implied by the zero sum). Its code is the
+    # mixed-radix number (group, q_0 .. q_d-1, r); a margin of 2 around the range of q keeps the
+    # codes of the blur neighbours (q -1 or +1) from wrapping.
+    q0 = quotient[:d]
+    low = q0.amin(1) - 2
+    strides, size = _radix(low, q0.amax(1) + 2)
     groups_n = 1 if groups is None else int(groups.max()) + 1
-    if size * groups_n >= 2**62:
+    span = d1 * size * groups_n
+    if span >= 2**62:
         raise ValueError("lattice keys too spread to hash in 64 bits (standard deviations tiny?)")
+    dtype = torch.int32 if span < 2**31 else torch.long  # int32 sorts twice as fast
     stride = torch.tensor(strides, dtype=torch.long, device=device)
-    base = ((key0 - low) * stride).sum(1)
+    base = ((q0 - low[:, None]) * stride[:, None]).sum(0)
     if groups is not None:
-        base = base + groups * size
-    # above[p, m] = sum of stride_i over the coordinates i < d with rank_i >= m (m = 0..d+1)
-    above = torch.zeros(points, d1 + 1, dtype=torch.long, device=device)
-    above.scatter_add_(1, rank[:, :d], stride.expand(points, d))
-    above = above.flip(1).cumsum(1).flip(1)
+        base += groups * size
+    # above[m] = sum of stride_i over the coordinates i < d with rank_i >= m, m = 0..d+1
+    above = torch.zeros(d1 + 1, points, dtype=torch.long, device=device)
+    above.scatter_add_(0, rank[:d], stride[:, None].expand(d, points))
+    above = above.flip(0).cumsum(0).flip(0)
     remainder = torch.arange(d1, device=device)
-    codes = base[:, None] + remainder * sum(strides) - d1 * above[:, d - remainder + 1]
+    codes = (base - above[d + 1 - remainder]) * d1 + remainder[:, None]  # (d+1, P)
     # hashing: sort the codes; a vertex is a run of equal codes, numbered from 1
-    ordered, order = torch.sort(codes.view(-1), stable=True)
+    ordered, order = torch.sort(codes.view(-1).to(dtype), stable=True)
     new = torch.ones_like(ordered, dtype=torch.bool)
     torch.ne(ordered[1:], ordered[:-1], out=new[1:])
     offsets = torch.empty_like(order)
-    offsets[order] = new.cumsum(0)
+    offsets.scatter_(0, order, new.cumsum(0))
     unique = ordered[new]
-    # neighbours along direction j < d: every coordinate -1 and coordinate j +d (n1), or the
-    # opposite (n2); along direction d: every coordinate -1 (the implied last one +d), or +1.
-    # Only n1 is looked up: n2 is its inverse (n1(v) = u <=> n2(u) = v).
-    step = -sum(strides)
-    deltas = torch.tensor([step + d1 * s for s in strides] + [step], device=device)
-    targets = unique + deltas[:, None]  # (d+1, M), rows sorted
-    found = torch.searchsorted(unique, targets).clamp_(max=unique.numel() - 1)
-    n1 = torch.where(unique[found] == targets, found + 1, 0)
     vertices = unique.numel()
+    # n1 along direction j < d: every coordinate of k -1 and coordinate j +d; along direction d:
+    # every coordinate -1 (the implied last one +d). In codes: r >= 1 -> r - 1 (q_j + 1);
+    # r = 0 -> r = d with every q_i - 1 but q_j. n2 is the inverse map: n1(v) = u <=> n2(u) = v.
+    first = (unique % d1 == 0).to(dtype)
+    shift = -1 + first * (d1 - d1 * sum(strides))
+    deltas = torch.tensor([d1 * s for s in strides] + [0], dtype=dtype, device=device)
+    targets = unique + shift + deltas[:, None]  # (d+1, M)
+    found = torch.searchsorted(unique, targets).clamp_(max=vertices - 1)
+    n1 = torch.where(unique[found] == targets, found + 1, 0)
     n2 = torch.zeros(d1, vertices + 1, dtype=torch.long, device=device)
     n2.scatter_(1, n1, torch.arange(1, vertices + 1, device=device).expand(d1, vertices))
     neighbours = torch.stack([n1, n2[:, 1:]], 1)
-    return Lattice(offsets.view(points, d1), weights, neighbours, order)
+    return Lattice(offsets.view(d1, points), weights, neighbours, order)
 
 
 def concat(lattices: list[Lattice]) -> Lattice:
     """One lattice of the points of `lattices` in order, each keeping its own vertices."""
     if len(lattices) == 1:
         return lattices[0]
-    offsets, neighbours, order, vertex_shift, entry_shift = [], [], [], 0, 0
+    offsets, neighbours, order, vertex_shift, point_shift = [], [], [], 0, 0
+    total = sum(lattice.points for lattice in lattices)
     for lattice in lattices:
         offsets.append(lattice.offsets + vertex_shift)
         neighbours.append(torch.where(lattice.neighbours > 0, lattice.neighbours + vertex_shift, 0))
-        order.append(lattice.order + entry_shift)
+        # entry r * P + p of this lattice is entry r * total + point_shift + p of the whole
+        corner = lattice.order.div(lattice.points, rounding_mode="floor")
+        point = lattice.order - corner * lattice.points
+        order.append(corner * total + point_shift + point)
         vertex_shift += lattice.vertices
-        entry_shift += lattice.order.numel()
-    weights = torch.cat([lattice.weights for lattice in lattices])
-    return Lattice(torch.cat(offsets), weights, torch.cat(neighbours, dim=2), torch.cat(order))
+        point_shift += lattice.points
+    return Lattice(
+        torch.cat(offsets, 1),
+        torch.cat([lattice.weights for lattice in lattices], 1),
+        torch.cat(neighbours, 2),
+        torch.cat(order),
+    )
 
 
 def splat(lattice: Lattice, values: Tensor) -> Tensor:
     """(P, C) values -> (M+1, C) grid: each vertex sums the values of the points around it,
     weighted by their barycentric weights; row 0 is 0."""
     grid = values.new_zeros(lattice.vertices + 1, values.shape[1])
-    for r in range(lattice.dim + 1):
-        grid.index_add_(0, lattice.offsets[:, r], values * lattice.weights[:, r : r + 1])
+    for offsets, weights in zip(lattice.offsets, lattice.weights, strict=True):
+        grid.index_add_(0, offsets, values * weights[:, None])
     return grid
 
 
@@ -203,9 +227,9 @@ def blur(lattice: Lattice, grid: Tensor) -> Tensor:
 def slice(lattice: Lattice, grid: Tensor) -> Tensor:
     """(M+1, C) grid -> (P, C): each point's barycentric interpolation of its vertices, times
     alpha."""
-    out = grid.index_select(0, lattice.offsets[:, 0]) * lattice.weights[:, :1]
-    for r in range(1, lattice.dim + 1):
-        out += grid.index_select(0, lattice.offsets[:, r]) * lattice.weights[:, r : r + 1]
+    out = grid.new_zeros(lattice.points, grid.shape[1])
+    for offsets, weights in zip(lattice.offsets, lattice.weights, strict=True):
+        out += grid.index_select(0, offsets) * weights[:, None]
     return out * lattice.alpha
 
 
@@ -227,22 +251,45 @@ def _csr(crow: Tensor, col: Tensor, value: Tensor, shape: tuple[int, int]) -> Te
 
 @dataclass(frozen=True)
 class Operator:
-    """A lattice filter as sparse matrices: out = slice @ blur[-1] @ ... @ blur[0] @ splat @ x,
-    for (P, C) values x. Grids have M rows here (no absent-vertex row: absent neighbours are
-    left out of the blur matrices)."""
+    """Lattice filters as sparse matrices: x -> slice @ blur(splat @ x), for (P, C) values x.
+    The grid holds the vertices of each lattice in turn (no absent-vertex row: an absent
+    neighbour is a 0 in a blur matrix); `blocks` are the grid rows of each lattice with its blur
+    matrices, one per direction. Products write into buffers kept between calls (`addmm` with
+    out= skips the zero-fill and copy of a fresh result: a third less time per product)."""
 
     splat: Tensor  # (M, P) CSR
-    blur: tuple[Tensor, ...]  # (M, M) CSR per direction, identity padding where d+1 < len
+    blocks: tuple[tuple[int, int, tuple[Tensor, ...]], ...]
     slice: Tensor  # (P, M) CSR
+    buffers: dict = field(default_factory=dict, compare=False, repr=False)
 
-    def __call__(self, values: Tensor, add: Tensor | None = None) -> Tensor:
-        """slice(blur(splat(values))), plus `add` (P, C) if given (one pass fewer)."""
-        grid = self.splat @ values
-        for step in self.blur:
-            grid = step @ grid
+    def _buffers(self, values: Tensor) -> tuple[Tensor, Tensor]:
+        key = (values.shape[1], values.dtype)
+        if key not in self.buffers:
+            largest = max(stop - start for start, stop, _ in self.blocks)
+            self.buffers[key] = (
+                values.new_zeros(self.splat.shape[0], values.shape[1]),
+                values.new_zeros(2, largest, values.shape[1]),
+            )
+        return self.buffers[key]
+
+    def __call__(
+        self, values: Tensor, add: Tensor | None = None, out: Tensor | None = None
+    ) -> Tensor:
+        """The sum of the filters of `values`, plus `add` (P, C) if given, into `out` if given
+        (which may be `values` itself, not `add`)."""
+        grid, spare = self._buffers(values)
+        torch.addmm(grid, self.splat, values, beta=0, out=grid)
+        for start, stop, steps in self.blocks:
+            part = grid[start:stop]
+            for i, step in enumerate(steps):
+                target = grid[start:stop] if i == len(steps) - 1 else spare[i % 2, : stop - start]
+                torch.addmm(target, step, part, beta=0, out=target)
+                part = target
+        if out is None:
+            out = torch.empty_like(values)
         if add is None:
-            return self.slice @ grid
-        return torch.addmm(add, self.slice, grid)
+            return torch.addmm(out, self.slice, grid, beta=0, out=out)
+        return torch.addmm(add, self.slice, grid, out=out)
 
 
 def operator(
@@ -251,63 +298,55 @@ def operator(
     post: list[Tensor | None] | None = None,
 ) -> Operator:
     """The sum of the filters of `lattices` (each over the same P points) as one `Operator`:
-    sum_k post_k * filter_k(pre_k * x), with pre_k, post_k (P,) per-point scales or None. One
-    splat and one slice matrix hold all the lattices' vertices, one after the other."""
+    sum_k post_k * filter_k(pre_k * x), with pre_k, post_k (P,) per-point scales or None."""
     pre = pre or [None] * len(lattices)
     post = post or [None] * len(lattices)
     points = lattices[0].points
     device = lattices[0].offsets.device
+    dtype = lattices[0].weights.dtype
+    corners = sum(lattice.dim + 1 for lattice in lattices)
     total = sum(lattice.vertices for lattice in lattices)
-    rounds = max(lattice.dim + 1 for lattice in lattices)
-    slice_cols, slice_values, splat_rows, splat_cols, splat_values = [], [], [], [], []
-    blur_cols: list[list[Tensor]] = [[] for _ in range(rounds)]
-    blur_values: list[list[Tensor]] = [[] for _ in range(rounds)]
-    half = torch.tensor([1.0, 0.5, 0.5], device=device)
-    shift = 0
+    slice_cols = torch.empty(points, corners, dtype=torch.int32, device=device)
+    slice_values = torch.empty(points, corners, dtype=dtype, device=device)
+    splat_rows, splat_cols, splat_values, blocks = [], [], [], []
+    shift = column = 0
     for lattice, before, after in zip(lattices, pre, post, strict=True):
         d1 = lattice.dim + 1
-        # slice (P, M): row p holds the d+1 corners of p in each lattice
-        slice_cols.append(lattice.offsets - 1 + shift)
-        weight = lattice.weights * lattice.alpha
-        slice_values.append(weight if after is None else weight * after[:, None])
-        # splat (M, P): the transpose, its entries in vertex order
-        weight = lattice.weights if before is None else lattice.weights * before[:, None]
-        splat_cols.append(lattice.order // d1)
-        splat_values.append(weight.reshape(-1)[lattice.order])
+        # slice (P, M): row p holds the corners of p in each lattice
+        slice_cols[:, column : column + d1] = (lattice.offsets + (shift - 1)).t()
+        weights = lattice.weights * lattice.alpha
+        slice_values[:, column : column + d1] = (weights if after is None else weights * after).t()
+        # splat (M, P): the transpose, entries in vertex order
+        weights = lattice.weights if before is None else lattice.weights * before
+        splat_cols.append(lattice.order % points)
+        splat_values.append(weights.view(-1)[lattice.order])
         splat_rows.append(torch.bincount(lattice.offsets.view(-1) - 1, minlength=lattice.vertices))
-        # blur (M, M): 1 on the diagonal, 1/2 at each neighbour present (absent: 0 at column 0)
+        # blur (M, M) per direction: 1 on the diagonal, 1/2 at each neighbour present (an
+        # absent one is a 0 on the diagonal)
         vertex = torch.arange(lattice.vertices, device=device)
-        for j in range(rounds):
-            if j < d1:  # an absent neighbour becomes a 0 on the diagonal
-                n1, n2 = lattice.neighbours[j]
-                cols = (
-                    torch.stack(
-                        [
-                            vertex,
-                            torch.where(n1 > 0, n1 - 1, vertex),
-                            torch.where(n2 > 0, n2 - 1, vertex),
-                        ],
-                        1,
-                    )
-                    + shift
-                )
-                values = torch.stack([n1 >= 0, n1 > 0, n2 > 0], 1) * half
-            else:  # blurred along all its directions already: identity
-                cols = (vertex + shift)[:, None].expand(-1, 3)
-                values = torch.tensor([1.0, 0.0, 0.0], device=device).expand(lattice.vertices, 3)
-            blur_cols[j].append(cols)
-            blur_values[j].append(values)
+        crow = torch.arange(lattice.vertices + 1, device=device) * 3
+        steps = []
+        for n1, n2 in lattice.neighbours:
+            cols = torch.stack(
+                [vertex, torch.where(n1 > 0, n1 - 1, vertex), torch.where(n2 > 0, n2 - 1, vertex)],
+                1,
+            )
+            values = torch.stack(
+                [
+                    torch.ones_like(n1, dtype=dtype),
+                    0.5 * (n1 > 0).to(dtype),
+                    0.5 * (n2 > 0).to(dtype),
+                ],
+                1,
+            )
+            shape = (lattice.vertices, lattice.vertices)
+            steps.append(_csr(crow, cols.view(-1), values.view(-1), shape))
+        blocks.append((shift, shift + lattice.vertices, tuple(steps)))
         shift += lattice.vertices
-    cols_t, values_t = torch.cat(slice_cols, 1), torch.cat(slice_values, 1)
-    dtype = values_t.dtype
-    crow = torch.arange(points + 1, device=device) * cols_t.shape[1]
-    slice_m = _csr(crow, cols_t.reshape(-1), values_t.reshape(-1), (points, total))
+        column += d1
+    crow = torch.arange(points + 1, device=device) * corners
+    slice_m = _csr(crow, slice_cols.view(-1), slice_values.view(-1), (points, total))
     counts = torch.cat(splat_rows)
     crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     splat_m = _csr(crow, torch.cat(splat_cols), torch.cat(splat_values), (total, points))
-    crow = torch.arange(total + 1, device=device) * 3
-    blur_m = tuple(
-        _csr(crow, torch.cat(c).reshape(-1), torch.cat(v).reshape(-1).to(dtype), (total, total))
-        for c, v in zip(blur_cols, blur_values, strict=True)
-    )
-    return Operator(splat_m, blur_m, slice_m)
+    return Operator(splat_m, tuple(blocks), slice_m)

@@ -58,6 +58,15 @@ def _norm(lattice: lat.Lattice, dtype: torch.dtype) -> Tensor:
     return lat.filter(lattice, ones)[:, 0].add(1e-20).rsqrt()
 
 
+def _exp_normalise(x: Tensor) -> Tensor:
+    x = x.exp_()
+    return x.div_(x.sum(1, keepdim=True))
+
+
+def _softmax(x: Tensor) -> Tensor:
+    return torch.softmax(x, dim=1)
+
+
 def crf_operator(
     images: Sequence[Tensor],
     bi_w: float = 4,
@@ -122,12 +131,18 @@ def mean_field(
         if p.shape[0] != classes or p.shape[1:] != im.shape[:2] or im.shape[2:] != (3,):
             raise ValueError(f"image {tuple(im.shape)} does not fit probabilities {tuple(p.shape)}")
     message = crf_operator(images_t, bi_w, bi_xy, bi_rgb, pos_w, pos_xy)
-    # (P, K): one row per pixel, images one after the other
+    # (P, K): one row per pixel, images one after the other. Softmax is shift invariant per
+    # row: shifted so that the most likely class has unary 0, -U + message lies in
+    # [log(1e-5), bound] with bound = the message of Q = 1, and exp needs no max (a third of
+    # the time of torch.softmax) unless the bound nears float32's exp range.
     neg_unary = torch.cat([p.reshape(classes, -1).t() for p in probs_t])
     neg_unary = neg_unary.clamp(UNARY_CLIP, 1.0).log_()
-    q = torch.softmax(neg_unary, dim=1)
+    neg_unary -= neg_unary.amax(1, keepdim=True)
+    bound = float(message(torch.ones_like(neg_unary[:, :1])).max())
+    normalise = _exp_normalise if bound < 60 else _softmax
+    q = normalise(neg_unary.clone())
     for _ in range(iterations):
-        q = torch.softmax(message(q, add=neg_unary), dim=1)
+        q = normalise(message(q, add=neg_unary, out=q))
     out, start = [], 0
     for im in images_t:
         size = im.shape[0] * im.shape[1]
