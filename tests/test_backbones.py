@@ -7,9 +7,10 @@ import pytest
 import torch
 from torchvision import models
 
+from aepsl.config import load_config
 from aepsl.errors import UserError
 from aepsl.models import build_classifier
-from aepsl.models.backbones import build_backbone
+from aepsl.models.backbones import REGISTRY, build_backbone
 
 STRIDES = {"tiny": 8, "vgg16": 16, "resnet50": 16, "resnet101": 16, "efficientnet_lite0": 16}
 HAVE_TIMM = importlib.util.find_spec("timm") is not None
@@ -67,3 +68,27 @@ def test_imagenet_weights_missing_offline_name_the_file(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path))
     with pytest.raises(UserError, match=r"resnet101-[0-9a-f]+\.pth: ImageNet weights for resnet"):
         build_backbone("resnet101", "imagenet")
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_registry_entry_builds_at_both_strides_and_is_a_config_choice(name):
+    """Every registry entry: features of its channel count at stride 16 and 8 (tiny: always
+    8), a segmentation head of its channel count, and a valid `model.backbone`."""
+    if name == "efficientnet_lite0" and not HAVE_TIMM:
+        pytest.skip("timm not installed (pip install 'aepsl[offline]')")
+    spec = REGISTRY[name]
+    for stride in (16, 8):
+        torch.manual_seed(0)
+        net, channels = build_backbone(name, "none", stride)
+        with torch.no_grad():
+            out = net.eval()(torch.randn(1, 3, 64, 64))
+        expected = 8 if spec.native_stride == 8 else stride
+        assert channels == spec.channels and out.shape == (
+            1,
+            channels,
+            64 // expected,
+            64 // expected,
+        )
+    head = spec.seg_head(spec.channels, 12)
+    assert head(torch.randn(1, spec.channels, 8, 8)).shape[1] == spec.seg_head_channels
+    assert load_config(None, [f"model.backbone={name}"]).model.backbone == name

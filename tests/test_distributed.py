@@ -10,11 +10,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from aepsl import runtime
 from aepsl.errors import UserError
 from aepsl.io import read_index_png
+from aepsl.models.saved import read_model_file
 from aepsl.runtime import per_rank_batch, shard_batches
 from aepsl.training import EpochSampler
 
@@ -38,6 +38,7 @@ ENTRY = """import sys
 import torch
 torch.nn.Dropout2d = torch.nn.Identity
 from aepsl.cli import main
+from aepsl.models.saved import read_model_file
 raise SystemExit(main(sys.argv[1:]))
 """
 
@@ -99,8 +100,8 @@ def runs(dataset, tmp_path_factory):
 
 def _max_difference(one_dir: Path, two_dir: Path, path: str) -> float:
     """The largest difference between the two runs' state dicts at `path`."""
-    one = torch.load(one_dir / path, weights_only=True)
-    two = torch.load(two_dir / path, weights_only=True)
+    one = read_model_file(one_dir / path)[1]
+    two = read_model_file(two_dir / path)[1]
     assert one.keys() == two.keys()
     return max((one[k].double() - two[k].double()).abs().max().item() for k in one)
 

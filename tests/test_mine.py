@@ -13,6 +13,7 @@ from aepsl.config import load_config
 from aepsl.io import read_index_png
 from aepsl.mine.stage import run_mine
 from aepsl.models import build_classifier
+from aepsl.models.saved import read_model_file
 
 DEMO = Path(__file__).parent.parent / "configs" / "demo_tiny.yaml"
 TINY = ["mine.epochs=2", "data.image_size=32", "mine.batch_size=4", "precision=fp32"]
@@ -44,7 +45,13 @@ def test_outputs_exist_and_load_safely(mined):
         assert step["train_loss"] > 0
         assert 0 <= step["union_regions"]["precision"] <= 1
         assert step["val_mAP"] is not None
-    state = torch.load(out / "mine" / "step1" / "classifier.pt", weights_only=True)
+    settings, state = read_model_file(out / "mine" / "step1" / "classifier.pt")
+    assert settings == {
+        "kind": "cam_classifier",
+        "backbone": "tiny",
+        "output_stride": 8,
+        "num_classes": 2,
+    }
     build_classifier("tiny", "none", 2).load_state_dict(state)
     assert (out / "config.yaml").is_file()
     assert not (out / "mine" / "step1" / "checkpoint.pt").exists()
@@ -115,8 +122,8 @@ def test_interrupted_step_resumes_to_the_same_result(tmp_path, monkeypatch):
     run_mine(config, tmp_path / "resumed")
 
     full, resumed = tmp_path / "full" / "mine", tmp_path / "resumed" / "mine"
-    for name, weight in torch.load(full / "step2" / "classifier.pt", weights_only=True).items():
-        other = torch.load(resumed / "step2" / "classifier.pt", weights_only=True)[name]
+    for name, weight in read_model_file(full / "step2" / "classifier.pt")[1].items():
+        other = read_model_file(resumed / "step2" / "classifier.pt")[1][name]
         assert torch.equal(weight, other), name
     for path in (full / "regions").glob("*.png"):
         assert np.array_equal(read_index_png(path), read_index_png(resumed / "regions" / path.name))

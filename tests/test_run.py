@@ -15,6 +15,7 @@ import torch
 
 from aepsl.cli import main
 from aepsl.io import read_index_png
+from aepsl.models.saved import read_model_file
 
 DEMO = str(Path(__file__).parent.parent / "configs" / "demo_tiny.yaml")
 TINY = [
@@ -59,9 +60,9 @@ def _outputs(out: Path) -> dict[str, object]:
         for path in sorted((out / folder).glob("*.png")):
             found[f"{folder}/{path.name}"] = read_index_png(path)
     for step in (1, 2, 3):
-        state = torch.load(out / f"mine/step{step}/classifier.pt", weights_only=True)
+        state = read_model_file(out / f"mine/step{step}/classifier.pt")[1]
         found.update({f"step{step}.{k}": v for k, v in state.items()})
-    state = torch.load(out / "train" / "model.pt", weights_only=True)
+    state = read_model_file(out / "train" / "model.pt")[1]
     found.update({f"segnet.{k}": v for k, v in state.items()})
     found["train metrics"] = json.loads((out / "train" / "metrics.json").read_text())
     found["mine losses"] = [

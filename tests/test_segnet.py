@@ -38,7 +38,7 @@ def test_vgg16_loads_a_torchvision_file_into_the_dilated_features(tmp_path):
 
 
 def test_unknown_backbone_is_a_user_error():
-    with pytest.raises(UserError, match="unknown segmentation backbone 'alexnet'"):
+    with pytest.raises(UserError, match="unknown backbone 'alexnet'"):
         build_segnet("alexnet", "none", NUM_CLASSES)
 
 
@@ -66,6 +66,35 @@ def test_load_segnet_builds_what_the_config_says(tmp_path):
     path = tmp_path / "model.pt"
     torch.save(build_segnet("resnet50", "none", NUM_CLASSES).state_dict(), path)
     config = load_config(None, ["model.backbone=resnet50", "model.seg_output_stride=16"])
-    assert load_segnet(config, path).output_stride == 16
+    assert load_segnet(path, config).output_stride == 16
     with pytest.raises(UserError, match=r"does not fit model\.backbone=vgg16"):
-        load_segnet(load_config(None, ["model.backbone=vgg16"]), path)
+        load_segnet(path, load_config(None, ["model.backbone=vgg16"]))
+    with pytest.raises(UserError, match="earlier version, without its settings; give the config"):
+        load_segnet(path)
+
+
+def test_model_file_builds_itself_and_refuses_a_disagreeing_config(tmp_path):
+    """model.pt carries its settings: no config needed; a config that says otherwise is one
+    line; one that does not set model keys is fine."""
+    from aepsl.config import load_config
+    from aepsl.models.saved import model_record, read_model_file
+    from aepsl.models.segnet import load_segnet
+
+    torch.manual_seed(0)
+    net = build_segnet("resnet50", "none", NUM_CLASSES, output_stride=16)
+    path = tmp_path / "model.pt"
+    torch.save(model_record(net, "segnet", "resnet50", NUM_CLASSES), path)
+    assert torch.load(path, weights_only=True)["aepsl_model"]["output_stride"] == 16
+    loaded = load_segnet(path)
+    assert loaded.output_stride == 16 and isinstance(loaded.backbone[7][0].conv2, torch.nn.Conv2d)
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, loaded.state_dict()[key]), key
+    assert load_segnet(path, load_config(None, ["seed=3"])).output_stride == 16
+    for override, said in [
+        ("model.seg_output_stride=8", "model.seg_output_stride=16, but the config asks for 8"),
+        ("model.backbone=vgg16", "model.backbone=resnet50, but the config asks for vgg16"),
+    ]:
+        with pytest.raises(UserError, match=f"model.pt: trained with {said}") as error:
+            load_segnet(path, load_config(None, [override]))
+        assert "\n" not in str(error.value)
+    assert read_model_file(path)[0]["kind"] == "segnet"

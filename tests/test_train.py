@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from aepsl import training
 from aepsl.cli import main
 from aepsl.config import load_config
 from aepsl.io import read_index_png
-from aepsl import training
+from aepsl.models.saved import read_model_file
 from aepsl.psl.stage import run_train
 
 DEMO = str(Path(__file__).parent.parent / "configs" / "demo_tiny.yaml")
@@ -45,7 +46,7 @@ def trained(tmp_path_factory):
 
 def test_train_outputs(trained):
     _root, out = trained
-    state = torch.load(out / "train" / "model.pt", weights_only=True)
+    state = read_model_file(out / "train" / "model.pt")[1]
     assert state["classifier.weight"].shape[0] == 3
     metrics = json.loads((out / "train" / "metrics.json").read_text())
     assert metrics["split"] == "val"

@@ -164,7 +164,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
         data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
         samples = data.split(args.split)
     device = select_device(config)
-    model = load_segnet(config, args.checkpoint)
+    model = load_segnet(args.checkpoint, config)  # built as the file says
     model = prepare_model(model, config, device)
     out = _writable_out(args.out)
     save_config(config, out)

@@ -101,7 +101,7 @@ def predict_report_samples(config: Config, out: Path, samples: list[Sample]) -> 
     if not checkpoint.is_file() or not samples:
         return Predicted()
     device = select_device(config)
-    model = load_segnet(config, checkpoint)
+    model = load_segnet(checkpoint, config)
     model = prepare_model(model, config, device)
     config = config.model_copy(deep=True)
     config.predict.overlays = False  # the report embeds its own pictures

@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 from aepsl.errors import UserError
-from aepsl.io import read_image, read_index_png
+from aepsl.io import read_header, read_image, read_index_png
 from aepsl.labelmap import IGNORE
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+MAX_ID_BYTES = 240  # ids name output files (<id>.png, <id>.npz); most file systems allow 255
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -74,7 +74,12 @@ def check_id(image_id: str, source: str) -> str:
         or "\x00" in image_id
         or image_id != image_id.strip()
     ):
-        raise UserError(f"{source}: image id {image_id!r} is not a plain file name")
+        raise UserError(f"{source}: image id {_short(image_id)!r} is not a plain file name")
+    if len(image_id.encode("utf-8")) > MAX_ID_BYTES:
+        raise UserError(
+            f"{source}: image id '{_short(image_id)}' is too long "
+            f"({len(image_id.encode('utf-8'))} bytes; output file names allow {MAX_ID_BYTES})"
+        )
     return image_id
 
 
@@ -101,14 +106,12 @@ def load_mask(sample: Sample, shape: tuple[int, int], num_classes: int) -> np.nd
 
 def image_size(path: Path) -> tuple[int, int]:
     """(height, width) from the header only, after EXIF rotation."""
-    try:
-        if path.stat().st_size == 0:
-            raise UserError(f"{path}: file is empty")
-        with Image.open(path) as image:
-            width, height = image.size
+    with read_header(path) as image:  # refuses an empty, unreadable or oversized file
+        width, height = image.size
+        try:
             orientation = image.getexif().get(0x0112, 1)
-    except (OSError, SyntaxError, ValueError) as exc:  # UnidentifiedImageError is an OSError
-        raise UserError(f"{path}: cannot decode image ({exc})") from None
+        except Exception as exc:  # a hostile file's EXIF block
+            raise UserError(f"{path}: cannot decode image ({_short(str(exc), 200)})") from None
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
@@ -123,12 +126,91 @@ def validate(dataset: Dataset, split: str) -> None:
 # ---------------------------------------------------------------- folder
 
 
-def _read_lines(path: Path) -> list[str]:
+def _read_text(path: Path) -> str:
+    """A text file of the dataset: UTF-8 (a BOM allowed), no NUL byte."""
     try:
         text = path.read_bytes().decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
-    return [line.strip() for line in text.splitlines() if line.strip()]
+    nul = text.find("\x00")
+    if nul >= 0:
+        line = text.count("\n", 0, nul) + 1
+        raise UserError(f"{path}:{line}: NUL byte in a text file")
+    return text
+
+
+def _read_lines(path: Path) -> list[str]:
+    return [line.strip() for line in _read_text(path).splitlines() if line.strip()]
+
+
+def _read_csv(path: Path) -> list[tuple[int, list[str]]]:
+    """Every row of a CSV file with the line it starts on; broken quoting and fields over the
+    csv module's size limit are errors naming that line."""
+    reader = csv.reader(io.StringIO(_read_text(path)), strict=True)
+    rows: list[tuple[int, list[str]]] = []
+    start = 1
+    try:
+        for row in reader:
+            rows.append((start, row))
+            start = reader.line_num + 1
+    except csv.Error as exc:
+        problem = str(exc)
+        if "field limit" in problem:
+            problem = f"field longer than {csv.field_size_limit()} characters"
+        elif "end of data" in problem:
+            problem = "a quoted field is never closed"
+        raise UserError(f"{path}:{start}: broken CSV ({problem})") from None
+    return rows
+
+
+def _short(text: str, limit: int = 60) -> str:
+    """A name or value read from a file, cut short so that an error stays one short line."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _read_classes(path: Path) -> list[str]:
+    """classes.txt: one name per line, class k on the k-th line (blank lines at the end only).
+    Background is class 0 and not listed, or every id would shift by one."""
+    lines = _read_text(path).splitlines()
+    while lines and not lines[-1].strip():
+        lines.pop()
+    first_seen: dict[str, int] = {}
+    for number, line in enumerate(lines, start=1):
+        name = line.strip()
+        where = f"{path}:{number}"
+        if not name:
+            raise UserError(f"{where}: empty class name (one name per line, no blank lines)")
+        if any(c.isspace() or not c.isprintable() for c in name):
+            raise UserError(
+                f"{where}: class name {_short(name)!r} contains a space or a control character "
+                "(labels.csv separates names by spaces)"
+            )
+        if name.lower().strip("_") == "background":
+            raise UserError(
+                f"{where}: '{name}' is listed as a class; background is class 0 and not listed "
+                "(listing it shifts every class id by one)"
+            )
+        if name in first_seen:
+            raise UserError(
+                f"{where}: class '{_short(name)}' is listed twice "
+                f"(first on line {first_seen[name]})"
+            )
+        first_seen[name] = number
+        if len(first_seen) >= IGNORE:
+            raise UserError(f"{where}: at most 254 classes fit in an index PNG")
+    if not first_seen:
+        raise UserError(f"{path}: lists no classes")
+    return list(first_seen)
+
+
+def _first_duplicate(items: list[str]) -> str | None:
+    """The first item seen twice, in one pass."""
+    seen: set[str] = set()
+    for item in items:
+        if item in seen:
+            return item
+        seen.add(item)
+    return None
 
 
 def _find_image(folder: Path, image_id: str) -> Path | None:
@@ -153,33 +235,22 @@ def load_folder(root: Path, empty_labels: str = "skip") -> Dataset:
     classes_path = root / "classes.txt"
     if not classes_path.is_file():
         raise UserError(f"{classes_path}: missing (one class name per line, no background)")
-    classes = _read_lines(classes_path)
-    if not classes:
-        raise UserError(f"{classes_path}: lists no classes")
-    if len(set(classes)) != len(classes):
-        dup = next(c for c in classes if classes.count(c) > 1)
-        raise UserError(f"{classes_path}: class '{dup}' is listed twice")
-    if len(classes) >= IGNORE:
-        raise UserError(f"{classes_path}: at most 254 classes fit in an index PNG")
+    classes = _read_classes(classes_path)
     index = {name: k + 1 for k, name in enumerate(classes)}
 
     labels_path = root / "labels.csv"
     if not labels_path.is_file():
         raise UserError(f"{labels_path}: missing (header 'image,labels')")
-    try:
-        text = labels_path.read_bytes().decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise UserError(f"{labels_path}: not UTF-8 text (byte {exc.start})") from None
-    rows = list(csv.reader(io.StringIO(text)))
-    if not rows or [c.strip() for c in rows[0]] != ["image", "labels"]:
-        got = ",".join(rows[0]) if rows else "nothing"
+    rows = _read_csv(labels_path)
+    if not rows or [c.strip() for c in rows[0][1]] != ["image", "labels"]:
+        got = _short(",".join(rows[0][1])) if rows else "nothing"
         raise UserError(f"{labels_path}: header must be 'image,labels', got '{got}'")
 
     images_dir, masks_dir, sal_dir = root / "images", root / "masks", root / "saliency"
     samples: dict[str, Sample] = {}
     skipped: dict[str, int] = {}
     skipped_ids: set[str] = set()
-    for line_no, row in enumerate(rows[1:], start=2):
+    for line_no, row in rows[1:]:
         if not row or all(not c.strip() for c in row):
             continue
         where = f"{labels_path}:{line_no}"
@@ -191,7 +262,9 @@ def load_folder(root: Path, empty_labels: str = "skip") -> Dataset:
         names = row[1].split()
         unknown = [n for n in names if n not in index]
         if unknown:
-            raise UserError(f"{where}: unknown class name '{unknown[0]}' (not in classes.txt)")
+            raise UserError(
+                f"{where}: unknown class name '{_short(unknown[0])}' (not in classes.txt)"
+            )
         labels = tuple(sorted({index[n] for n in names}))
         if not labels:
             if empty_labels == "error":
@@ -219,8 +292,8 @@ def load_folder(root: Path, empty_labels: str = "skip") -> Dataset:
     if splits_dir.is_dir() and any(splits_dir.glob("*.txt")):
         for split_file in sorted(splits_dir.glob("*.txt")):
             ids = [check_id(i, str(split_file)) for i in _read_lines(split_file)]
-            if len(set(ids)) != len(ids):
-                dup = next(i for i in ids if ids.count(i) > 1)
+            dup = _first_duplicate(ids)
+            if dup is not None:
                 raise UserError(f"{split_file}: duplicate image id '{dup}'")
             ids = [i for i in ids if i not in skipped_ids]  # skipped above, and counted
             missing = [i for i in ids if i not in samples]

@@ -70,6 +70,8 @@ def dense_crf(
     crf.setUnaryEnergy(unary_from_softmax(probs))
     crf.addPairwiseGaussian(sxy=pos_xy, compat=pos_w)
     rgb = np.ascontiguousarray(image, dtype=np.uint8)
+    if not rgb.flags.writeable:  # pydensecrf takes a writable buffer only
+        rgb = rgb.copy()
     crf.addPairwiseBilateral(sxy=bi_xy, srgb=bi_rgb, rgbim=rgb, compat=bi_w)
     return np.asarray(crf.inference(iterations), dtype=np.float32).reshape(classes, height, width)
 
@@ -98,17 +100,20 @@ def crf_labels_torch(
     images: Sequence[np.ndarray],
     probs: Sequence[np.ndarray],
     device: torch.device | str = "cpu",
-    batch: int = 1,
+    batch: int | None = None,
     **params: float,
 ) -> list[np.ndarray]:
     """(H, W) uint8 CRF labels of each image with the torch backend, `batch` images per mean
-    field (all share the lattices' buffers; memory grows with the batch)."""
+    field (default: all of them on a GPU, one at a time on the CPU, where batching is no
+    faster and memory grows with the batch)."""
     import torch
 
     from aepsl.inference.meanfield import mean_field
 
+    if batch is None:
+        batch = len(images) if torch.device(device).type == "cuda" else 1
     labels = []
-    for start in range(0, len(images), batch):
+    for start in range(0, len(images), max(batch, 1)):
         refined = mean_field(
             images[start : start + batch], probs[start : start + batch], device=device, **params
         )

@@ -155,14 +155,16 @@ def build(features: Tensor, groups: Tensor | None = None) -> Lattice:
     base = ((q0 - low[:, None]) * stride[:, None]).sum(0)
     if groups is not None:
         base += groups * size
-    # above[m] = sum of stride_i over the coordinates i < d with rank_i >= m, m = 0..d+1
-    above = torch.zeros(d1 + 1, points, dtype=torch.long, device=device)
-    above.scatter_add_(0, rank[:d], stride[:, None].expand(d, points))
-    above = above.flip(0).cumsum(0).flip(0)
-    remainder = torch.arange(d1, device=device)
-    codes = (base - above[d + 1 - remainder]) * d1 + remainder[:, None]  # (d+1, P)
+    # code of corner r = d1 * (base - sum of stride_i over i < d with rank_i > d - r) + r
+    at_rank = torch.zeros(d1, points, dtype=torch.long, device=device)
+    at_rank.scatter_add_(0, rank[:d], stride[:, None].expand(d, points))
+    codes = torch.empty(d1, points, dtype=dtype, device=device)
+    codes[0] = base * d1
+    for r in range(1, d1):
+        base -= at_rank[d + 1 - r]
+        codes[r] = base * d1 + r
     # hashing: sort the codes; a vertex is a run of equal codes, numbered from 1
-    ordered, order = torch.sort(codes.view(-1).to(dtype), stable=True)
+    ordered, order = torch.sort(codes.view(-1), stable=True)
     new = torch.ones_like(ordered, dtype=torch.bool)
     torch.ne(ordered[1:], ordered[:-1], out=new[1:])
     offsets = torch.empty_like(order)
@@ -304,49 +306,47 @@ def operator(
     points = lattices[0].points
     device = lattices[0].offsets.device
     dtype = lattices[0].weights.dtype
+    half = torch.tensor([1.0, 0.5, 0.5], dtype=lattices[0].weights.dtype, device=device)
     corners = sum(lattice.dim + 1 for lattice in lattices)
     total = sum(lattice.vertices for lattice in lattices)
-    slice_cols = torch.empty(points, corners, dtype=torch.int32, device=device)
+    index = torch.int32 if max(total, points * corners) < 2**31 else torch.long
+    slice_cols = torch.empty(points, corners, dtype=index, device=device)
     slice_values = torch.empty(points, corners, dtype=dtype, device=device)
-    splat_rows, splat_cols, splat_values, blocks = [], [], [], []
+    splat_cols = torch.empty(points * corners, dtype=index, device=device)
+    splat_values = torch.empty(points * corners, dtype=dtype, device=device)
+    splat_rows, blocks = [], []
     shift = column = 0
     for lattice, before, after in zip(lattices, pre, post, strict=True):
         d1 = lattice.dim + 1
+        first, last = column * points, (column + d1) * points
         # slice (P, M): row p holds the corners of p in each lattice
         slice_cols[:, column : column + d1] = (lattice.offsets + (shift - 1)).t()
         weights = lattice.weights * lattice.alpha
         slice_values[:, column : column + d1] = (weights if after is None else weights * after).t()
         # splat (M, P): the transpose, entries in vertex order
         weights = lattice.weights if before is None else lattice.weights * before
-        splat_cols.append(lattice.order % points)
-        splat_values.append(weights.view(-1)[lattice.order])
+        torch.remainder(lattice.order.to(index), points, out=splat_cols[first:last])
+        torch.index_select(weights.view(-1), 0, lattice.order, out=splat_values[first:last])
         splat_rows.append(torch.bincount(lattice.offsets.view(-1) - 1, minlength=lattice.vertices))
         # blur (M, M) per direction: 1 on the diagonal, 1/2 at each neighbour present (an
         # absent one is a 0 on the diagonal)
-        vertex = torch.arange(lattice.vertices, device=device)
-        crow = torch.arange(lattice.vertices + 1, device=device) * 3
+        vertex = torch.arange(lattice.vertices, dtype=index, device=device)
+        crow = torch.arange(lattice.vertices + 1, dtype=index, device=device) * 3
+        shape = (lattice.vertices, lattice.vertices)
         steps = []
-        for n1, n2 in lattice.neighbours:
+        for n1, n2 in lattice.neighbours.to(index):
             cols = torch.stack(
                 [vertex, torch.where(n1 > 0, n1 - 1, vertex), torch.where(n2 > 0, n2 - 1, vertex)],
                 1,
             )
-            values = torch.stack(
-                [
-                    torch.ones_like(n1, dtype=dtype),
-                    0.5 * (n1 > 0).to(dtype),
-                    0.5 * (n2 > 0).to(dtype),
-                ],
-                1,
-            )
-            shape = (lattice.vertices, lattice.vertices)
-            steps.append(_csr(crow, cols.view(-1), values.view(-1), shape))
+            values = torch.stack([torch.ones_like(n1), n1 > 0, n2 > 0], 1).to(dtype)
+            steps.append(_csr(crow, cols.view(-1), values.mul_(half).view(-1), shape))
         blocks.append((shift, shift + lattice.vertices, tuple(steps)))
         shift += lattice.vertices
         column += d1
-    crow = torch.arange(points + 1, device=device) * corners
+    crow = torch.arange(points + 1, dtype=index, device=device) * corners
     slice_m = _csr(crow, slice_cols.view(-1), slice_values.view(-1), (points, total))
     counts = torch.cat(splat_rows)
     crow = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
-    splat_m = _csr(crow, torch.cat(splat_cols), torch.cat(splat_values), (total, points))
+    splat_m = _csr(crow, splat_cols, splat_values, (total, points))
     return Operator(splat_m, tuple(blocks), slice_m)

@@ -121,9 +121,7 @@ def mean_field(
     if device is None:
         device = probs.device if isinstance(probs, Tensor) else torch.device("cpu")
     device = torch.device(device)
-    images_t = [
-        torch.as_tensor(np.asarray(im) if not isinstance(im, Tensor) else im) for im in images
-    ]
+    images_t = [im if isinstance(im, Tensor) else torch.tensor(np.asarray(im)) for im in images]
     images_t = [im.to(device=device, dtype=torch.uint8) for im in images_t]
     probs_t = [torch.as_tensor(p).to(device=device, dtype=torch.float32) for p in probs]
     classes = probs_t[0].shape[0]

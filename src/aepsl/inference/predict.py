@@ -25,7 +25,13 @@ from aepsl.config import Config
 from aepsl.data.datasets import IMAGE_EXTENSIONS, Sample, check_id, load_dataset, load_image
 from aepsl.errors import UserError
 from aepsl.evaluation import evaluate_folder
-from aepsl.inference.crf import crf_labels, dense_crf
+from aepsl.inference.crf import (
+    crf_labels,
+    crf_labels_torch,
+    dense_crf,
+    pydensecrf_installed,
+    resolve_backend,
+)
 from aepsl.io import file_digest, write_index_png, write_json, write_png
 from aepsl.labelmap import colourise
 from aepsl.layout import RunLayout, claim_folder, mark_complete, settings_digest
@@ -45,9 +51,11 @@ def images_in(folder: Path) -> list[Sample]:
     if not paths:
         raise UserError(f"{folder}: no .jpg, .jpeg or .png images")
     ids = [check_id(p.stem, str(p)) for p in paths]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise UserError(f"{folder}: two images share the id '{dup}'")
+    seen: set[str] = set()
+    for i in ids:  # one pass: a folder may hold a million images
+        if i in seen:
+            raise UserError(f"{folder}: two images share the id '{i}'")
+        seen.add(i)
     return [Sample(i, p, ()) for i, p in zip(ids, paths, strict=True)]
 
 
@@ -108,12 +116,11 @@ def crf_params(config: Config) -> dict[str, float]:
     }
 
 
-def crf_available() -> bool:
-    try:
-        import pydensecrf.densecrf  # noqa: F401
-    except ImportError:
-        return False
-    return True
+def crf_available(config: Config | None = None) -> bool:
+    """Whether the CRF can run with `crf.backend` (default auto): the torch backend always can,
+    pydensecrf needs the 'crf' extra."""
+    backend = "auto" if config is None else config.crf.backend
+    return backend != "pydensecrf" or pydensecrf_installed()
 
 
 def predict_samples(
@@ -130,7 +137,8 @@ def predict_samples(
 
     sharded=True: in a distributed run every rank calls this, writes its share of `samples`
     (disjoint files) and waits for the others; otherwise no collective is involved."""
-    if crf_dir is not None:
+    backend = resolve_backend(config.crf.backend, device)
+    if crf_dir is not None and backend == "pydensecrf":
         dense_crf(
             np.zeros((2, 2, 3), np.uint8), np.full((2, 2, 2), 0.5, np.float32)
         )  # fails early with the install hint
@@ -142,7 +150,7 @@ def predict_samples(
         or (crf_dir and not (crf_dir / f"{s.id}.png").is_file())
     ]
     pool = None
-    if crf_dir is not None and config.crf.workers > 1:
+    if crf_dir is not None and backend == "pydensecrf" and config.crf.workers > 1:
         pool = multiprocessing.get_context("spawn").Pool(config.crf.workers)
     refine = functools.partial(crf_labels, **crf_params(config))
     try:
@@ -155,7 +163,9 @@ def predict_samples(
             if plain_dir is not None:
                 for sample, image, prob in zip(chunk, images, probs, strict=True):
                     _write(plain_dir, sample.id, image, prob.argmax(0).astype(np.uint8), config)
-            if crf_dir is not None:
+            if crf_dir is not None and backend == "torch":  # batched, in this process
+                refined = crf_labels_torch(images, probs, device, **crf_params(config))
+            elif crf_dir is not None:
                 jobs = list(zip(images, probs, strict=True))
                 refined = pool.map(refine, jobs) if pool else [refine(job) for job in jobs]
                 for sample, image, labels in zip(chunk, images, refined, strict=True):
@@ -198,7 +208,7 @@ def evaluate_trained(config: Config, out: Path, model: SegNet, device: torch.dev
         }
     )
     plain, refined = run.predict, run.predict_crf
-    use_crf = crf_available()
+    use_crf = crf_available(config)
     metrics_path = run.train_metrics
 
     def claim() -> bool:

