@@ -7,11 +7,13 @@ so an interrupted run never leaves a half-written output behind.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
 import re
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,7 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from aepsl.errors import UserError
 from aepsl.labelmap import PALETTE
@@ -36,10 +38,34 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        _fsync(tmp)  # the bytes reach the disk before the name does: no empty file after a crash
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync(path.parent, directory=True)  # and the rename itself
+
+
+def _fsync(path: str | os.PathLike, directory: bool = False) -> None:
+    """Flush a file (errors propagate: the write did not happen) or, where the OS can, a folder
+    (Windows cannot open one; some file systems refuse to sync one: both are skipped)."""
+    if directory:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+        return
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def file_digest(path: Path) -> str:
@@ -73,24 +99,135 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: checkpoint not found")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle refusal, truncation, foreign formats
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch colours its message
-        needs_code = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        if isinstance(exc, pickle.UnpicklingError) and needs_code:
+        needs = _code_in_pickle(text) if isinstance(exc, pickle.UnpicklingError) else None
+        if needs or (needs := _disallowed_global(path)):
             raise UserError(
-                f"{path}: refused: loading it would run Python code ({needs_code.group(1)}); "
+                f"{path}: refused: loading it would run Python code ({needs}); "
                 "aepsl checkpoints hold tensors only"
             ) from None
         detail = text.split("WeightsUnpickler error:", 1)[-1]
-        lines = [line.strip() for line in detail.strip().splitlines() if line.strip()]
+        # Never pass on torch's advice to load with weights_only=False (it runs the file's code).
+        lines = [
+            line.strip()
+            for line in detail.strip().splitlines()
+            if line.strip() and not any(advice in line for advice in _TORCH_ADVICE)
+        ]
         raise UserError(
             f"{path}: not a readable PyTorch checkpoint "
-            f"({lines[0] if lines else type(exc).__name__})"
+            f"({_clip(lines[0]) if lines else type(exc).__name__})"
         ) from None
     if not isinstance(state, dict):
         raise UserError(f"{path}: checkpoint is not a dictionary of tensors")
     return state
+
+
+_TORCH_ADVICE = (
+    "weights_only",
+    "Weights only load failed",
+    "safe_globals",
+    "Check the documentation",
+)
+# What torch's weights-only unpickler says when a pickle needs a callable or class it does not
+# allow: the pickle would run that code if loaded any other way.
+_NEEDS_CODE = (
+    r"GLOBAL ([\w.]+) (?:whose module|was not an allowed)",  # os.system, builtins.eval, ...
+    r"Trying to call reduce for unrecognized function (.+?)(?: which belongs|$)",
+    r"Can only create new object for .*? but got (.+)$",
+    r"Can only build .*?, but got (.+)$",
+)
+
+
+def _code_in_pickle(text: str) -> str | None:
+    """The callable or class a refused pickle asks for, named as the user would import it."""
+    for pattern in _NEEDS_CODE:
+        found = re.search(pattern, text, re.MULTILINE)
+        if found:
+            name = found.group(1).strip()
+            # torch drops the "builtins." of a builtin (GLOBAL eval): put it back
+            return _clip(
+                _py3_name(name if "." in name or not name.isidentifier() else f"builtins.{name}")
+            )
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    return _clip(str(exc)) or type(exc).__name__
+
+
+def _py3_name(name: str) -> str:
+    """A pickle's Python 2 global (protocols 0-2: __builtin__.set, commands.call) as Python 3
+    names it (builtins.set, subprocess.call)."""
+    import _compat_pickle
+
+    module, _, attr = name.rpartition(".")
+    if (module, attr) in _compat_pickle.NAME_MAPPING:
+        return ".".join(_compat_pickle.NAME_MAPPING[(module, attr)])
+    return f"{_compat_pickle.IMPORT_MAPPING.get(module, module)}.{attr}" if module else name
+
+
+def _disallowed_global(path: Path) -> str | None:
+    """The first global (module.name) the file's pickle imports that torch's weights-only
+    loader does not allow, read with pickletools, which runs nothing. For what torch stops at
+    before naming the global (protocol 4-5 STACK_GLOBAL: "Unsupported operand 149")."""
+    import pickletools
+    import zipfile
+
+    try:
+        from torch._weights_only_unpickler import _get_allowed_globals
+
+        allowed = set(_get_allowed_globals())
+    except Exception:  # a private helper of torch's: if it moves, allow torch's own names only
+        allowed = set()
+
+    def allowed_name(name: str) -> bool:
+        return name in allowed or name.startswith(("torch.", "collections.OrderedDict"))
+
+    strings = {"SHORT_BINUNICODE", "BINUNICODE", "BINUNICODE8", "UNICODE", "SHORT_BINSTRING"}
+    strings |= {"BINSTRING", "STRING"}
+    try:
+        if zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                pickles = [n for n in archive.namelist() if n.endswith("data.pkl")]
+                stream = io.BytesIO(archive.read(pickles[0]) if pickles else b"")
+        else:
+            stream = io.BytesIO(path.read_bytes())
+        while stream.tell() < len(stream.getbuffer()):  # the legacy format chains pickles
+            recent: list[str | None] = []
+            memo: dict[int, str | None] = {}
+            for opcode, arg, _ in pickletools.genops(stream):
+                name = opcode.name
+                if name in ("GLOBAL", "INST"):
+                    found = str(arg).replace(" ", ".", 1)
+                elif name == "STACK_GLOBAL" and len(recent) >= 2 and None not in recent[-2:]:
+                    found = f"{recent[-2]}.{recent[-1]}"
+                else:
+                    found = None
+                    if name in strings:
+                        recent.append(str(arg))
+                    elif name == "MEMOIZE":
+                        memo[len(memo)] = recent[-1] if recent else None
+                    elif name in ("BINPUT", "LONG_BINPUT", "PUT"):
+                        memo[int(arg)] = recent[-1] if recent else None
+                    elif name in ("BINGET", "LONG_BINGET", "GET"):
+                        recent.append(memo.get(int(arg)))
+                    elif name not in ("FRAME", "PROTO"):
+                        recent.append(None)
+                if found and not allowed_name(found := _py3_name(found)):
+                    return _clip(found)
+    except Exception:  # not a pickle past this point: nothing more to name
+        return None
+    return None
+
+
+def _clip(text: str, limit: int = 200) -> str:
+    """One line of at most `limit` characters, for quoting a value or a library's message."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def write_index_png(path: str | os.PathLike, labels: np.ndarray) -> None:
@@ -108,20 +245,54 @@ def write_png(path: str | os.PathLike, image: np.ndarray | Image.Image) -> None:
         image.save(tmp, format="PNG")
 
 
-def _open(path: Path) -> Image.Image:
+MAX_PIXELS = 40_000_000  # data.max_pixels, set by the config (set_max_pixels)
+_PILLOW_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
+
+
+def set_max_pixels(limit: int) -> None:
+    """The largest image (width x height) any reader here decodes: `data.max_pixels`."""
+    global MAX_PIXELS
+    MAX_PIXELS = int(limit)
+    # Pillow's own decompression-bomb limit must not be the tighter one.
+    Image.MAX_IMAGE_PIXELS = max(MAX_PIXELS, _PILLOW_MAX_PIXELS)
+
+
+def read_header(path: str | os.PathLike) -> Image.Image:
+    """Open an image, reading its header only: size, mode, EXIF. Refuses an empty file, a file
+    Pillow cannot identify and one over `MAX_PIXELS`; the caller closes the image."""
+    path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
     if path.stat().st_size == 0:
         raise UserError(f"{path}: file is empty")
     try:
-        image = Image.open(path)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise UserError(f"{path}: cannot decode image ({exc})") from None
+        with warnings.catch_warnings():
+            # Over Pillow's limit is over ours too: refused below, in our words.
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+    except Image.DecompressionBombError as exc:  # over twice Pillow's limit, so over ours
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{pixels.group(1)} pixels" if pixels else "too many pixels"
+        raise UserError(f"{path}: image has {size}, over data.max_pixels={MAX_PIXELS}") from None
+    except Exception as exc:  # UnidentifiedImageError, or a hostile file's odd header
+        raise UserError(f"{path}: cannot decode image ({_reason(exc)})") from None
+    width, height = image.size
+    if width * height > MAX_PIXELS:
+        image.close()
+        raise UserError(
+            f"{path}: image is {width}x{height} ({width * height} pixels), "
+            f"over data.max_pixels={MAX_PIXELS}"
+        )
+    return image
+
+
+def _open(path: Path) -> Image.Image:
+    image = read_header(path)
     try:
         image.load()
-    except (OSError, SyntaxError, ValueError) as exc:  # truncated or corrupt data
+    except Exception as exc:  # truncated or corrupt data, whatever the decoder raises
         image.close()
-        raise UserError(f"{path}: cannot decode image ({exc})") from None
+        raise UserError(f"{path}: cannot decode image ({_reason(exc)})") from None
     return image
 
 

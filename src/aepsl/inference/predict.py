@@ -168,6 +168,7 @@ def predict_samples(
             elif crf_dir is not None:
                 jobs = list(zip(images, probs, strict=True))
                 refined = pool.map(refine, jobs) if pool else [refine(job) for job in jobs]
+            if crf_dir is not None:
                 for sample, image, labels in zip(chunk, images, refined, strict=True):
                     _write(crf_dir, sample.id, image, labels, config)
             bar.update(len(chunk))
