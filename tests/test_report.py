@@ -10,11 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from aepsl.cli import main
 from aepsl.config import load_config
-from aepsl.inference.predict import crf_available
+from aepsl.inference.predict import crf_available, predict_report_images
+from aepsl.models.segnet import load_segnet
 from aepsl.report import read_scalars, svg_chart, write_report
 
 DEMO = str(Path(__file__).parent.parent / "src" / "aepsl" / "configs" / "demo_tiny.yaml")
@@ -54,7 +56,10 @@ def report(tmp_path_factory):
     overrides = [f"data.root={root}", *TINY]
     for command in ("mine", "labels", "train"):
         assert main([command, DEMO, *overrides, "--out", str(out)]) == 0
-    path = write_report(load_config(DEMO, overrides), out)
+    config = load_config(DEMO, overrides)
+    # What `aepsl run` does before the report: predict the training images mine drew.
+    predict_report_images(config, out, load_segnet(out / "train" / "model.pt"), torch.device("cpu"))
+    path = write_report(config, out)
     return out, path
 
 

@@ -164,6 +164,10 @@ class RunLayout:
         found = [p.name[4:] for p in self.mine.glob("step*") if p.is_dir()]
         return sorted(int(s) for s in found if s.isdigit())
 
+    def drawn_ids(self) -> set[str]:
+        """Ids of the training images `mine` drew in some step's vis/: the report's samples."""
+        return {p.stem for step in self.steps_on_disk() for p in self.step(step).vis.glob("*.png")}
+
     def union_region(self, image_id: str) -> Path:
         return self.union_regions / f"{image_id}.png"
 

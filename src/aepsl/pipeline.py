@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from aepsl.config import Config
-from aepsl.inference.predict import evaluate_trained
+from aepsl.inference.predict import evaluate_trained, predict_report_images
 from aepsl.labels.stage import run_labels
 from aepsl.mine.stage import run_mine
 from aepsl.psl.stage import run_train
@@ -23,14 +23,17 @@ from aepsl.runtime import on_main, per_rank_batch, select_device
 
 
 def run_pipeline(config: Config, out: Path) -> dict[str, Any]:
-    """mine → labels → train → val prediction and scores → OUT/report.html."""
+    """mine → labels → train → val prediction and scores → predictions of the report's
+    training images → OUT/report.html."""
     select_device(config)  # joins the process group under torchrun
     per_rank_batch(config.mine.batch_size, "mine.batch_size")  # fail before any work
     per_rank_batch(config.train.batch_size, "train.batch_size")
     mine = run_mine(config, out)
     labels = on_main(run_labels, config, out)
     model = run_train(config, out)
-    val = evaluate_trained(config, out, model, select_device(config))
+    device = select_device(config)
+    val = evaluate_trained(config, out, model, device)
+    on_main(predict_report_images, config, out, model, device)
     report = on_main(write_report, config, out)
     print(f"report: {report}")
     return {"mine": mine, "labels": labels, "val": val, "report": str(report)}

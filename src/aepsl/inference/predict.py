@@ -238,3 +238,29 @@ def evaluate_trained(config: Config, out: Path, model: SegNet, device: torch.dev
             mark_complete(refined, digest)
     barrier()
     return result
+
+
+def predict_report_images(config: Config, out: Path, model: SegNet, device: torch.device) -> None:
+    """Predict the training images `mine` drew (the report's samples) with the trained network
+    into OUT/report/predict and, when the CRF can run, OUT/report/predict_crf. Files there for
+    the same model and settings are kept; anything else is redone."""
+    run = RunLayout(out, config)
+    data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
+    ids = run.drawn_ids()
+    samples = [s for s in data.split(config.data.train_split) if s.id in ids]
+    if not samples:
+        return
+    config = config.model_copy(deep=True)
+    config.predict.overlays = False  # the report embeds its own pictures
+    digest = settings_digest(
+        {
+            "model": file_digest(run.model),
+            "predict": config.predict.model_dump(),
+            "crf": config.crf.model_dump(exclude={"workers"}),
+        }
+    )
+    crf = run.report_predict_crf if crf_available(config) else None
+    for folder in (run.report_predict, crf):
+        if folder is not None:
+            claim_folder(folder, digest)
+    predict_samples(model, samples, config, device, run.report_predict, crf)

@@ -1,13 +1,8 @@
-"""OUT/report.html: one self-contained page summarising a run, to look at instead of the logs.
+"""Rendering a run's report: one self-contained HTML page from a `RunReport`.
 
 The page opens offline and still works when moved on its own: images are embedded as base64
 `data:image/png` URIs, loss curves are inline SVG, the style sheet is inline, and there is no
-JavaScript. Every section reads what the stages wrote (README, "What the stages write"); a stage
-that has not run shows "not run" and a missing picture shows a grey "—" cell.
-
-Predictions of training images are not part of a run (only the val split is predicted, into
-OUT/predict and OUT/predict_crf), so `predict_report_samples` predicts the few sampled training
-images with OUT/train/model.pt into OUT/report/predict and OUT/report/predict_crf.
+JavaScript. A stage that has not run shows "not run" and a missing picture a grey "—" cell.
 """
 
 from __future__ import annotations
@@ -15,130 +10,42 @@ from __future__ import annotations
 import base64
 import html
 import io
-import json
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from PIL import Image
 
-from aepsl.config import Config
-from aepsl.data.datasets import Dataset, Sample, load_dataset, load_image
+from aepsl.data.datasets import Sample, load_image
 from aepsl.errors import UserError
-from aepsl.io import file_digest, read_gray_png, read_image, read_index_png, write_text
+from aepsl.io import read_gray_png, read_image, read_index_png
 from aepsl.labelmap import PALETTE, colourise
-from aepsl.layout import claim_folder, settings_digest
+from aepsl.report.read import RunReport
 from aepsl.runtime import effective_precision
 
 THUMB = 256  # longest side of an embedded picture, in pixels
 COLOURS = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf"]
 
 
-@dataclass(frozen=True)
-class Predicted:
-    """Folders holding `<id>.png` predictions of the report's training images (None: absent)."""
-
-    plain: Path | None = None
-    crf: Path | None = None
-
-
-# ------------------------------------------------------------------ entry points
-
-
-def write_report(
-    config: Config,
-    out: Path,
-    *,
-    predict: bool = True,
-    max_train_images: int = 8,
-    val_images: int = 4,
-) -> Path:
-    """Write OUT/report.html from whatever the stages left in run folder `out`; returns its path.
-
-    With `predict`, the sampled training images (those with OUT/mine/step<t>/vis/<id>.png) are
-    first predicted with OUT/train/model.pt when it exists (see `predict_report_samples`).
-    At most `max_train_images` training and `val_images` val images are shown.
-    """
-    out = Path(out)
-    data, data_error = _try_dataset(config)
-    train = _train_samples(config, out, data)[:max_train_images]
-    val = _val_samples(config, out, data)[:val_images]
-    predicted, problem = Predicted(), None
-    if predict and train and (out / "train" / "model.pt").is_file():
-        try:
-            predicted = predict_report_samples(config, out, [s for s in train if s.image.is_file()])
-        except UserError as exc:  # e.g. a checkpoint that does not fit the config
-            problem = f"training images not predicted: {exc}"
-    classes = data.classes if data else []
+def render(report: RunReport) -> str:
+    """The whole page."""
+    out = report.run.out
+    classes = report.data.classes if report.data else []
     parts = [
-        _header(config, out, data_error),
-        _mine_section(out),
-        _labels_section(out),
-        _train_section(out),
-        _train_images_section(config, out, train, predicted, data_error or problem),
-        _val_images_section(out, val),
+        _header(report),
+        _mine_section(report),
+        _labels_section(report),
+        _train_section(report),
+        _train_images_section(report),
+        _val_images_section(report),
         _legend(classes),
     ]
-    page = _page(f"AE-PSL report: {out.name or out}", "\n".join(parts))
-    path = out / "report.html"
-    write_text(path, page)
-    return path
+    return _page(f"AE-PSL report: {out.name or out}", "\n".join(parts))
 
 
-def predict_report_samples(config: Config, out: Path, samples: list[Sample]) -> Predicted:
-    """Predict `samples` with OUT/train/model.pt into OUT/report/predict (argmax) and, when
-    pydensecrf is installed, OUT/report/predict_crf. Files already there for the same model and
-    settings are kept; anything else is redone. Without the model, nothing is predicted."""
-    from aepsl.inference.predict import crf_available, predict_samples
-    from aepsl.models.segnet import load_segnet
-    from aepsl.runtime import prepare_model, select_device
-
-    checkpoint = out / "train" / "model.pt"
-    if not checkpoint.is_file() or not samples:
-        return Predicted()
-    device = select_device(config)
-    model = load_segnet(checkpoint, config)
-    model = prepare_model(model, config, device)
-    config = config.model_copy(deep=True)
-    config.predict.overlays = False  # the report embeds its own pictures
-    digest = settings_digest(
-        {
-            "model": file_digest(checkpoint),
-            "backbone": config.model.backbone,
-            "predict": config.predict.model_dump(),
-            "crf": config.crf.model_dump(exclude={"workers"}),
-        }
-    )
-    plain = out / "report" / "predict"
-    crf = out / "report" / "predict_crf" if crf_available() else None
-    for folder in (plain, crf):
-        if folder is not None:
-            claim_folder(folder, digest)
-    predict_samples(model, samples, config, device, plain, crf)
-    return Predicted(plain, crf)
-
-
-# ------------------------------------------------------------------ scalars and charts
-
-
-def read_scalars(logdir: Path) -> dict[str, list[tuple[float, float]]]:
-    """Every scalar series of a TensorBoard log folder: tag -> sorted (step, value) pairs, the
-    last value kept where a resumed run logged a step twice. A missing folder gives {}."""
-    if not Path(logdir).is_dir():
-        return {}
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    accumulator = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
-    accumulator.Reload()
-    series = {}
-    for tag in accumulator.Tags().get("scalars", []):
-        points = {event.step: event.value for event in accumulator.Scalars(tag)}
-        series[tag] = sorted((float(s), float(v)) for s, v in points.items())
-    return series
+# ------------------------------------------------------------------ charts
 
 
 def _thin(points: list[tuple[float, float]], limit: int) -> list[tuple[float, float]]:
@@ -305,49 +212,11 @@ def _vis_third(path: Path, index: int) -> np.ndarray | None:
     return vis[:, index * width : (index + 1) * width]
 
 
-# ------------------------------------------------------------------ samples
-
-
-def _try_dataset(config: Config) -> tuple[Dataset | None, str | None]:
-    try:
-        return load_dataset(config.data.format, config.data.root, config.data.empty_labels), None
-    except UserError as exc:
-        return None, str(exc)
-
-
-def _steps(out: Path) -> list[int]:
-    found = [p.name[4:] for p in (out / "mine").glob("step*") if p.is_dir()]
-    return sorted(int(s) for s in found if s.isdigit())
-
-
-def _train_samples(config: Config, out: Path, data: Dataset | None) -> list[Sample]:
-    """Training images with a mine vis picture at some step, in split order."""
-    ids = {
-        p.stem for step in _steps(out) for p in (out / "mine" / f"step{step}" / "vis").glob("*.png")
-    }
-    if data is not None and data.has_split(config.data.train_split):
-        return [s for s in data.split(config.data.train_split) if s.id in ids]
-    return [Sample(i, Path(), ()) for i in sorted(ids)]  # dataset gone: run-folder panels only
-
-
-def _val_samples(config: Config, out: Path, data: Dataset | None) -> list[Sample]:
-    if data is not None and data.has_split(config.data.val_split):
-        return list(data.split(config.data.val_split))
-    return [Sample(p.stem, Path(), ()) for p in sorted((out / "predict").glob("*.png"))]
-
-
 def _image(sample: Sample) -> Any:
     return lambda: load_image(sample) if sample.image.is_file() else None
 
 
 # ------------------------------------------------------------------ sections
-
-
-def _read_json(path: Path) -> dict[str, Any] | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _num(x: Any, digits: int = 3) -> str:
@@ -374,7 +243,8 @@ def _not_run(what: str) -> str:
     return f'<p class="missing">not run ({html.escape(what)} not found)</p>'
 
 
-def _header(config: Config, out: Path, data_error: str | None) -> str:
+def _header(report: RunReport) -> str:
+    config, out, data_error = report.config, report.run.out, report.data_error
     summary = [
         ("run folder", str(out.resolve())),
         ("dataset", f"{config.data.format}: {config.data.root}"),
@@ -389,13 +259,7 @@ def _header(config: Config, out: Path, data_error: str | None) -> str:
             f"{config.precision} ({effective_precision(config)}) / {config.device}",
         ),
     ]
-    saved = out / "config.yaml"
-    versions: dict[str, Any] = {}
-    if saved.is_file():
-        try:
-            versions = (yaml.safe_load(saved.read_text()) or {}).get("versions") or {}
-        except (OSError, yaml.YAMLError):
-            versions = {}
+    versions = report.versions
     summary.append(
         (
             "versions",
@@ -418,13 +282,11 @@ def _header(config: Config, out: Path, data_error: str | None) -> str:
     )
 
 
-def _mine_section(out: Path) -> str:
+def _mine_section(report: RunReport) -> str:
     head = '<h2 id="mine">Stage 1: adversarial erasing</h2>'
-    curves = {
-        tag.split("/")[0]: pts for tag, pts in read_scalars(out / "mine" / "tensorboard").items()
-    }
+    curves = report.mine_curves
     chart = svg_chart(curves, "classifier training loss per erasing step")
-    metrics = _read_json(out / "mine" / "metrics.json")
+    metrics = report.mine
     if metrics is None:
         return head + _not_run("mine/metrics.json") + (chart if curves else "")
     steps = metrics.get("steps", [])
@@ -468,9 +330,9 @@ def _per_class(results: dict[str, dict[str, Any] | None]) -> str:
     return _table(["class", *[f"IoU % {k}" for k in results]], rows)
 
 
-def _labels_section(out: Path) -> str:
+def _labels_section(report: RunReport) -> str:
     head = '<h2 id="labels">Stage 2: pseudo labels</h2>'
-    metrics = _read_json(out / "labels" / "metrics.json")
+    metrics = report.labels
     if metrics is None:
         return head + _not_run("labels/metrics.json")
     info = (
@@ -494,10 +356,10 @@ def _labels_section(out: Path) -> str:
     return head + info + summary + _per_class({"pseudo labels": metrics})
 
 
-def _train_section(out: Path) -> str:
+def _train_section(report: RunReport) -> str:
     head = '<h2 id="train">Stage 3: segmentation</h2>'
-    metrics = _read_json(out / "train" / "metrics.json")
-    curves = {t.split("/")[-1]: p for t, p in read_scalars(out / "train" / "tensorboard").items()}
+    metrics = report.train_metrics
+    curves = report.train_curves
     chart = svg_chart(curves, "segmentation training loss terms")
     if metrics is None:
         return head + _not_run("train/metrics.json") + (chart if curves else "")
@@ -528,13 +390,12 @@ def _rows_table(head: list[str], rows: list[tuple[str, list[str]]]) -> str:
     )
 
 
-def _train_images_section(
-    config: Config, out: Path, samples: list[Sample], predicted: Predicted, problem: str | None
-) -> str:
+def _train_images_section(report: RunReport) -> str:
+    config, run, samples = report.config, report.run, report.train
     head = '<h2 id="train-images">Training images</h2>'
     if not samples:
         return head + _not_run("mine/step*/vis pictures")
-    steps = _steps(out)
+    steps = report.steps
     columns = ["image"]
     for step in steps:
         columns += [f"step {step} erased", f"step {step} CAM"]
@@ -550,13 +411,11 @@ def _train_images_section(
     for sample in samples:
         cells = [_cell(_image(sample), "image")]
         for step in steps:
-            vis = out / "mine" / f"step{step}" / "vis" / f"{sample.id}.png"
+            vis = run.step(step).vis / f"{sample.id}.png"
             cells.append(_cell(lambda v=vis: _vis_third(v, 0), f"step {step} erased"))
             cells.append(_cell(lambda v=vis: _vis_third(v, 1), f"step {step} CAM"))
-        cells.append(
-            _cell(_index_file(out / "mine" / "regions" / f"{sample.id}.png"), "regions", True)
-        )
-        saliency = out / "saliency" / f"{sample.id}.png"
+        cells.append(_cell(_index_file(run.union_region(sample.id)), "regions", True))
+        saliency = run.saliency_map(sample.id)
         if not saliency.is_file() and config.saliency.source == "dir":
             saliency = (
                 Path(config.saliency.dir) / f"{sample.id}.png"
@@ -565,17 +424,18 @@ def _train_images_section(
             )
         grey = _file(saliency, lambda p: (read_gray_png(p) * 255 + 0.5).astype(np.uint8))
         cells.append(_cell(grey, "saliency"))
-        cells.append(_cell(_index_file(out / "labels" / f"{sample.id}.png"), "pseudo label", True))
-        for folder, alt in ((predicted.plain, "prediction"), (predicted.crf, "CRF prediction")):
+        cells.append(_cell(_index_file(run.pseudo_label(sample.id)), "pseudo label", True))
+        for folder, alt in zip(report.predicted, ("prediction", "CRF prediction"), strict=True):
             path = folder / f"{sample.id}.png" if folder else None
             cells.append(_cell(_index_file(path), alt, True))
         cells.append(_cell(_index_file(sample.mask), "ground truth", True))
         rows.append((sample.id, cells))
-    note = f'<p class="missing">{html.escape(problem)}</p>' if problem else ""
+    note = f'<p class="missing">{html.escape(report.data_error)}</p>' if report.data_error else ""
     return head + note + _rows_table(columns, rows)
 
 
-def _val_images_section(out: Path, samples: list[Sample]) -> str:
+def _val_images_section(report: RunReport) -> str:
+    run, samples = report.run, report.val
     head = '<h2 id="val-images">Validation images</h2>'
     if not samples:
         return head + '<p class="missing">no val split</p>'
@@ -583,8 +443,8 @@ def _val_images_section(out: Path, samples: list[Sample]) -> str:
     for sample in samples:
         cells = [
             _cell(_image(sample), "image"),
-            _cell(_index_file(out / "predict" / f"{sample.id}.png"), "prediction", True),
-            _cell(_index_file(out / "predict_crf" / f"{sample.id}.png"), "CRF prediction", True),
+            _cell(_index_file(run.predict / f"{sample.id}.png"), "prediction", True),
+            _cell(_index_file(run.predict_crf / f"{sample.id}.png"), "CRF prediction", True),
             _cell(_index_file(sample.mask), "ground truth", True),
         ]
         rows.append((sample.id, cells))
