@@ -197,3 +197,69 @@ def test_voc_reader(tmp_path):
     assert by_id["2008_000003"].labels == (8, 12)  # from XML: cat, dog; the part is no object
     assert by_id["2008_000003"].mask is None
     validate(data, "train_aug")
+
+
+def test_csv_rows_keep_their_line_numbers(folder_dataset):
+    """A quoted field may span lines: errors still name the line the row starts on."""
+    _rewrite_csv(folder_dataset, ['img0,"square\ndisc"', "img1,disc", "img1,square"])
+    for f in (folder_dataset / "splits").iterdir():
+        f.unlink()
+    with pytest.raises(UserError, match=r"labels\.csv:5: duplicate image id 'img1'"):
+        load_folder(folder_dataset)
+
+
+@pytest.mark.parametrize(
+    "content, classes",
+    [
+        ("square\ndisc\n", ["square", "disc"]),
+        ("\ufeffsquare\r\ndisc\r\n\r\n", ["square", "disc"]),  # BOM, CRLF, trailing blank line
+        ("  square  \ndisc", ["square", "disc"]),  # surrounding spaces are not part of a name
+    ],
+)
+def test_classes_txt_good(folder_dataset, content, classes):
+    (folder_dataset / "classes.txt").write_text(content)
+    assert load_folder(folder_dataset).classes == classes
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("", r"classes\.txt: lists no classes"),
+        ("\n\n", r"classes\.txt: lists no classes"),
+        ("square\nbig disc\n", r"classes\.txt:2: class name 'big disc' contains a space"),
+        ("square\n\ndisc\n", r"classes\.txt:2: empty class name"),
+        ("disc\nsquare\ndisc\n", r"classes\.txt:3: class 'disc' is listed twice \(first on line 1"),
+        ("_background_\nsquare\n", r"classes\.txt:1: '_background_' is listed as a class"),
+    ],
+)
+def test_classes_txt_bad(folder_dataset, content, message):
+    (folder_dataset / "classes.txt").write_text(content)
+    with pytest.raises(UserError, match=message):
+        load_folder(folder_dataset)
+
+
+def test_image_size_refuses_an_oversized_header(tmp_path):
+    """data-info's header-only size read applies data.max_pixels too (no decoding)."""
+    import struct
+    import zlib
+
+    from aepsl.data.datasets import image_size
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
+
+    path = tmp_path / "big.png"
+    header = struct.pack(">IIBBBBB", 30000, 30000, 8, 0, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b""))
+    with pytest.raises(UserError, match=r"big\.png: image has 900000000 pixels, over data\.max_"):
+        image_size(path)
+
+
+def test_overlong_id_is_refused(folder_dataset):
+    _rewrite_csv(folder_dataset, ["img0,square", "a" * 241 + ",disc"])
+    for f in (folder_dataset / "splits").iterdir():
+        f.unlink()
+    with pytest.raises(UserError, match=r"labels\.csv:3: image id 'a{60}\.\.\.' is too long \(241"):
+        load_folder(folder_dataset)
