@@ -266,9 +266,8 @@ def read_header(path: str | os.PathLike) -> Image.Image:
     if path.stat().st_size == 0:
         raise UserError(f"{path}: file is empty")
     try:
-        with warnings.catch_warnings():
-            # Over Pillow's limit is over ours too: refused below, in our words.
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             image = Image.open(path)
     except Image.DecompressionBombError as exc:  # over twice Pillow's limit, so over ours
         pixels = re.search(r"\((\d+) pixels\)", str(exc))
@@ -283,7 +282,17 @@ def read_header(path: str | os.PathLike) -> Image.Image:
             f"{path}: image is {width}x{height} ({width * height} pixels), "
             f"over data.max_pixels={MAX_PIXELS}"
         )
+    # Over Pillow's bomb limit is over ours too (refused above); its other warnings (corrupt
+    # EXIF) do not name the file: once, with the file's name.
+    _warn_once(path, [w for w in caught if w.category is not Image.DecompressionBombWarning])
     return image
+
+
+def _warn_once(path: Path, caught: list[warnings.WarningMessage]) -> None:
+    if caught:
+        message = _clip(str(caught[0].message))
+        prefix = f"{path}: "
+        warnings.warn(message if message.startswith(prefix) else prefix + message, stacklevel=3)
 
 
 def _open(path: Path) -> Image.Image:
@@ -299,7 +308,10 @@ def _open(path: Path) -> Image.Image:
 def read_image(path: str | os.PathLike) -> np.ndarray:
     """Read any image as HxWx3 uint8 RGB: EXIF rotation applied; grey, RGBA, palette, 16-bit ok."""
     path = Path(path)
-    image = ImageOps.exif_transpose(_open(path))
+    with warnings.catch_warnings(record=True) as caught:  # Pillow's words lack the file name
+        warnings.simplefilter("always")
+        image = ImageOps.exif_transpose(_open(path))
+    _warn_once(path, caught)
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         array = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") or array.max() > 255 else 255.0

@@ -109,7 +109,9 @@ def image_size(path: Path) -> tuple[int, int]:
     with read_header(path) as image:  # refuses an empty, unreadable or oversized file
         width, height = image.size
         try:
-            orientation = image.getexif().get(0x0112, 1)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # corrupt EXIF: read_image warns, naming the file
+                orientation = image.getexif().get(0x0112, 1)
         except Exception as exc:  # a hostile file's EXIF block
             raise UserError(f"{path}: cannot decode image ({_short(str(exc), 200)})") from None
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
