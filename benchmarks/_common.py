@@ -69,8 +69,8 @@ def multi_hot(labels: list[list[int]], num_classes: int) -> torch.Tensor:
 
 
 def random_images(n: int, size: int, generator: torch.Generator) -> torch.Tensor:
-    """(N, 3, size, size) float32 images, already normalised like the datasets' output."""
-    return torch.randn(n, 3, size, size, generator=generator)
+    """(N, 3, size, size) float32 images in [0, 1], like the datasets' output."""
+    return torch.rand(n, 3, size, size, generator=generator)
 
 
 def random_pseudo_labels(

@@ -35,7 +35,6 @@ from aepsl.inference.crf import (
 from aepsl.io import file_digest, write_index_png, write_json, write_png
 from aepsl.labelmap import colourise
 from aepsl.layout import RunLayout, claim_folder, mark_complete, settings_digest
-from aepsl.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from aepsl.models.segnet import SegNet
 from aepsl.runtime import autocast, barrier, is_main, on_main, rank, to_device, world_size
 
@@ -64,10 +63,8 @@ def predict_probs(
     model: SegNet, image: np.ndarray, config: Config, device: torch.device
 ) -> np.ndarray:
     """(C+1, H, W) float32 class probabilities of an (H, W, 3) uint8 image."""
-    tensor = torch.from_numpy(image).permute(2, 0, 1).float().div(255)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    batch = to_device(((tensor - mean) / std)[None], config, device)
+    tensor = torch.from_numpy(image).permute(2, 0, 1).float().div(255)  # the network normalises
+    batch = to_device(tensor[None], config, device)
     size = image.shape[:2]
     probs, nus = 0.0, []
     runs = 0

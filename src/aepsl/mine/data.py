@@ -19,7 +19,6 @@ from aepsl.data.datasets import Sample, load_image
 from aepsl.errors import UserError
 from aepsl.io import read_index_png
 from aepsl.mine.cam import fill_erased
-from aepsl.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 
 
 def mean_pixel(samples: list[Sample], limit: int = 500) -> list[float]:
@@ -47,7 +46,7 @@ def erase_mask(image_id: str, region_dirs: list[Path], shape: tuple[int, int]) -
 
 
 class ErasedImages(TorchDataset):
-    """(normalised image, multi-hot labels, index) with earlier steps' regions erased.
+    """(image in [0, 1], multi-hot labels, index) with earlier steps' regions erased.
 
     With `crop` set, images are randomly resized-cropped to `crop` x `crop` and flipped
     (training), the randomness seeded by (`seed` + epoch, index); without it they are returned
@@ -81,8 +80,7 @@ class ErasedImages(TorchDataset):
         self.transform = v2.Compose(
             [
                 *augment,
-                v2.ToDtype(torch.float32, scale=True),
-                v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+                v2.ToDtype(torch.float32, scale=True),  # [0, 1]: the network normalises
             ]
         )
 

@@ -43,7 +43,6 @@ from aepsl.mine.cam import (
     upsample_relu,
 )
 from aepsl.mine.data import ErasedImages, collate_list, mean_pixel
-from aepsl.models.backbones import IMAGENET_MEAN, IMAGENET_STD
 from aepsl.models.classifier import CamClassifier, build_classifier
 from aepsl.models.saved import model_record, read_model_file
 from aepsl.runtime import (
@@ -373,9 +372,7 @@ def _save_npz(path: Path, keys: np.ndarray, cams: np.ndarray) -> None:
 
 def _visual(image: torch.Tensor, cams: torch.Tensor, labels: np.ndarray) -> np.ndarray:
     """Erased image | max CAM over the image's classes as a heat map | mined regions."""
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
-    rgb = ((image * std + mean).clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
+    rgb = (image.clamp(0, 1) * 255).byte().permute(1, 2, 0).numpy()
     heat = cams.amax(0).numpy() if len(cams) else np.zeros(labels.shape, np.float32)
     heat_rgb = np.stack([heat, 1 - np.abs(2 * heat - 1), 1 - heat], axis=-1)
     heat_rgb = (0.5 * rgb + 0.5 * 255 * heat_rgb).astype(np.uint8)

@@ -25,6 +25,19 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+class Normalise(nn.Module):
+    """The first layer of every network: images in [0, 1] normalised with the statistics its
+    backbone's weights were trained with. Buffers are not persistent: no state-dict keys."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean) / self.std
+
+
 def conv_bn(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
     return nn.Sequential(
         nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False),
@@ -174,6 +187,10 @@ class Backbone:
     weights: str  # where model.weights=imagenet comes from
     seg_head: Callable[[int, int], nn.Module]  # (channels, fc6 dilation) -> segmentation head
     seg_head_channels: int
+    # input normalisation of the weights (EfficientNet-Lite0's extractor converts ImageNet's to
+    # its own statistics in its first layer, efficientnet.InputRenorm)
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
     torchvision_weights: models.WeightsEnum | None = None  # file in torchvision's cache
     load_weights: Callable[[nn.Module, str], None] | None = None  # other sources than torchvision
 
@@ -188,7 +205,7 @@ REGISTRY: dict[str, Backbone] = {
         "torchvision's cache",
         large_fov_head,
         1024,
-        models.VGG16_Weights.IMAGENET1K_V1,
+        torchvision_weights=models.VGG16_Weights.IMAGENET1K_V1,
     ),
     "resnet50": Backbone(
         lambda: resnet_features(50),
@@ -198,7 +215,7 @@ REGISTRY: dict[str, Backbone] = {
         "torchvision's cache",
         dilated_head,
         1024,
-        models.ResNet50_Weights.IMAGENET1K_V1,
+        torchvision_weights=models.ResNet50_Weights.IMAGENET1K_V1,
     ),
     "resnet101": Backbone(
         lambda: resnet_features(101),
@@ -208,7 +225,7 @@ REGISTRY: dict[str, Backbone] = {
         "torchvision's cache",
         dilated_head,
         1024,
-        models.ResNet101_Weights.IMAGENET1K_V1,
+        torchvision_weights=models.ResNet101_Weights.IMAGENET1K_V1,
     ),
     "efficientnet_lite0": Backbone(
         _efficientnet_features,

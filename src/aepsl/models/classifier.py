@@ -7,12 +7,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aepsl.models.backbones import backbone_spec, build_backbone
+from aepsl.models.backbones import Normalise, backbone_spec, build_backbone
 
 
 class CamClassifier(nn.Module):
-    def __init__(self, backbone: nn.Module, channels: int, num_classes: int) -> None:
+    def __init__(
+        self, backbone: nn.Module, channels: int, num_classes: int, normalise: nn.Module
+    ) -> None:
         super().__init__()
+        self.normalise = normalise  # images arrive in [0, 1]
         self.backbone = backbone
         # The paper replaces fc6-fc8 by extra conv layers before the CAM layer.
         self.extra = nn.Sequential(
@@ -25,7 +28,7 @@ class CamClassifier(nn.Module):
 
     def class_maps(self, images: torch.Tensor) -> torch.Tensor:
         """Raw per-class activation maps (N, C, h, w) before ReLU and upsampling."""
-        return self.cam(self.extra(self.backbone(images)))
+        return self.cam(self.extra(self.backbone(self.normalise(images))))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Multi-label logits (N, C)."""
@@ -37,7 +40,8 @@ def build_classifier(
 ) -> CamClassifier:
     """The CAM classifier; `output_stride` 8 dilates the backbone's last strided stage (finer
     CAMs at more compute). `tiny` is always 8."""
+    spec = backbone_spec(backbone)
     net, channels = build_backbone(backbone, weights, output_stride)
-    model = CamClassifier(net, channels, num_classes)
-    model.output_stride = 8 if backbone_spec(backbone).native_stride == 8 else output_stride
+    model = CamClassifier(net, channels, num_classes, Normalise(spec.mean, spec.std))
+    model.output_stride = 8 if spec.native_stride == 8 else output_stride
     return model

@@ -19,7 +19,7 @@ from torch import nn
 
 from aepsl.config import Config
 from aepsl.errors import UserError
-from aepsl.models.backbones import backbone_spec, build_backbone
+from aepsl.models.backbones import Normalise, backbone_spec, build_backbone
 from aepsl.models.saved import agree, read_model_file
 
 
@@ -30,10 +30,12 @@ class SegNet(nn.Module):
         head: nn.Module,
         channels: int,
         num_classes: int,
-        output_stride: int = 8,
+        output_stride: int,
+        normalise: nn.Module,
     ):
         super().__init__()
         self.output_stride = output_stride
+        self.normalise = normalise  # images arrive in [0, 1]
         self.backbone = backbone
         self.head = head
         self.classifier = nn.Conv2d(channels, num_classes + 1, 1)
@@ -55,7 +57,7 @@ class SegNet(nn.Module):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pixel logits (N, C+1, h, w) at the output stride, and class logits (N, C)."""
-        features = self.head(self.backbone(images))
+        features = self.head(self.backbone(self.normalise(images)))
         return self.classifier(features), self.class_branch(features.mean(dim=(2, 3)))
 
 
@@ -77,7 +79,8 @@ def build_segnet(backbone: str, weights: str, num_classes: int, output_stride: i
     features, backbone_channels = build_backbone(backbone, weights, output_stride)
     head = spec.seg_head(backbone_channels, FC6_DILATION_AT_STRIDE_8 * 8 // output_stride)
     channels = spec.seg_head_channels
-    return SegNet(features, head, channels, num_classes, output_stride)
+    normalise = Normalise(spec.mean, spec.std)
+    return SegNet(features, head, channels, num_classes, output_stride, normalise)
 
 
 def load_segnet(checkpoint: str | os.PathLike, config: Config | None = None) -> SegNet:

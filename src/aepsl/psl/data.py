@@ -19,13 +19,13 @@ from aepsl.data.datasets import Sample, load_image
 from aepsl.errors import UserError
 from aepsl.io import read_index_png
 from aepsl.labelmap import IGNORE
-from aepsl.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+from aepsl.models.backbones import IMAGENET_MEAN
 
 MEAN_RGB = [round(255 * m) for m in IMAGENET_MEAN]
 
 
 class PseudoLabelled(TorchDataset):
-    """(normalised crop, label crop, multi-hot image labels) for sample `index` of an epoch."""
+    """(crop in [0, 1], label crop, multi-hot image labels) for sample `index` of an epoch."""
 
     def __init__(
         self,
@@ -50,9 +50,7 @@ class PseudoLabelled(TorchDataset):
                 v2.RandomHorizontalFlip(),
             ]
         )
-        self.normalise = v2.Compose(
-            [v2.ToDtype(torch.float32, scale=True), v2.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
-        )
+        self.to_float = v2.ToDtype(torch.float32, scale=True)  # [0, 1]: the network normalises
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -78,7 +76,7 @@ class PseudoLabelled(TorchDataset):
         target = torch.zeros(self.num_classes)
         target[[k - 1 for k in sample.labels]] = 1.0
         return (
-            self.normalise(image_t).as_subclass(torch.Tensor),
+            self.to_float(image_t).as_subclass(torch.Tensor),
             label_t.as_subclass(torch.Tensor).long(),
             target,
         )
