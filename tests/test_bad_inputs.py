@@ -14,11 +14,20 @@ Already covered elsewhere with these assertions, so not repeated here:
 
 from __future__ import annotations
 
+import builtins
 import gc
+import io
 import os
+import pickle
+import posix
 import re
 import shutil
+import stat
+import struct
+import subprocess
+import time
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +38,7 @@ from PIL import Image
 
 from aepsl.cli import main
 from aepsl.data.datasets import Sample, load_image
+from aepsl.errors import UserError
 from aepsl.io import write_index_png
 from aepsl.models import build_classifier
 from aepsl.models.segnet import build_segnet
@@ -599,3 +609,415 @@ def test_exif_rotated_mask_must_match_the_rotated_image(capsys, tmp_path, data):
         csv.write("rotated,square\n")
     (data / "splits" / "val.txt").write_text("img4\nrotated\n")
     check(capsys, tmp_path, data, f"{path}: mask is 20x10 but its image is 10x20")
+
+
+# ------------------------------------------------------------------ issue 15: hostile files
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+def png_claiming(width: int, height: int, extra: bytes = b"") -> bytes:
+    """A valid PNG header for a greyscale image of width x height, with four rows of pixel data:
+    a few hundred bytes that ask for width x height bytes once decoded."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    pixels = zlib.compress(b"\x00" * (width + 1) * 4)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + _chunk(b"IHDR", header)
+        + extra
+        + _chunk(b"IDAT", pixels)
+        + _chunk(b"IEND", b"")
+    )
+
+
+def jpeg_claiming(width: int, height: int) -> bytes:
+    """A 32x32 JPEG whose frame header (SOF0) is patched to claim width x height."""
+    buffer = io.BytesIO()
+    noise().save(buffer, format="JPEG", quality=90)
+    content = bytearray(buffer.getvalue())
+    sof = content.find(b"\xff\xc0")
+    content[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(content)
+
+
+@pytest.fixture
+def pixel_limit():
+    """Restore the readers' pixel limit after a test that sets data.max_pixels."""
+    from aepsl import io as aepsl_io
+
+    yield
+    aepsl_io.set_max_pixels(40_000_000)
+
+
+TEXT_BOMB = zlib.compress(b"a" * 50_000_000)  # 49 KB that inflate to 50 MB
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        # over data.max_pixels (40 M), under Pillow's warning limit (89 M)
+        ("png-9000", "image is 9000x9000 (81000000 pixels), over data.max_pixels=40000000"),
+        # over Pillow's warning limit: its warning is not a second line, our check refuses
+        ("png-10000", "image is 10000x10000 (100000000 pixels), over data.max_pixels=40000000"),
+        # over twice Pillow's limit: its DecompressionBombError, in our words
+        ("png-20000", "image has 400000000 pixels, over data.max_pixels=40000000"),
+        ("jpeg-9000", "image is 9000x9000 (81000000 pixels), over data.max_pixels=40000000"),
+        ("mask-9000", "image is 9000x9000 (81000000 pixels), over data.max_pixels=40000000"),
+        ("ztxt-bomb", "cannot decode image (Decompressed data too large"),
+        ("iccp-bomb", "cannot decode image (Decompressed data too large"),
+        ("no-check", "image is 9000x9000 (81000000 pixels), over data.max_pixels=40000000"),
+        ("limit-setting", "image is 32x32 (1024 pixels), over data.max_pixels=1000"),
+    ],
+)
+def test_hostile_or_oversized_image(capsys, tmp_path, data, pixel_limit, kind, message):
+    """Refused from the header, before any pixel is decoded: one line naming file and size."""
+    path = data / "images" / "img0.png"
+    extra: tuple[str, ...] = ()
+    if kind.startswith("png-") or kind == "no-check":
+        side = 9000 if kind == "no-check" else int(kind.split("-")[1])
+        path.write_bytes(png_claiming(side, side))
+    elif kind == "jpeg-9000":
+        path.unlink()
+        path = data / "images" / "img0.jpg"
+        path.write_bytes(jpeg_claiming(9000, 9000))
+    elif kind == "mask-9000":
+        path = data / "masks" / "img0.png"
+        path.write_bytes(png_claiming(9000, 9000))
+    elif kind.endswith("-bomb"):
+        name = {"ztxt-bomb": b"zTXt", "iccp-bomb": b"iCCP"}[kind]
+        path.write_bytes(png_claiming(32, 32, _chunk(name, b"key\x00\x00" + TEXT_BOMB)))
+    else:
+        extra = ("data.max_pixels=1000",)
+    assert path.stat().st_size < 60_000
+    if kind == "no-check":  # data-info reads image sizes from the headers even without --check
+        argv = ["data-info", DEMO, f"data.root={data}"]
+        line = refuse(capsys, tmp_path, argv, f"{path}: {message}")
+    else:
+        line = check(capsys, tmp_path, data, f"{path}: {message}", extra=extra)
+    assert len(line) < 300
+
+
+@pytest.mark.parametrize("reader", ["read_image", "read_index_png", "read_gray_png"])
+def test_every_reader_checks_the_pixel_limit(tmp_path, reader):
+    """Images, masks and label maps, saliency maps: the same header check."""
+    import aepsl.io as aepsl_io
+
+    path = tmp_path / "big.png"
+    path.write_bytes(png_claiming(9000, 9000))
+    with pytest.raises(UserError) as info:
+        getattr(aepsl_io, reader)(path)
+    assert str(info.value) == (
+        f"{path}: image is 9000x9000 (81000000 pixels), over data.max_pixels=40000000"
+    )
+
+
+def _set_row(root: Path, line: int, text: str) -> None:
+    """Replace line `line` (1-based, the header is line 1) of labels.csv with `text`."""
+    rows = (root / "labels.csv").read_text().splitlines()
+    rows[line - 1] = text
+    (root / "labels.csv").write_text("\n".join(rows) + "\n")
+
+
+@pytest.mark.parametrize(
+    "name, line, text, message",
+    [
+        ("labels.csv", 3, "img1," + "d" * 200_000, ":3: broken CSV (field longer than 131072 "),
+        ("labels.csv", 3, 'img1,"di"sc', ":3: broken CSV (',' expected after '\"')"),
+        ("labels.csv", 3, 'img1,"disc', ":3: broken CSV (a quoted field is never closed)"),
+        ("labels.csv", 4, "img2,square di\x00sc", ":4: NUL byte in a text file"),
+        ("labels.csv", 3, "x" * 300 + ",disc", ":3: image id 'xxxxxxxxxx"),
+        ("classes.txt", 2, "di\x00sc", ":2: NUL byte in a text file"),
+        ("splits/val.txt", 2, "img\x005", ":2: NUL byte in a text file"),
+    ],
+)
+def test_broken_text_files(capsys, tmp_path, data, name, line, text, message):
+    """One line naming the file and the line, however long or odd the bad line is."""
+    path = data / name
+    lines = path.read_text().splitlines()
+    lines[line - 1] = text
+    path.write_text("\n".join(lines) + "\n")
+    out = check(capsys, tmp_path, data, f"{path}{message}")
+    assert len(out) < 300, out
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ("square\ntraffic light\n", ":2: class name 'traffic light' contains a space"),
+        ("square\ndi\tsc\n", ":2: class name 'di\\tsc' contains a space or a control character"),
+        ("square\n\ndisc\n", ":2: empty class name (one name per line, no blank lines)"),
+        ("\nsquare\ndisc\n", ":1: empty class name"),
+        ("square\ndisc\nsquare\n", ":3: class 'square' is listed twice (first on line 1)"),
+        ("background\nsquare\ndisc\n", ":1: 'background' is listed as a class; background is"),
+        ("square\n__background__\ndisc\n", ":2: '__background__' is listed as a class"),
+        ("Background\nsquare\ndisc\n", ":1: 'Background' is listed as a class"),
+        ("".join(f"c{i}\n" for i in range(300)), ":255: at most 254 classes fit in an index PNG"),
+    ],
+)
+def test_bad_classes_txt(capsys, tmp_path, data, content, message):
+    """Each of these would shift or merge class ids silently."""
+    (data / "classes.txt").write_text(content)
+    check(capsys, tmp_path, data, f"{data / 'classes.txt'}{message}")
+
+
+def test_classes_txt_trailing_blank_lines_are_fine(capsys, data):
+    (data / "classes.txt").write_text("square\ndisc\n\n  \n")
+    assert main(["data-info", DEMO, f"data.root={data}"]) == 0
+    assert "2 classes" in capsys.readouterr().out
+
+
+ALIAS_BOMB = """\
+a: &a ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]
+b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]
+c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b]
+d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c]
+e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d]
+f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e]
+mine:
+  cam_scales: [*f, *f, *f, *f, *f, *f, *f, *f, *f]
+"""
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (ALIAS_BOMB, "invalid YAML at line 2, column 8 (alias *a is not allowed in a config file"),
+        (
+            "mine:\n  cam_scales: &s [1.0]\npredict:\n  scales: *s\n",
+            "invalid YAML at line 4, column 11 (alias *s is not allowed in a config file",
+        ),
+        (
+            "base: &base {steps: 2}\nmine:\n  <<: *base\n",
+            "invalid YAML at line 3, column 7 (alias *base is not allowed",
+        ),
+        ("mine:\n  steps: " + "x" * 100_000 + "\n", "config key 'mine.steps': Input should be"),
+        ("mine:\n  " + "k" * 1000 + ": 1\n", "unknown config key 'mine.kkkkkkkk"),
+    ],
+)
+def test_config_file_bombs_give_a_short_line(capsys, tmp_path, data, text, message):
+    """YAML aliases are refused (a 500-byte config would expand to millions of items), and no
+    value is quoted at length."""
+    path = _config_file(tmp_path, text)
+    line = refuse(capsys, tmp_path, ["data-info", str(path), f"data.root={data}"], message)
+    assert len(line) < 400, len(line)
+
+
+# ------------------------------------------------------------------ issue 15: settings
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("mine.cam_scales=[]", "config key 'mine.cam_scales': List should have at least 1 item"),
+        ("mine.cam_scales=[0]", "config key 'mine.cam_scales.0': Input should be greater than 0"),
+        ("mine.cam_scales=[1, -1]", "config key 'mine.cam_scales.1': Input should be greater"),
+        ("mine.cam_scales=[15]", "config key 'mine.cam_scales.0': Input should be less than or"),
+        ("predict.scales=[]", "config key 'predict.scales': List should have at least 1 item"),
+        ("predict.scales=[0.5, 0]", "config key 'predict.scales.1': Input should be greater"),
+        ("predict.scales=[.nan]", "config key 'predict.scales.0': Input should be a finite number"),
+        (
+            "train.scale_range=[1.3, 0.7]",
+            "config key 'train.scale_range': must be (low, high) with low <= high (got [1.3, 0.7])",
+        ),
+        ("train.scale_range=[0, 1]", "config key 'train.scale_range.0': Input should be greater"),
+        ("train.scale_range=[-1, 1]", "config key 'train.scale_range.0': Input should be greater"),
+        ("train.scale_range=[1]", "config key 'train.scale_range.1': Field required"),
+        ("seed=-1", "config key 'seed': Input should be greater than or equal to 0 (got -1)"),
+        ("seed=4294967296", "config key 'seed': Input should be less than 4294967296"),
+        ("mine.lr=.inf", "config key 'mine.lr': Input should be a finite number (got inf)"),
+        ("train.lr=.nan", "config key 'train.lr': Input should be a finite number (got nan)"),
+        ("data.root=", "config key 'data.root': must not be empty (the dataset folder)"),
+        ("data.train_split=", "config key 'data.train_split': String should have at least 1"),
+        ("data.max_pixels=0", "config key 'data.max_pixels': Input should be greater than or"),
+        ("data.image_size=100000", "config key 'data.image_size': Input should be less than or"),
+        ("data.num_workers=100000", "config key 'data.num_workers': Input should be less than"),
+        ("crf.workers=100000", "config key 'crf.workers': Input should be less than or equal"),
+        ("model.weights=", "config key 'model.weights': String should have at least 1 character"),
+        (
+            "train.psl_warmup=6000",
+            "config key 'train.psl_warmup': must be less than train.iterations (1200)",
+        ),
+    ],
+)
+def test_config_value_that_would_fail_later(capsys, tmp_path, data, override, message):
+    """Each passed the schema before and crashed (or silently did nothing) in a stage."""
+    argv = ["data-info", DEMO, f"data.root={data}", override, "--check"]
+    if override.startswith("data.root="):
+        argv = ["data-info", DEMO, override, "--check"]
+    refuse(capsys, tmp_path, argv, f"command line: {message}")
+
+
+# ------------------------------------------------------------------ issue 15: scale
+
+
+def test_duplicate_at_the_end_of_a_100001_line_split(capsys, tmp_path, data):
+    """The duplicate check is one pass (it was quadratic: 103 s for this file)."""
+    ids = [f"id{i}" for i in range(100_000)] + ["id5"]
+    (data / "splits" / "val.txt").write_text("\n".join(ids) + "\n")
+    start = time.perf_counter()
+    check(capsys, tmp_path, data, f"{data / 'splits' / 'val.txt'}: duplicate image id 'id5'")
+    print(f"100,001-line split checked in {time.perf_counter() - start:.2f} s")
+
+
+def test_duplicate_image_id_in_a_large_image_folder(tmp_path):
+    """predict --images: one pass over the ids too (20,001 files, the shared id sorts last)."""
+    from aepsl.inference.predict import images_in
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(20_000):
+        (folder / f"a{i:05d}.png").touch()
+    (folder / "zz.jpg").touch()
+    (folder / "zz.png").touch()
+    start = time.perf_counter()
+    with pytest.raises(UserError) as info:
+        images_in(folder)
+    assert str(info.value) == f"{folder}: two images share the id 'zz'"
+    print(f"20,002 files checked in {time.perf_counter() - start:.2f} s")
+
+
+# ------------------------------------------------------------------ issue 15: durability
+
+
+@pytest.mark.parametrize("writer", ["write_json", "write_text", "write_index_png", "checkpoint"])
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch, writer):
+    """fsync(file), then rename, then fsync(folder): a power cut leaves the old file or the
+    whole new one, never an empty one."""
+    import aepsl.io as aepsl_io
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(aepsl_io.os, "fsync", fsync)
+    monkeypatch.setattr(aepsl_io.os, "replace", replace)
+    target = tmp_path / "out" / "file"
+    {
+        "write_json": lambda: aepsl_io.write_json(target, {"a": 1}),
+        "write_text": lambda: aepsl_io.write_text(target, "text"),
+        "write_index_png": lambda: write_index_png(target, np.zeros((4, 4), np.uint8)),
+        "checkpoint": lambda: aepsl_io.save_checkpoint(target, {"w": torch.zeros(2)}),
+    }[writer]()
+    assert events == ["fsync file", "rename", "fsync folder"]
+    assert target.stat().st_size > 0
+    assert [p.name for p in target.parent.iterdir()] == ["file"]
+
+
+def test_failed_atomic_write_is_not_synced_nor_renamed(tmp_path, monkeypatch):
+    import aepsl.io as aepsl_io
+
+    events: list[str] = []
+    monkeypatch.setattr(aepsl_io.os, "fsync", lambda fd: events.append("fsync"))
+    target = tmp_path / "file"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), aepsl_io.atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert events == [] and target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+# ------------------------------------------------------------------ issue 15: messages
+
+
+class Reduces:
+    """Unpickling this calls `function(*args)`."""
+
+    def __init__(self, function, *args) -> None:
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return (self.function, self.args)
+
+
+@pytest.mark.parametrize(
+    "function, how, name",
+    [
+        (os.system, "pickle-2", "posix.system"),
+        (os.system, "torch.save", "posix.system"),
+        (posix.system, "pickle-2", "posix.system"),
+        (posix.system, "torch.save", "posix.system"),
+        (os.system, "pickle-5", "posix.system"),  # STACK_GLOBAL: torch stops before naming it
+        (subprocess.call, "pickle-2", "subprocess.call"),  # pickled as commands.call
+        (builtins.eval, "torch.save", "builtins.eval"),
+        (builtins.exec, "pickle-2", "builtins.exec"),
+    ],
+)
+def test_checkpoint_that_would_run_a_command_is_refused(
+    capsys, tmp_path, data, function, how, name
+):
+    """Refused in our words, never with torch's advice to load it with weights_only=False."""
+
+    def live(marker: Path) -> Reduces:
+        command = f"touch {marker}"
+        if function is subprocess.call:
+            return Reduces(function, command.split())
+        if function in (builtins.eval, builtins.exec):
+            return Reduces(function, f"open({str(marker)!r}, 'w').close()")
+        return Reduces(function, command)
+
+    # The payload is live: an unsafe load of a copy, outside tmp_path, runs the command.
+    probe = tmp_path.parent / f"{tmp_path.name}-probe"
+    probe.mkdir()
+    pickle.loads(pickle.dumps(live(probe / "pwned"), protocol=2))
+    assert (probe / "pwned").exists()
+    shutil.rmtree(probe)
+
+    marker = tmp_path / "pwned"
+    payload = live(marker)
+    path = tmp_path / "model.pt"
+    if how == "torch.save":
+        torch.save({"extra": payload, **_segnet_state()}, path)
+    else:
+        path.write_bytes(pickle.dumps({"extra": payload}, protocol=int(how.split("-")[1])))
+    line = predict(
+        capsys, tmp_path, data, path, f"refused: loading it would run Python code ({name}); "
+    )
+    assert "weights_only" not in line and "\x1b" not in line and "trust" not in line
+    assert not marker.exists()
+
+
+def test_saliency_map_of_the_wrong_size_names_the_file(tmp_path, data):
+    from aepsl.config import load_config
+    from aepsl.labels.stage import _background
+    from aepsl.layout import RunLayout
+
+    saliency = tmp_path / "maps"
+    saliency.mkdir()
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(saliency / "img0.png")
+    config = load_config(
+        DEMO, [f"data.root={data}", "saliency.source=dir", f"saliency.dir={saliency}"]
+    )
+    sample = Sample("img0", data / "images" / "img0.png", (1,))
+    with pytest.raises(UserError) as info:
+        _background(config, sample, (32, 32), RunLayout(tmp_path / "run", config), None)
+    assert (
+        str(info.value) == f"{saliency / 'img0.png'}: saliency map is 12x10 but its image is 32x32"
+    )
+
+
+def test_corrupt_exif_is_a_warning_naming_the_file(capsys, data):
+    """Pillow warns "Corrupt EXIF data" without the file; the image itself is fine."""
+    path = as_jpeg(data)
+    image = Image.open(path).convert("RGB")
+    exif = image.getexif()
+    exif[0x0112], exif[0x010E] = 1, "x" * 50
+    image.save(path, exif=exif, quality=95)
+    content = bytearray(path.read_bytes())
+    start = content.find(b"Exif\x00\x00") + 14
+    content[start : start + 26] = b"\xff" * 26  # the IFD entries
+    path.write_bytes(bytes(content))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["data-info", DEMO, f"data.root={data}", "--check"]) == 0
+    assert caught and all(str(w.message).startswith(f"{path}: Corrupt EXIF") for w in caught)
+    assert "all images and masks decode" in capsys.readouterr().out

@@ -121,3 +121,86 @@ def test_auto_precision_follows_the_hardware(
     config = load_config(None, [f"precision={precision}", f"device={device}"])
     assert runtime.effective_precision(config) == expected
     assert training_settings(config, "mine")["precision"] == expected
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("mine.cam_scales=[]", "mine.cam_scales"),
+        ("mine.cam_scales=[0.5, -1]", "mine.cam_scales.1"),
+        ("predict.scales=[]", "predict.scales"),
+        ("predict.scales=[0]", "predict.scales.0"),
+        ("predict.scales=[100]", "predict.scales.0"),
+        ("train.scale_range=[1.3, 0.7]", "train.scale_range"),
+        ("train.scale_range=[0, 1]", "train.scale_range.0"),
+        ("seed=-1", "seed"),
+        ("seed=4294967296", "seed"),
+        ("mine.lr=.inf", "mine.lr"),
+        ("mine.momentum=.nan", "mine.momentum"),
+        ("data.root=''", "data.root"),
+        ("data.val_split=''", "data.val_split"),
+        ("data.max_pixels=0", "data.max_pixels"),
+        ("train.psl_warmup=6000", "train.psl_warmup"),
+        ("model.weights=''", "model.weights"),
+    ],
+)
+def test_values_that_would_fail_in_a_stage_fail_at_load(override, key):
+    """Each passed the schema before and crashed (or did nothing) later; now one line, at load."""
+    with pytest.raises(UserError, match=f"^command line: config key '{key}': ") as info:
+        load_config(None, [override])
+    assert "\n" not in str(info.value) and len(str(info.value)) < 300
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["seed=4294967295", "train.scale_range=[1.0, 1.0]", "predict.scales=[0.5, 1, 1.5]"],
+        ["train.psl=false", "train.psl_warmup=6000"],  # warmup is unused without PSL
+        ["train.iterations=10", "train.psl_warmup=9"],
+    ],
+)
+def test_edge_values_still_load(overrides):
+    load_config(None, overrides)
+
+
+def test_max_pixels_reaches_the_image_readers():
+    import aepsl.io
+
+    try:
+        load_config(None, ["data.max_pixels=1234"])
+        assert aepsl.io.MAX_PIXELS == 1234
+        load_config(None)  # the default applies again with the next config
+        assert aepsl.io.MAX_PIXELS == 40_000_000
+    finally:
+        aepsl.io.set_max_pixels(40_000_000)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "mine:\n  cam_scales: &s [1.0]\npredict:\n  scales: *s\n",
+        "base: &b {steps: 2}\nmine:\n  <<: *b\n",
+        "a: &a [1, 1, 1, 1, 1, 1, 1, 1, 1]\nb: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a]\n",
+    ],
+)
+def test_yaml_aliases_are_refused(tmp_path, text):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(
+        UserError, match=r"invalid YAML at line \d+, column \d+ \(alias \*\w+ is not"
+    ):
+        load_config(path)
+
+
+def test_yaml_anchor_without_alias_is_fine(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("mine:\n  cam_scales: &s [1.0, 0.5]\n")
+    assert load_config(path).mine.cam_scales == [1.0, 0.5]
+
+
+def test_long_values_are_clipped_in_the_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("mine:\n  steps: " + "9x" * 50_000 + "\n")
+    with pytest.raises(UserError, match=r"config key 'mine\.steps'.*\.\.\.\)$") as info:
+        load_config(path)
+    assert len(str(info.value)) < 300

@@ -146,6 +146,7 @@ def test_crf_without_extra_gives_install_hint(trained, tmp_path, monkeypatch, ca
             DEMO,
             f"data.root={root}",
             *TINY,
+            "crf.backend=pydensecrf",
             "--checkpoint",
             str(out / "train" / "model.pt"),
             "--split",

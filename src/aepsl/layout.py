@@ -56,7 +56,7 @@ def training_settings(
 
     return {
         "seed": config.seed,
-        "data": config.data.model_dump(exclude={"num_workers"}),
+        "data": config.data.model_dump(exclude={"num_workers", "max_pixels"}),  # no output
         "model": config.model.model_dump(),
         "precision": effective_precision(config),
         section: getattr(config, section).model_dump(exclude=set(exclude)),
