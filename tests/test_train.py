@@ -196,3 +196,20 @@ def test_diverging_training_stops_with_one_line_and_keeps_the_checkpoint(tmp_pat
     state = torch.load(out / "train" / "checkpoint.pt", weights_only=True)
     assert all(torch.isfinite(v).all() for v in state["model"].values())
     assert not (out / "train" / "model.pt").exists()
+
+
+def test_checkpoint_predicts_without_the_training_config(trained, tmp_path):
+    """model.pt says how to build its network: no config, no model keys on the command line."""
+    root, out = trained
+    target = tmp_path / "bare"
+    argv = ["predict", "--checkpoint", str(out / "train" / "model.pt"), "--images"]
+    assert main([*argv, str(root / "images"), "--out", str(target), "precision=fp32"]) == 0
+    assert sorted(p.stem for p in target.glob("*.png")) == [f"img{i}" for i in range(8)]
+
+
+def test_checkpoint_and_disagreeing_config_is_one_line(trained, tmp_path, capsys):
+    root, out = trained
+    argv = ["predict", "model.backbone=vgg16", "--checkpoint", str(out / "train" / "model.pt")]
+    assert main([*argv, "--images", str(root / "images"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "trained with model.backbone=tiny" in err
