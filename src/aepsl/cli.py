@@ -26,6 +26,14 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
 
+def _config_and_out(args: argparse.Namespace) -> tuple[Config, Path]:
+    """The config, and the --out folder checked writable with the resolved config saved in it."""
+    config = _config(args)
+    out = _writable_out(args.out)
+    save_config(config, out)
+    return config, out
+
+
 def _writable_out(path: str) -> Path:
     out = Path(path)
     if out.exists() and not out.is_dir():
@@ -115,9 +123,7 @@ def cmd_prepare_voc(args: argparse.Namespace) -> None:
 def cmd_mine(args: argparse.Namespace) -> None:
     from aepsl.mine.stage import run_mine
 
-    config = _config(args)
-    out = _writable_out(args.out)
-    save_config(config, out)
+    config, out = _config_and_out(args)
     run_mine(config, out)
 
 
@@ -125,9 +131,7 @@ def cmd_labels(args: argparse.Namespace) -> None:
     from aepsl.labels.stage import run_labels
     from aepsl.runtime import on_main, select_device
 
-    config = _config(args)
-    out = _writable_out(args.out)
-    save_config(config, out)
+    config, out = _config_and_out(args)
     select_device(config)  # joins the process group under torchrun
     on_main(run_labels, config, out)
 
@@ -137,9 +141,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from aepsl.psl.stage import run_train
     from aepsl.runtime import select_device
 
-    config = _config(args)
-    out = _writable_out(args.out)
-    save_config(config, out)
+    config, out = _config_and_out(args)
     model = run_train(config, out)
     result = evaluate_trained(config, out, model, select_device(config))
     for key in ("without_crf", "with_crf"):
@@ -184,9 +186,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 def cmd_run(args: argparse.Namespace) -> None:
     from aepsl.pipeline import run_pipeline
 
-    config = _config(args)
-    out = _writable_out(args.out)
-    save_config(config, out)
+    config, out = _config_and_out(args)
     run_pipeline(config, out)
 
 

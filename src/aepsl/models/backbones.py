@@ -195,6 +195,19 @@ class Backbone:
     load_weights: Callable[[nn.Module, str], None] | None = None  # other sources than torchvision
 
 
+def _resnet(depth: int, weights: models.WeightsEnum) -> Backbone:
+    return Backbone(
+        lambda: resnet_features(depth),
+        2048,
+        16,
+        _resnet_os8,
+        "torchvision's cache",
+        dilated_head,
+        1024,
+        torchvision_weights=weights,
+    )
+
+
 REGISTRY: dict[str, Backbone] = {
     "tiny": Backbone(TinyBackbone, 128, 8, lambda features: features, "none exist", tiny_head, 128),
     "vgg16": Backbone(
@@ -207,26 +220,8 @@ REGISTRY: dict[str, Backbone] = {
         1024,
         torchvision_weights=models.VGG16_Weights.IMAGENET1K_V1,
     ),
-    "resnet50": Backbone(
-        lambda: resnet_features(50),
-        2048,
-        16,
-        _resnet_os8,
-        "torchvision's cache",
-        dilated_head,
-        1024,
-        torchvision_weights=models.ResNet50_Weights.IMAGENET1K_V1,
-    ),
-    "resnet101": Backbone(
-        lambda: resnet_features(101),
-        2048,
-        16,
-        _resnet_os8,
-        "torchvision's cache",
-        dilated_head,
-        1024,
-        torchvision_weights=models.ResNet101_Weights.IMAGENET1K_V1,
-    ),
+    "resnet50": _resnet(50, models.ResNet50_Weights.IMAGENET1K_V1),
+    "resnet101": _resnet(101, models.ResNet101_Weights.IMAGENET1K_V1),
     "efficientnet_lite0": Backbone(
         _efficientnet_features,
         320,
