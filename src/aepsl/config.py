@@ -91,7 +91,6 @@ class ModelConfig(Section):
         "skips dilating the last strided stage (faster, coarser); tiny is always 8",
     )
 
-
     @field_validator("backbone")
     @classmethod
     def _registered(cls, name: str) -> str:
