@@ -11,27 +11,33 @@ Speed: images/s of what predict.py runs per image (CRF + argmax -> uint8 labels)
   pydensecrf-1      pydensecrf in this process, one image after the other
   pydensecrf-pool   pydensecrf in a spawn Pool of --workers processes (crf.workers), Pool.map
                     over the images as predict.py does (pool start-up not timed)
-  torch-cpu         the torch backend, torch's threads (all cores), --batch images per call
+  torch-pool        the torch backend the same way, one torch thread per process (what
+                    predict.py runs on the CPU with crf.workers > 1)
+  torch-cpu         the torch backend in this process with torch's threads (all cores),
+                    --batch images per call (predict.py with crf.workers = 1)
   torch-cuda        the same code on the GPU, when there is one
-The methods take turns round by round (--rounds); the median round counts, so load from other
-processes on the machine falls on all of them alike.
-Peak memory per image: extra peak RSS (VmHWM after a reset, minus RSS before) of one image in
-a fresh process, after a warm-up on a small image; torch-cuda: max_memory_allocated.
+The methods take turns round by round (--rounds); img/s is of the median round, best of the
+fastest (load from other processes falls on all methods alike, but not equally: torch's OpenMP
+threads stall when another process holds a core, pydensecrf's processes just slow down).
+Peak memory per image: extra peak RSS (VmHWM reset after malloc_trim, minus RSS before) of one
+image in a fresh process, after a warm-up on a small image; torch-cuda: max_memory_allocated.
 Agreement: labels of torch-cpu equal to pydensecrf's, % of all pixels; marginals max and mean
 absolute difference.
 --profile prints torch.profiler's table of one torch-cpu image.
 
 Usage: .venv/bin/python benchmarks/bench_crf.py [--images 8] [--rounds 3] [--workers 2]
-           [--batch 1] [--classes 21] [--iterations 10] [--profile]
+           [--batch 1] [--threads N] [--classes 21] [--iterations 10] [--noise 2.0] [--profile]
 Smoke: .venv/bin/python benchmarks/bench_crf.py --images 2 --rounds 1 --width 120 --height 90
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
 import json
 import multiprocessing
+import os
 import re
 import statistics
 import subprocess
@@ -44,7 +50,13 @@ import torch
 from PIL import Image
 
 from aepsl.config import CrfConfig
-from aepsl.inference.crf import crf_labels, crf_labels_torch, dense_crf, dense_crf_torch
+from aepsl.inference.crf import (
+    crf_job,
+    crf_labels_torch,
+    crf_pool,
+    dense_crf,
+    dense_crf_torch,
+)
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 
@@ -71,7 +83,7 @@ def photographs(n: int, width: int, height: int) -> list[np.ndarray]:
     return images
 
 
-def realistic_softmax(image: np.ndarray, classes: int, seed: int) -> np.ndarray:
+def realistic_softmax(image: np.ndarray, classes: int, seed: int, noise: float) -> np.ndarray:
     """(K, H, W) float32: Felzenszwalb segments as truth, noisy one-hot, blurred, softmax."""
     from scipy.ndimage import gaussian_filter
     from skimage.segmentation import felzenszwalb
@@ -83,22 +95,25 @@ def realistic_softmax(image: np.ndarray, classes: int, seed: int) -> np.ndarray:
     names[sizes.argmax()] = 0
     truth = names[segments]
     logits = 4.0 * np.eye(classes, dtype=np.float32)[truth].transpose(2, 0, 1)
-    logits += rng.normal(0, 2.0, logits.shape).astype(np.float32)
+    logits += rng.normal(0, noise, logits.shape).astype(np.float32)
     logits = np.stack([gaussian_filter(channel, 4.0) for channel in logits])
     return torch.softmax(torch.from_numpy(logits), 0).numpy()
 
 
 def make_data(args: argparse.Namespace) -> tuple[list[np.ndarray], list[np.ndarray]]:
     images = photographs(args.images, args.width, args.height)
-    probs = [realistic_softmax(im, args.classes, seed) for seed, im in enumerate(images)]
+    probs = [
+        realistic_softmax(im, args.classes, seed, args.noise) for seed, im in enumerate(images)
+    ]
     return images, probs
 
 
 # ------------------------------------------------------------------ methods
 
 
-def run_pydensecrf(images, probs, params, pool=None):
-    refine = functools.partial(crf_labels, **params)
+def run_pool(images, probs, params, backend, pool=None):
+    """What predict.py runs on the CPU: (image, probs) jobs, one per process of the pool."""
+    refine = crf_job(backend, **params)
     jobs = list(zip(images, probs, strict=True))
     return pool.map(refine, jobs) if pool else [refine(job) for job in jobs]
 
@@ -129,8 +144,9 @@ def memory_child(args: argparse.Namespace) -> None:
         run_torch(*small, params)  # warm-up: thread pools, allocator
         work = functools.partial(run_torch, images, probs, params, batch=count)
     else:
-        run_pydensecrf(*small, params)
-        work = functools.partial(run_pydensecrf, images, probs, params)
+        run_pool(*small, params, "pydensecrf")
+        work = functools.partial(run_pool, images, probs, params, "pydensecrf")
+    ctypes.CDLL("libc.so.6").malloc_trim(0)  # freed heap pages would hide new allocations
     before = _status()["VmRSS"]
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     work()
@@ -140,8 +156,10 @@ def memory_child(args: argparse.Namespace) -> None:
 
 def peak_memory(args: argparse.Namespace, method: str) -> float | None:
     command = [sys.executable, __file__, "--memory-child", method]
-    for key in ("images", "width", "height", "classes", "iterations", "batch"):
+    for key in ("images", "width", "height", "classes", "iterations", "batch", "noise"):
         command += [f"--{key}", str(getattr(args, key))]
+    if args.threads:
+        command += ["--threads", str(args.threads)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         print(f"  ({method} memory: {done.stderr.strip().splitlines()[-1:]})")
@@ -162,9 +180,13 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=CrfConfig().iterations)
     parser.add_argument("--width", type=int, default=500)
     parser.add_argument("--height", type=int, default=375)
+    parser.add_argument("--noise", type=float, default=2.0, help="std of the logit noise")
+    parser.add_argument("--threads", type=int, help="torch threads (default: one per core)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(args)
         return
@@ -178,16 +200,18 @@ def main() -> None:
         f"threads, CPU {torch.backends.cpu.get_cpu_capability()}, "
         f"{multiprocessing.cpu_count()} cores"
     )
-    pool = multiprocessing.get_context("spawn").Pool(args.workers)
-    pool.map(
-        functools.partial(crf_labels, **params),
-        [(im[:20, :20], p[:, :20, :20]) for im, p in zip(images, probs, strict=True)][
-            : args.workers
-        ],
-    )
+    pools = {backend: crf_pool(backend, args.workers) for backend in ("pydensecrf", "torch")}
+    tiny = [(im[:20, :20], p[:, :20, :20]) for im, p in zip(images, probs, strict=True)]
+    for backend, pool in pools.items():  # start the workers before timing
+        pool.map(crf_job(backend, **params), tiny[:1] * args.workers)
     methods = {
-        "pydensecrf-1": lambda: run_pydensecrf(images, probs, params),
-        f"pydensecrf-pool{args.workers}": lambda: run_pydensecrf(images, probs, params, pool),
+        "pydensecrf-1": lambda: run_pool(images, probs, params, "pydensecrf"),
+        f"pydensecrf-pool{args.workers}": lambda: run_pool(
+            images, probs, params, "pydensecrf", pools["pydensecrf"]
+        ),
+        f"torch-pool{args.workers}": lambda: run_pool(
+            images, probs, params, "torch", pools["torch"]
+        ),
         "torch-cpu": lambda: run_torch(images, probs, params, batch=args.batch),
     }
     if torch.cuda.is_available():
@@ -202,8 +226,9 @@ def main() -> None:
             start = time.perf_counter()
             outputs[name] = method()
             seconds[name].append(time.perf_counter() - start)
-    pool.close()
-    pool.join()
+    for pool in pools.values():
+        pool.close()
+        pool.join()
 
     memory = {name: peak_memory(args, name) for name in ("pydensecrf-1", "torch-cpu")}
     if "torch-cuda" in methods:
@@ -211,17 +236,19 @@ def main() -> None:
         run_torch(images[: args.batch], probs[: args.batch], params, "cuda", args.batch)
         memory["torch-cuda"] = torch.cuda.max_memory_allocated() / 2**20 / args.batch
 
+    load = os.getloadavg()[0]
     reference = outputs["pydensecrf-1"]
-    header = f"{'img/s':>7s} {'s/img':>7s} {'rounds (s)':>24s} {'peak MiB/img':>13s}"
-    print(f"\n{'method':18s} {header} {'labels = pydensecrf':>20s}")
+    header = f"{'img/s':>7s} {'best':>7s} {'s/img':>7s} {'rounds (s)':>24s} {'peak MiB/img':>13s}"
+    print(f"\n{'method':18s} {header}  labels = pydensecrf's")
     for name, times in seconds.items():
         median = statistics.median(times)
-        agree = np.mean([np.mean(a == b) for a, b in zip(outputs[name], reference, strict=True)])
+        differ = sum(int((a != b).sum()) for a, b in zip(outputs[name], reference, strict=True))
+        agree = 1 - differ / sum(a.size for a in reference)
         mem = memory.get(name)
         print(
-            f"{name:18s} {n / median:7.2f} {median / n:7.3f} "
+            f"{name:18s} {n / median:7.2f} {n / min(times):7.2f} {median / n:7.3f} "
             f"{' '.join(f'{t:.2f}' for t in times):>24s} "
-            f"{'' if mem is None else f'{mem:.0f}':>13s} {100 * agree:19.3f}%"
+            f"{'' if mem is None else f'{mem:.0f}':>13s} {100 * agree:9.4f}% ({differ} px)"
         )
 
     # marginals: pydensecrf against torch-cpu, and how much the CRF changed the labels
@@ -232,6 +259,7 @@ def main() -> None:
         worst = max(worst, float(np.abs(ref - q).max()))
         mean.append(float(np.abs(ref - q).mean()))
         changed.append(float(np.mean(ref.argmax(0) != prob.argmax(0))))
+    print(f"load average (1 min) after the timed rounds: {load:.2f} on {os.cpu_count()} cores")
     print(
         f"\nmarginals torch vs pydensecrf: max |diff| {worst:.2e}, mean |diff| "
         f"{np.mean(mean):.2e}; the CRF changed {100 * np.mean(changed):.1f}% of the labels"

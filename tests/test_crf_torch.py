@@ -180,3 +180,37 @@ def test_same_code_on_cuda():
     (cpu,) = dense_crf_torch([image], [probs], iterations=3)
     (gpu,) = dense_crf_torch([image], [probs], iterations=3, device="cuda")
     np.testing.assert_allclose(gpu, cpu, atol=1e-4)
+
+
+class BrightIsClassOne(torch.nn.Module):
+    """A stand-in segmentation network: class 1 where the image is bright, blurry scores."""
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        bright = torch.nn.functional.avg_pool2d(x.mean(1, keepdim=True), 5, 1, 2)
+        return torch.cat([-bright, bright], 1), torch.zeros(x.shape[0], 1)
+
+
+@pytest.mark.parametrize(
+    ("backend", "workers"),
+    [("torch", 1), ("torch", 2), pytest.param("pydensecrf", 1, marks=needs_crf)],
+)
+def test_predict_honours_the_backend(tmp_path, backend, workers):
+    """crf.workers = 1: torch in this process; 2: a pool of one-thread torch processes."""
+    from PIL import Image
+
+    from aepsl.config import load_config
+    from aepsl.inference.predict import crf_available, images_in, predict_samples
+    from aepsl.io import read_index_png
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, size in enumerate([(48, 32), (40, 40)]):
+        Image.fromarray(real_image(size)).save(folder / f"im{i}.png")
+    config = load_config(
+        None, [f"crf.backend={backend}", f"crf.workers={workers}", "precision=fp32"]
+    )
+    assert crf_available(config)
+    out = tmp_path / f"{backend}{workers}"
+    predict_samples(BrightIsClassOne(), images_in(folder), config, torch.device("cpu"), None, out)
+    labels = read_index_png(out / "im1.png")
+    assert labels.shape == (40, 40) and set(np.unique(labels)) <= {0, 1}

@@ -2,17 +2,23 @@
 by one of two backends of the same model (`crf.backend`):
 
 - pydensecrf: an optional dependency (the 'crf' extra), imported only when a CRF is run.
-  `crf_labels` is a top-level function of picklable arguments, so callers can spread images over
-  a multiprocessing Pool: the CRF runs on the CPU, one image per process.
-- torch: aepsl.inference.meanfield, batched, on the CPU (torch's threads, in the calling
-  process) or a GPU; no extra. `crf_labels_torch` labels a list of images.
+- torch: aepsl.inference.meanfield, batched, on a GPU or the CPU; no extra.
 
-This module imports torch only inside the torch functions, so Pool workers stay light.
+On the CPU both run one image per process in a Pool of `crf.workers` processes (`crf_pool`,
+`crf_job`: top-level functions of picklable arguments), torch with one thread per process:
+torch's threads in one process stall when another process holds a core (measured in
+docs/crf.md). On a GPU, or with one worker, `crf_labels_torch` labels a list of images in the
+calling process.
+
+This module imports torch only inside the torch functions, so pydensecrf's workers stay light.
 """
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
 from collections.abc import Sequence
+from multiprocessing.pool import Pool
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -119,3 +125,27 @@ def crf_labels_torch(
         )
         labels += [q.argmax(0).to(torch.uint8).cpu().numpy() for q in refined]
     return labels
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def crf_labels_torch_job(job: tuple[np.ndarray, np.ndarray], **params: float) -> np.ndarray:
+    """`crf_labels` with the torch backend on the CPU: for `Pool.map` in `crf_pool`."""
+    image, probs = job
+    return crf_labels_torch([image], [probs], "cpu", 1, **params)[0]
+
+
+def crf_pool(backend: str, workers: int) -> Pool:
+    """A spawn Pool of `workers` CRF processes for `backend` (torch ones use one thread)."""
+    initializer = _one_thread if backend == "torch" else None
+    return multiprocessing.get_context("spawn").Pool(workers, initializer=initializer)
+
+
+def crf_job(backend: str, **params: float):
+    """The picklable per-image function of `backend` for `crf_pool`: (image, probs) -> labels."""
+    job = crf_labels_torch_job if backend == "torch" else crf_labels
+    return functools.partial(job, **params)
