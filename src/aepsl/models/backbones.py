@@ -80,6 +80,11 @@ def resnet_features(depth: int, output_stride: int = 16) -> nn.Sequential:
 
 def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
     """torchvision's ImageNet weights for `name` from the local cache, keyed for our layout."""
+    return _backbone_keys(name, load_checkpoint(_imagenet_path(name)))
+
+
+def _imagenet_path(name: str) -> Path:
+    """torchvision's cached ImageNet file of `name`; a one-line error when it is missing."""
     weights = REGISTRY[name].torchvision_weights
     if weights is None:
         raise UserError(f"model.weights=imagenet: no ImageNet weights exist for '{name}'; use none")
@@ -89,7 +94,7 @@ def imagenet_state_dict(name: str) -> dict[str, torch.Tensor]:
             f"{path}: ImageNet weights for {name} not in torchvision's cache; download "
             f"{weights.url} there, or set model.weights=none or a local file"
         )
-    return _backbone_keys(name, load_checkpoint(path))
+    return path
 
 
 def _backbone_keys(name: str, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -157,13 +162,43 @@ def _fc6(channels: int, dilation: int) -> list[nn.Module]:
 
 
 def large_fov_head(channels: int, dilation: int) -> nn.Sequential:
-    """fc6 then fc7 (1x1, 1024 channels, ReLU, dropout 0.5)."""
+    """fc6 then fc7 (1x1, 1024 channels, ReLU, dropout 0.5): keys 0.* (fc6) and 3.* (fc7)."""
     return nn.Sequential(
         *_fc6(channels, dilation),
         nn.Conv2d(1024, 1024, 1),
         nn.ReLU(inplace=True),
         nn.Dropout(0.5),
     )
+
+
+FC6, FC7 = "classifier.0", "classifier.3"  # VGG16's fc6 and fc7 in torchvision's layout
+
+
+def vgg16_fc_to_large_fov(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """DeepLab-LargeFOV's fc6/fc7 from a torchvision VGG16 state dict, by decimation as
+    DeepLab initialised them (Chen et al. 2015), keyed for `large_fov_head`; None when the
+    file holds no fc6/fc7 (then the head starts random).
+
+    fc6's 4096 x 25088 weight is viewed as 4096 x 512 x 7 x 7 (torchvision flattens pool5's
+    512 x 7 x 7 output channel-major): every 4th output and every 3rd spatial tap give the
+    1024 x 512 x 3 x 3 kernel, whose taps 3 pool5 cells (96 pixels) apart are what dilation 12
+    at output stride 8 spans. fc7: every 4th row and column (1024 x 1024 x 1 x 1). Biases:
+    every 4th."""
+    keys = [f"{layer}.{part}" for layer in (FC6, FC7) for part in ("weight", "bias")]
+    if not all(key in state for key in keys):
+        return None
+    fc6, fc7 = state[f"{FC6}.weight"], state[f"{FC7}.weight"]
+    if tuple(fc6.shape) != (4096, 512 * 7 * 7) or tuple(fc7.shape) != (4096, 4096):
+        raise UserError(
+            f"VGG16 fc6/fc7 of shapes {tuple(fc6.shape)} and {tuple(fc7.shape)}: expected "
+            "(4096, 25088) and (4096, 4096), torchvision's VGG16"
+        )
+    return {
+        "0.weight": fc6.view(4096, 512, 7, 7)[::4, :, ::3, ::3].contiguous(),
+        "0.bias": state[f"{FC6}.bias"][::4].contiguous(),
+        "3.weight": fc7[::4, ::4].reshape(1024, 1024, 1, 1).contiguous(),
+        "3.bias": state[f"{FC7}.bias"][::4].contiguous(),
+    }
 
 
 def tiny_head(channels: int, dilation: int) -> nn.Sequential:
@@ -193,6 +228,9 @@ class Backbone:
     std: tuple[float, float, float] = IMAGENET_STD
     torchvision_weights: models.WeightsEnum | None = None  # file in torchvision's cache
     load_weights: Callable[[nn.Module, str], None] | None = None  # other sources than torchvision
+    # torchvision whole-model state dict -> seg_head's state dict, None when it has none
+    # (VGG16: fc6/fc7 decimated, DeepLab-LargeFOV's initialisation); without it heads start random
+    head_weights: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor] | None] | None = None
 
 
 def _resnet(depth: int, weights: models.WeightsEnum) -> Backbone:
@@ -219,6 +257,7 @@ REGISTRY: dict[str, Backbone] = {
         large_fov_head,
         1024,
         torchvision_weights=models.VGG16_Weights.IMAGENET1K_V1,
+        head_weights=vgg16_fc_to_large_fov,
     ),
     "resnet50": _resnet(50, models.ResNet50_Weights.IMAGENET1K_V1),
     "resnet101": _resnet(101, models.ResNet101_Weights.IMAGENET1K_V1),
@@ -244,26 +283,66 @@ def backbone_spec(name: str) -> Backbone:
 def build_backbone(name: str, weights: str, output_stride: int = 16) -> tuple[nn.Module, int]:
     """The feature extractor `name` with `weights` ('imagenet', 'none' or a file) loaded, at
     `output_stride` 16 or 8 (tiny: always 8); returns it and its channel count."""
+    net, channels, _ = _build_features(name, weights, output_stride)
+    return net, channels
+
+
+@dataclass
+class Trunk:
+    """A feature extractor and the segmentation head of its backbone (VGG16: LargeFOV's
+    fc6/fc7), as the segmentation network and the `largefov` CAM classifier use them."""
+
+    features: nn.Module
+    channels: int  # of the features
+    head: nn.Module
+    head_channels: int
+    head_pretrained: bool  # initialised from the weights file (VGG16's fc6/fc7), not random
+
+
+def build_trunk(name: str, weights: str, output_stride: int, dilation: int) -> Trunk:
+    """`build_backbone`, then its segmentation head with fc6 dilated `dilation`; the head is
+    initialised from the same weights when the registry maps them (VGG16's fc6/fc7 by
+    decimation, when the file holds classifier.0/3: ImageNet's does), else random."""
+    spec = backbone_spec(name)
+    net, channels, state = _build_features(name, weights, output_stride)
+    head = spec.seg_head(channels, dilation)
+    head_state = None
+    if state is not None and spec.head_weights is not None:
+        head_state = spec.head_weights(state)
+    if head_state is not None:
+        head.load_state_dict(head_state)
+    return Trunk(net, channels, head, spec.seg_head_channels, head_state is not None)
+
+
+def _build_features(
+    name: str, weights: str, output_stride: int
+) -> tuple[nn.Module, int, dict[str, torch.Tensor] | None]:
+    """The extractor, its channels and the whole state dict its weights came from (None for
+    weights=none or a source other than a torchvision-layout file)."""
     spec = backbone_spec(name)
     net = spec.features()
+    state = None
     if weights != "none":
         if spec.load_weights is not None:
             spec.load_weights(net, weights)
         else:
-            _load_torchvision_layout(name, net, weights)
+            state = _load_torchvision_layout(name, net, weights)
     if output_stride == 8 and spec.native_stride != 8:
         net = spec.to_stride_8(net)
-    return net, spec.channels
+    return net, spec.channels, state
 
 
-def _load_torchvision_layout(name: str, net: nn.Module, weights: str) -> None:
+def _load_torchvision_layout(name: str, net: nn.Module, weights: str) -> dict[str, torch.Tensor]:
+    """Load `weights` into the extractor; returns the file's whole state dict."""
     if weights == "imagenet":
-        state = imagenet_state_dict(name)
+        whole = load_checkpoint(_imagenet_path(name))
+        state = _backbone_keys(name, whole)
     else:
-        state = load_checkpoint(weights)
-        state = state.get("model", state) if isinstance(state.get("model"), dict) else state
-        if any(k.startswith(("features.", "layer1.", "conv1.")) for k in state):
-            state = _backbone_keys(name, state)
+        whole = load_checkpoint(weights)
+        whole = whole.get("model", whole) if isinstance(whole.get("model"), dict) else whole
+        state = whole
+        if any(k.startswith(("features.", "layer1.", "conv1.")) for k in whole):
+            state = _backbone_keys(name, whole)
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing:
         raise UserError(
@@ -271,3 +350,4 @@ def _load_torchvision_layout(name: str, net: nn.Module, weights: str) -> None:
             f"e.g. '{missing[0]}')"
         )
     del unexpected  # a whole-model file carries heads we do not use
+    return whole

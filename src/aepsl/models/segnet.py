@@ -5,9 +5,12 @@ variants have output stride 8 (`model.seg_output_stride=16` trades resolution fo
 classification branch (global average pooling + linear) reads the same features as the
 per-pixel classifier, so it predicts nu from what segments.
 
-Backbone weights are loaded by `build_backbone`, then the backbone is converted to output
+Backbone weights are loaded by `build_trunk`, then the backbone is converted to output
 stride 8: the conversion only changes strides, dilations and pooling, never parameter shapes,
-so ImageNet and whole-model files load with the key mapping of backbones.py.
+so ImageNet and whole-model files load with the key mapping of backbones.py. VGG16's fc6/fc7
+become LargeFOV's by decimation, as DeepLab initialised them (backbones.vgg16_fc_to_large_fov),
+when the weights hold them (ImageNet's do); then only the (C+1)-way classifier and the
+classification branch are new layers.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from torch import nn
 
 from aepsl.config import Config
 from aepsl.errors import UserError
-from aepsl.models.backbones import Normalise, backbone_spec, build_backbone
+from aepsl.models.backbones import Normalise, backbone_spec, build_trunk
 from aepsl.models.saved import agree, read_model_file
 
 
@@ -32,9 +35,11 @@ class SegNet(nn.Module):
         num_classes: int,
         output_stride: int,
         normalise: nn.Module,
+        head_pretrained: bool = False,
     ):
         super().__init__()
         self.output_stride = output_stride
+        self.head_pretrained = head_pretrained  # fc6/fc7 from the weights file, not random
         self.normalise = normalise  # images arrive in [0, 1]
         self.backbone = backbone
         self.head = head
@@ -46,14 +51,12 @@ class SegNet(nn.Module):
             nn.init.zeros_(layer.bias)
 
     def new_parameters(self) -> list[nn.Parameter]:
-        """The layers without pretrained weights (head, classifier, classification branch),
-        trained at 10x the base rate: DeepLab's fc6/fc7 started from subsampled VGG16 fc
-        weights, ours start random, so they are new layers too."""
-        return [
-            *self.head.parameters(),
-            *self.classifier.parameters(),
-            *self.class_branch.parameters(),
-        ]
+        """The layers without pretrained weights, trained at train.new_layer_lr_mult x the base
+        rate: the classifier and the classification branch, and the head (fc6/fc7) when it
+        started random (weights=none, or a file without VGG16's fc6/fc7, or a backbone whose
+        head has no pretrained source)."""
+        head = [] if self.head_pretrained else list(self.head.parameters())
+        return [*head, *self.classifier.parameters(), *self.class_branch.parameters()]
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-pixel logits (N, C+1, h, w) at the output stride, and class logits (N, C)."""
@@ -70,17 +73,26 @@ def effective_stride(backbone: str, output_stride: int) -> int:
 
 
 def build_segnet(backbone: str, weights: str, num_classes: int, output_stride: int = 8) -> SegNet:
-    """The segmentation network on `backbone`, its backbone initialised from `weights`
-    ('imagenet', 'none' or a file, as for the CAM classifier); head and classifiers are new.
-    `output_stride` 8 is DeepLab-LargeFOV's; 16 keeps the backbone's last strided stage (about
-    4x cheaper for EfficientNet-Lite0, coarser scores). `tiny` is always 8."""
+    """The segmentation network on `backbone`, initialised from `weights` ('imagenet', 'none'
+    or a file, as for the CAM classifier): the backbone, and VGG16's fc6/fc7 decimated into
+    LargeFOV's head when the weights hold them; classifiers are new. `output_stride` 8 is
+    DeepLab-LargeFOV's; 16 keeps the backbone's last strided stage (about 4x cheaper for
+    EfficientNet-Lite0, coarser scores). `tiny` is always 8."""
     spec = backbone_spec(backbone)
     output_stride = effective_stride(backbone, output_stride)
-    features, backbone_channels = build_backbone(backbone, weights, output_stride)
-    head = spec.seg_head(backbone_channels, FC6_DILATION_AT_STRIDE_8 * 8 // output_stride)
-    channels = spec.seg_head_channels
+    trunk = build_trunk(
+        backbone, weights, output_stride, FC6_DILATION_AT_STRIDE_8 * 8 // output_stride
+    )
     normalise = Normalise(spec.mean, spec.std)
-    return SegNet(features, head, channels, num_classes, output_stride, normalise)
+    return SegNet(
+        trunk.features,
+        trunk.head,
+        trunk.head_channels,
+        num_classes,
+        output_stride,
+        normalise,
+        trunk.head_pretrained,
+    )
 
 
 def load_segnet(checkpoint: str | os.PathLike, config: Config | None = None) -> SegNet:
