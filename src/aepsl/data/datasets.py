@@ -5,6 +5,8 @@ Formats (see the README for the full description):
 - `folder`: ROOT/images/<id>.(jpg|jpeg|png), ROOT/classes.txt, ROOT/labels.csv (image,labels),
   optional ROOT/masks/<id>.png, ROOT/splits/<split>.txt, ROOT/saliency/<id>.png.
 - `voc`: PASCAL VOC 2012 (VOCdevkit/VOC2012) with the optional SBD `SegmentationClassAug/`.
+- `coco`: MS COCO 2014 (train2014/, val2014/, annotations/instances_*.json), masks cached
+  outside the dataset folder (aepsl.data.coco).
 """
 
 from __future__ import annotations
@@ -403,7 +405,13 @@ def _voc_sample(
     return Sample(image_id, image, labels, mask, sal if sal.is_file() else None)
 
 
-def load_dataset(format: str, root: str | Path | None, empty_labels: str = "skip") -> Dataset:
+def load_dataset(
+    format: str,
+    root: str | Path | None,
+    empty_labels: str = "skip",
+    mask_cache: str | None = None,
+) -> Dataset:
+    """`mask_cache` (coco only): None takes data.mask_cache of the last config loaded."""
     if root is None:
         raise UserError("config key 'data.root' is not set (the dataset folder)")
     root = Path(root)
@@ -411,4 +419,8 @@ def load_dataset(format: str, root: str | Path | None, empty_labels: str = "skip
         return load_folder(root, empty_labels)
     if format == "voc":
         return load_voc(root, empty_labels)
-    raise UserError(f"unknown data.format '{format}' (folder or voc)")
+    if format == "coco":
+        from aepsl.data.coco import load_coco
+
+        return load_coco(root, empty_labels, mask_cache)
+    raise UserError(f"unknown data.format '{format}' (folder, voc or coco)")

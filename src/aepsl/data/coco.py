@@ -1,0 +1,487 @@
+"""MS COCO 2014 (`data.format: coco`): the official layout, semantic masks built once into a cache.
+
+    ROOT/train2014/<file_name>                  images (split `train`)
+    ROOT/val2014/<file_name>                    images (split `val`)
+    ROOT/annotations/instances_train2014.json   instance annotations
+    ROOT/annotations/instances_val2014.json
+    ROOT/saliency/<id>.png                      optional saliency maps
+
+Classes are the categories sorted by id (class k is the k-th; the official file's 80 give the
+usual order, 1 person .. 80 toothbrush); 0 is background. An image's labels are the categories
+of its non-crowd annotations; images without one are skipped (counted). Its id is the file
+name without the extension (COCO_train2014_000000000009).
+
+Masks are rasterised from the polygons (pycocotools) and RLEs (decoded here) the way the
+field's COCO-to-VOC converter does it (alicranck/coco2voc, which ToCo and others point to):
+objects by increasing area, a pixel keeps the first (smallest) object that covers it, so small
+objects stay on top of the large ones they overlap. Crowd regions are 255 (ignore) where no
+object covers them.
+
+The dataset folder is never written to. Masks go to `data.mask_cache` or, by default, to
+`$XDG_CACHE_HOME/aepsl/coco_masks` (`~/.cache/aepsl/coco_masks`), in one folder per annotation
+file (`train2014-<hash of its path>/`). `index.json`, written last, records the annotation
+file's size and mtime, the classes and each image's labels: later loads read it instead of the
+annotation file, and rebuild everything when the file has changed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from aepsl.errors import UserError
+from aepsl.labelmap import IGNORE
+
+CACHE_VERSION = 1  # bump when the rasterisation changes: every cache is rebuilt
+SPLITS = {"train": "train2014", "val": "val2014"}
+
+_mask_cache: str | None = None  # data.mask_cache of the last config loaded (set_mask_cache)
+
+
+def set_mask_cache(path: str | None) -> None:
+    """`data.mask_cache`: stage commands pass no config to the readers, they read this."""
+    global _mask_cache
+    _mask_cache = path
+
+
+def default_cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "aepsl" / "coco_masks"
+
+
+def cache_folder(cache_root: Path, annotation: Path) -> Path:
+    """The cache of one annotation file: `<split folder>-<hash of the file's absolute path>`."""
+    name = annotation.stem.removeprefix("instances_")
+    digest = hashlib.sha256(str(annotation.resolve()).encode("utf-8")).hexdigest()[:12]
+    return cache_root / f"{name}-{digest}"
+
+
+def load_coco(root: Path, empty_labels: str = "skip", mask_cache: str | None = None):
+    from aepsl.data.datasets import Dataset, Sample, _warn_skipped
+
+    if not root.is_dir():
+        raise UserError(f"{root}: dataset folder not found")
+    ann_dir = root / "annotations"
+    found = [
+        (split, folder)
+        for split, folder in SPLITS.items()
+        if (ann_dir / f"instances_{folder}.json").is_file()
+    ]
+    if not found:
+        raise UserError(
+            f"{ann_dir}: no instances_train2014.json or instances_val2014.json (data.root must "
+            "be the COCO 2014 folder holding train2014/, val2014/ and annotations/)"
+        )
+    mask_cache = mask_cache if mask_cache is not None else _mask_cache
+    cache_root = Path(mask_cache).expanduser() if mask_cache else default_cache_root()
+    sal_dir = root / "saliency"
+    saliency = set(os.listdir(sal_dir)) if sal_dir.is_dir() else set()
+
+    classes: list[str] | None = None
+    first_ann: Path | None = None
+    splits: dict[str, list[Sample]] = {}
+    skipped: dict[str, int] = {}
+    for split, folder in found:
+        annotation = ann_dir / f"instances_{folder}.json"
+        images_dir = root / folder
+        if not images_dir.is_dir():
+            raise UserError(f"{images_dir}: image folder not found (listed by {annotation})")
+        index, masks_dir = _cached_index(annotation, images_dir, cache_root)
+        if classes is None:
+            classes, first_ann = index["classes"], annotation
+        elif index["classes"] != classes:
+            raise UserError(f"{annotation}: categories differ from those of {first_ann}")
+        present = set(os.listdir(images_dir))
+        samples = []
+        for image_id, file_name, labels in index["images"]:
+            if not labels:
+                if empty_labels == "error":
+                    raise UserError(
+                        f"{annotation}: image '{file_name}' has an empty label set "
+                        "(no non-crowd annotation)"
+                    )
+                skipped["empty label set"] = skipped.get("empty label set", 0) + 1
+                continue
+            if file_name not in present:
+                raise UserError(f"{images_dir / file_name}: image file not found")
+            sal = f"{image_id}.png"
+            samples.append(
+                Sample(
+                    image_id,
+                    images_dir / file_name,
+                    tuple(labels),
+                    masks_dir / f"{image_id}.png",
+                    sal_dir / sal if sal in saliency else None,
+                )
+            )
+        splits[split] = samples
+    assert classes is not None
+    _warn_skipped(root, skipped)
+    return Dataset(root, classes, splits, skipped)
+
+
+# ---------------------------------------------------------------- the cache
+
+
+def _stamp(annotation: Path) -> dict[str, Any]:
+    stat = annotation.stat()
+    return {
+        "version": CACHE_VERSION,
+        "annotation": str(annotation.resolve()),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+    }
+
+
+def _read_index(path: Path, stamp: dict[str, Any]) -> dict[str, Any] | None:
+    """The cached index if it was built from this very annotation file, else None."""
+    try:
+        index = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(index, dict) or index.get("stamp") != stamp:
+        return None
+    return index
+
+
+def _cached_index(
+    annotation: Path, images_dir: Path, cache_root: Path
+) -> tuple[dict[str, Any], Path]:
+    folder = cache_folder(cache_root, annotation)
+    masks_dir = folder / "masks"
+    index_path = folder / "index.json"
+    stamp = _stamp(annotation)
+    index = _read_index(index_path, stamp)
+    if index is not None and not _missing_masks(index, masks_dir):
+        return index, masks_dir
+    try:
+        masks_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(
+            f"{folder}: cannot create the COCO mask cache ({exc.strerror}); set data.mask_cache "
+            "to a writable folder"
+        ) from None
+    with _locked(folder / ".lock"):
+        # Another process (a distributed rank) may have built it while this one waited.
+        index = _read_index(index_path, stamp)
+        if index is not None and not _missing_masks(index, masks_dir):
+            return index, masks_dir
+        only = _missing_masks(index, masks_dir) if index is not None else None
+        if index is None:
+            index_path.unlink(missing_ok=True)  # an interrupted rebuild is never taken as done
+        index = _build(annotation, images_dir, masks_dir, stamp, only)
+        from aepsl.io import write_json
+
+        write_json(index_path, index)
+    return index, masks_dir
+
+
+def _missing_masks(index: dict[str, Any], masks_dir: Path) -> set[str]:
+    have = set(os.listdir(masks_dir)) if masks_dir.is_dir() else set()
+    return {i for i, _, labels in index["images"] if labels and f"{i}.png" not in have}
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` where the OS has flock (released if the process dies)."""
+    try:
+        import fcntl
+    except ImportError:  # Windows: concurrent builders write the same files atomically
+        yield
+        return
+    with open(path, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+# ---------------------------------------------------------------- building
+
+
+def _read_annotation(path: Path) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as handle:
+            data = json.load(handle)
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}:{exc.lineno}: invalid JSON ({exc.msg})") from None
+    if not isinstance(data, dict):
+        raise UserError(f"{path}: not a COCO annotation file (expected a JSON object)")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(data.get(key), list):
+            raise UserError(f"{path}: not a COCO annotation file (no '{key}' list)")
+    return data
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _classes(path: Path, categories: list[Any]) -> tuple[list[str], dict[int, int]]:
+    """Class names and {category id: class index 1..C}, in the order of the category ids."""
+    seen: dict[int, str] = {}
+    for cat in categories:
+        if not isinstance(cat, dict) or not _is_int(cat.get("id")):
+            raise UserError(f"{path}: a category without an integer 'id'")
+        name = cat.get("name")
+        if not isinstance(name, str) or not name.strip() or not name.isprintable():
+            raise UserError(f"{path}: category {cat['id']} has no printable 'name'")
+        if cat["id"] in seen:
+            raise UserError(f"{path}: category id {cat['id']} is listed twice")
+        seen[cat["id"]] = name.strip()
+    if not seen:
+        raise UserError(f"{path}: lists no categories")
+    if len(seen) >= IGNORE:
+        raise UserError(f"{path}: {len(seen)} categories; at most 254 fit in an index PNG")
+    ids = sorted(seen)
+    return [seen[i] for i in ids], {cat_id: k + 1 for k, cat_id in enumerate(ids)}
+
+
+def _build(
+    annotation: Path,
+    images_dir: Path,
+    masks_dir: Path,
+    stamp: dict[str, Any],
+    only: set[str] | None,
+) -> dict[str, Any]:
+    """Read the annotation file, write the masks (all, or the `only` ones missing) and return
+    the index to cache."""
+    from tqdm import tqdm
+
+    from aepsl.data.datasets import check_id
+    from aepsl.io import MAX_PIXELS, write_index_png
+
+    try:
+        from pycocotools import mask as mask_api
+    except ImportError:
+        raise UserError(
+            "data.format=coco needs pycocotools to read the masks: pip install pycocotools"
+        ) from None
+
+    data = _read_annotation(annotation)
+    classes, cat_index = _classes(annotation, data["categories"])
+    images: dict[int, dict[str, Any]] = {}
+    ids: set[str] = set()
+    entries = []
+    for img in data["images"]:
+        if not isinstance(img, dict) or not _is_int(img.get("id")):
+            raise UserError(f"{annotation}: an image without an integer 'id'")
+        where = f"{annotation}: image {img['id']}"
+        file_name = img.get("file_name")
+        if not isinstance(file_name, str):
+            raise UserError(f"{where}: no 'file_name'")
+        check_id(file_name, where)
+        image_id = check_id(Path(file_name).stem, where)
+        height, width = img.get("height"), img.get("width")
+        if not (_is_int(height) and _is_int(width) and height > 0 and width > 0):
+            raise UserError(f"{where}: 'height' and 'width' must be positive integers")
+        if height * width > MAX_PIXELS:
+            raise UserError(
+                f"{where}: image is {width}x{height} ({width * height} pixels), "
+                f"over data.max_pixels={MAX_PIXELS}"
+            )
+        if img["id"] in images:
+            raise UserError(f"{where}: image id listed twice")
+        if image_id in ids:
+            raise UserError(f"{where}: a second image named '{image_id}'")
+        images[img["id"]] = img
+        ids.add(image_id)
+        entries.append((img["id"], image_id, file_name))
+
+    by_image: dict[int, list[dict[str, Any]]] = {i: [] for i in images}
+    for ann in data["annotations"]:
+        if not isinstance(ann, dict):
+            raise UserError(f"{annotation}: an annotation is not a JSON object")
+        where = f"{annotation}: annotation {ann.get('id')}"
+        if ann.get("image_id") not in by_image:
+            raise UserError(f"{where}: image_id {ann.get('image_id')!r} is not in 'images'")
+        if ann.get("category_id") not in cat_index:
+            raise UserError(f"{where}: category_id {ann.get('category_id')!r} is not listed")
+        by_image[ann["image_id"]].append(ann)
+    del data
+
+    listed = []
+    for coco_id, image_id, file_name in tqdm(
+        entries, desc=f"COCO masks {annotation.stem}", unit="img", dynamic_ncols=True
+    ):
+        anns = by_image[coco_id]
+        labels = sorted({cat_index[a["category_id"]] for a in anns if not a.get("iscrowd")})
+        listed.append([image_id, file_name, labels])
+        if not labels or (only is not None and image_id not in only):
+            continue
+        img = images[coco_id]
+        mask = rasterise(anns, img["height"], img["width"], cat_index, annotation, mask_api)
+        mask = _orient(mask, images_dir / file_name, annotation)
+        write_index_png(masks_dir / f"{image_id}.png", mask)
+    if only is None:  # masks of images the file no longer lists
+        keep = {f"{i}.png" for i, _, labels in listed if labels}
+        for name in os.listdir(masks_dir):
+            if name.endswith(".png") and name not in keep:
+                (masks_dir / name).unlink(missing_ok=True)
+    return {"stamp": stamp, "classes": classes, "images": listed}
+
+
+def rasterise(
+    anns: list[dict[str, Any]],
+    height: int,
+    width: int,
+    cat_index: dict[int, int],
+    source: Path | str = "annotations",
+    mask_api: Any = None,
+) -> np.ndarray:
+    """One image's semantic mask: objects by increasing area (ties in file order), each pixel
+    keeping the first object that covers it; then crowd regions, 255 where still background."""
+    if mask_api is None:
+        from pycocotools import mask as mask_api
+    mask = np.zeros((height, width), np.uint8)
+    objects = [a for a in anns if not a.get("iscrowd")]
+    crowds = [a for a in anns if a.get("iscrowd")]
+    decoded = [(a, _decode(a, height, width, source, mask_api)) for a in objects]
+    decoded.sort(key=lambda pair: _area(pair[0], pair[1]))  # stable: ties keep file order
+    for ann, region in decoded:
+        mask[region & (mask == 0)] = cat_index[ann["category_id"]]
+    for ann in crowds:
+        region = _decode(ann, height, width, source, mask_api)
+        mask[region & (mask == 0)] = IGNORE
+    return mask
+
+
+def _area(ann: dict[str, Any], region: np.ndarray) -> float:
+    """The annotation's `area` (as coco2voc sorts), or its pixel count when it has none."""
+    area = ann.get("area")
+    if isinstance(area, (int, float)) and not isinstance(area, bool) and math.isfinite(area):
+        return float(area)
+    return float(region.sum())
+
+
+def _decode(
+    ann: dict[str, Any], height: int, width: int, source: Path | str, mask_api: Any
+) -> np.ndarray:
+    """A boolean HxW mask from a polygon list, an uncompressed RLE or a compressed RLE."""
+    where = f"{source}: annotation {ann.get('id')}"
+    seg = ann.get("segmentation")
+    if isinstance(seg, list):
+        polygons = []
+        for poly in seg:
+            if not isinstance(poly, list) or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in poly
+            ):
+                raise UserError(f"{where}: a polygon must be a list of numbers")
+            if len(poly) % 2:
+                raise UserError(f"{where}: a polygon has an odd number of coordinates")
+            if len(poly) < 6:  # fewer than 3 points cover nothing (and 4 numbers read as a box)
+                continue
+            # pycocotools allocates by edge length: far-out or non-finite vertices are refused
+            xs, ys = np.asarray(poly[0::2], float), np.asarray(poly[1::2], float)
+            inside = (-width <= xs) & (xs <= 2 * width) & (-height <= ys) & (ys <= 2 * height)
+            if not inside.all():  # NaN and inf fail the comparisons too
+                raise UserError(f"{where}: polygon vertices far outside the {width}x{height} image")
+            polygons.append([float(v) for v in poly])
+        if not polygons:
+            return np.zeros((height, width), bool)
+        rle = mask_api.merge(mask_api.frPyObjects(polygons, height, width))
+        text = rle["counts"]
+        counts = _counts_from_string(
+            text.decode("ascii") if isinstance(text, bytes) else text, where
+        )
+    elif isinstance(seg, dict):
+        size, counts = seg.get("size"), seg.get("counts")
+        if not (isinstance(size, list) and size == [height, width]):
+            raise UserError(
+                f"{where}: RLE size {size!r} is not the image's [height, width] [{height}, {width}]"
+            )
+        if isinstance(counts, str):
+            counts = _counts_from_string(counts, where)
+        elif not (isinstance(counts, list) and all(_is_int(c) and c >= 0 for c in counts)):
+            raise UserError(f"{where}: RLE counts must be a string or non-negative integers")
+    elif seg is None or seg == {}:
+        return np.zeros((height, width), bool)
+    else:
+        raise UserError(f"{where}: 'segmentation' must be a polygon list or an RLE")
+    if sum(counts) != height * width:
+        raise UserError(
+            f"{where}: RLE counts cover {sum(counts)} pixels, the image has {height * width}"
+        )
+    # Runs alternate 0, 1, 0, ... over the pixels in column-major order. (pycocotools' own
+    # decode writes past its buffer when the runs overrun the image, and warns under numpy 2.)
+    values = np.zeros(len(counts), bool)
+    values[1::2] = True
+    return np.repeat(values, counts).reshape(width, height).T
+
+
+def _counts_from_string(text: str, where: str) -> list[int]:
+    """Decode COCO's compressed RLE string (maskApi.c rleFrString) to run lengths."""
+    counts: list[int] = []
+    pos = 0
+    while pos < len(text):
+        value, shift, more = 0, 0, True
+        while more:
+            if pos >= len(text):
+                raise UserError(f"{where}: RLE string ends inside a number")
+            char = ord(text[pos]) - 48
+            if not 0 <= char < 64:
+                raise UserError(f"{where}: RLE string has a character outside '0'..'o'")
+            value |= (char & 0x1F) << (5 * shift)
+            more = bool(char & 0x20)
+            pos += 1
+            shift += 1
+            if not more and char & 0x10:
+                value |= -1 << (5 * shift)
+        if len(counts) > 2:
+            value += counts[-2]
+        if value < 0:
+            raise UserError(f"{where}: RLE string decodes to a negative run")
+        counts.append(value)
+    return counts
+
+
+# EXIF orientation -> the transpose that puts the stored pixels upright (Pillow's exif_transpose)
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+
+
+def _orient(mask: np.ndarray, image_path: Path, annotation: Path) -> np.ndarray:
+    """Turn the mask the way the reader turns the image (EXIF orientation), so they agree.
+
+    Annotations whose size matches the stored bitmap are in its frame and are turned; those
+    matching the upright size of a 90-degree-tagged image already are upright."""
+    from aepsl.io import read_header
+
+    with read_header(image_path) as image:
+        stored = image.size  # (width, height)
+        try:
+            orientation = image.getexif().get(0x0112, 1)
+        except Exception:  # a corrupt EXIF block: read_image ignores it too
+            orientation = 1
+    height, width = mask.shape
+    if orientation not in _TRANSPOSE:
+        orientation = 1
+    if stored == (width, height):
+        if orientation == 1:
+            return mask
+        return np.asarray(Image.fromarray(mask).transpose(_TRANSPOSE[orientation]))
+    if orientation in (5, 6, 7, 8) and stored == (height, width):
+        return mask  # annotated upright already
+    raise UserError(
+        f"{image_path}: image is {stored[0]}x{stored[1]} but {annotation.name} gives "
+        f"{width}x{height}"
+    )
