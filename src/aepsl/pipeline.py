@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from aepsl.config import Config
+from aepsl.health import verdict
 from aepsl.inference.predict import evaluate_trained, predict_report_images
 from aepsl.labels.stage import run_labels
 from aepsl.mine.stage import run_mine
@@ -36,4 +37,9 @@ def run_pipeline(config: Config, out: Path) -> dict[str, Any]:
     on_main(predict_report_images, config, out, model, device)
     report = on_main(write_report, config, out)
     print(f"report: {report}")
+    found = {
+        stage: result.get("warnings") or []
+        for stage, result in (("mine", mine), ("labels", labels), ("train", val))
+    }
+    print(verdict(found))
     return {"mine": mine, "labels": labels, "val": val, "report": str(report)}

@@ -10,9 +10,7 @@ scores are summed over the processes.
 
 from __future__ import annotations
 
-import functools
 import json
-import multiprocessing
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,9 +23,11 @@ from aepsl.config import Config
 from aepsl.data.datasets import IMAGE_EXTENSIONS, Sample, check_id, load_dataset, load_image
 from aepsl.errors import UserError
 from aepsl.evaluation import evaluate_folder
+from aepsl.health import check_folder
 from aepsl.inference.crf import (
-    crf_labels,
+    crf_job,
     crf_labels_torch,
+    crf_pool,
     dense_crf,
     pydensecrf_installed,
     resolve_backend,
@@ -146,10 +146,11 @@ def predict_samples(
         if (plain_dir and not (plain_dir / f"{s.id}.png").is_file())
         or (crf_dir and not (crf_dir / f"{s.id}.png").is_file())
     ]
-    pool = None
-    if crf_dir is not None and backend == "pydensecrf" and config.crf.workers > 1:
-        pool = multiprocessing.get_context("spawn").Pool(config.crf.workers)
-    refine = functools.partial(crf_labels, **crf_params(config))
+    pool = None  # CRF on the CPU: one image per process (torch with one thread each)
+    in_process = backend == "torch" and (device.type != "cpu" or config.crf.workers == 1)
+    if crf_dir is not None and not in_process and config.crf.workers > 1:
+        pool = crf_pool(backend, config.crf.workers)
+    refine = crf_job(backend, **crf_params(config))
     try:
         bar = tqdm(
             total=len(todo), desc="predict", unit="img", dynamic_ncols=True, disable=not is_main()
@@ -160,7 +161,7 @@ def predict_samples(
             if plain_dir is not None:
                 for sample, image, prob in zip(chunk, images, probs, strict=True):
                     _write(plain_dir, sample.id, image, prob.argmax(0).astype(np.uint8), config)
-            if crf_dir is not None and backend == "torch":  # batched, in this process
+            if crf_dir is not None and in_process:  # GPU (batched), or crf.workers=1
                 refined = crf_labels_torch(images, probs, device, **crf_params(config))
             elif crf_dir is not None:
                 jobs = list(zip(images, probs, strict=True))
@@ -222,6 +223,9 @@ def evaluate_trained(config: Config, out: Path, model: SegNet, device: torch.dev
         model, samples, config, device, plain, refined if use_crf else None, sharded=True
     )
     share = samples[rank() :: world_size()]
+    result["warnings"] = on_main(
+        check_folder, plain, samples, data.classes, "train", "val predictions"
+    )
     result["without_crf"] = evaluate_folder(plain, share, data.classes, sharded=True)
     if use_crf:
         result["with_crf"] = evaluate_folder(refined, share, data.classes, sharded=True)

@@ -18,6 +18,7 @@ from aepsl.config import Config
 from aepsl.data.datasets import Sample, load_dataset, load_image
 from aepsl.errors import UserError
 from aepsl.evaluation import evaluate_folder
+from aepsl.health import check_folder
 from aepsl.io import read_gray_png, read_index_png, write_index_png, write_json, write_png
 from aepsl.labelmap import colourise
 from aepsl.labels.fusion import background_from_cams, background_from_saliency, fuse_pseudo_label
@@ -59,11 +60,18 @@ def run_labels(config: Config, out: Path) -> dict[str, Any]:
     }
     if train and all(s.mask is not None for s in train):
         metrics.update(evaluate_folder(run.labels, train, data.classes, "exclude"))
+        # What most papers print: unlabelled (255) pixels counted as background.
+        metrics["unlabelled_as_background"] = evaluate_folder(
+            run.labels, train, data.classes, "background"
+        )
+    metrics["warnings"] = check_folder(run.labels, train, data.classes, "labels", "pseudo labels")
     write_json(run.labels_metrics, metrics)
     if metrics.get("mIoU") is not None:
         print(
-            f"pseudo labels: mIoU {metrics['mIoU']:.3f} over labelled pixels, "
-            f"{metrics['labelled_fraction']:.1%} of pixels labelled"
+            f"pseudo labels: mIoU {metrics['mIoU']:.3f} over labelled pixels "
+            f"({metrics['labelled_fraction']:.1%} of pixels labelled), "
+            f"{metrics['unlabelled_as_background']['mIoU']:.3f} with unlabelled pixels as "
+            "background"
         )
     run.mark_complete("labels")
     return metrics

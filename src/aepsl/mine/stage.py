@@ -25,7 +25,13 @@ from tqdm import tqdm
 from aepsl.config import Config
 from aepsl.data.datasets import Dataset, Sample, load_dataset, load_mask
 from aepsl.errors import UserError
-from aepsl.evaluation import average_precision, region_scores
+from aepsl.evaluation import (
+    average_precision,
+    region_scores,
+    seed_confusions,
+    seed_miou_curve,
+)
+from aepsl.health import check_folder
 from aepsl.io import (
     atomic_path,
     read_index_png,
@@ -109,6 +115,9 @@ def run_mine(config: Config, out: Path) -> dict[str, Any]:
     used = [r["step"] for r in steps if "stopped" not in r]
     _write_union(run, train, used)
     barrier()  # every rank's union maps written
+    seeds = _seed_scores(config, data, train, run, used, fill, device)
+    names = data.classes
+    found = on_main(check_folder, run.union_regions, train, names, "mine", "mined regions", False)
     metrics = {
         "steps": steps,
         "steps_used": used,
@@ -117,6 +126,8 @@ def run_mine(config: Config, out: Path) -> dict[str, Any]:
         "mean_pixel": fill,
         "region_metrics": "precision = correctly mined / mined pixels; recall = correctly "
         "mined / ground-truth object pixels; conflicts count as mined, never correct",
+        "seed_mIoU": seeds,
+        "warnings": found,
     }
     if is_main():
         write_json(run.mine_metrics, metrics)
@@ -460,3 +471,63 @@ def _write_union(run: RunLayout, train: list[Sample], steps: list[int]) -> None:
         mine, desc="union", unit="img", dynamic_ncols=True, leave=False, disable=not is_main()
     ):
         write_index_png(run.union_region(sample.id), union_of_steps(run, sample.id, steps))
+
+
+SEED_THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 .. 0.95
+
+
+@torch.no_grad()
+def _seed_scores(
+    config: Config,
+    data: Dataset,
+    train: list[Sample],
+    run: RunLayout,
+    steps: list[int],
+    fill: list[float],
+    device: torch.device,
+) -> dict[str, Any] | None:
+    """Seed mIoU of each step's CAMs and of their union (the per-pixel max) by the field's
+    protocol (evaluation.seed_confusions), swept over the background threshold, on the training
+    images with masks. Each step's classifier sees the image as it did: earlier steps' regions
+    erased. None when the split has no masks."""
+    if not steps or not train or any(s.mask is None for s in train):
+        return None
+    models = {}
+    for number in steps:
+        model = build_classifier(
+            config.model.backbone, "none", data.num_classes, config.model.cam_output_stride
+        )
+        model.load_state_dict(read_model_file(run.step(number).classifier)[1])
+        models[number] = prepare_model(model, config, device).eval()
+    views = {
+        number: ErasedImages(
+            train, data.num_classes, [run.step(s).regions for s in range(1, number)], fill
+        )
+        for number in steps
+    }
+    names = [*(f"step {n}" for n in steps), "union"]
+    labels = data.num_classes + 1
+    totals = np.zeros((len(names), len(SEED_THRESHOLDS), labels, labels), np.int64)
+    mine = list(range(len(train)))[rank() :: world_size()]
+    for index in tqdm(mine, desc="seed mIoU", unit="img", leave=False, disable=not is_main()):
+        sample = train[index]
+        keys = list(sample.labels)
+        union = None
+        for row, number in enumerate(steps):
+            image = views[number][index][0][None]
+            own = compute_cams(models[number], image, config, device)[0][[k - 1 for k in keys]]
+            union = own if union is None else torch.maximum(union, own)
+            target = load_mask(sample, tuple(own.shape[-2:]), data.num_classes)
+            totals[row] += seed_confusions(own.numpy(), keys, target, SEED_THRESHOLDS, labels - 1)
+        totals[-1] += seed_confusions(union.numpy(), keys, target, SEED_THRESHOLDS, labels - 1)
+    totals = all_reduce_sum(torch.from_numpy(totals)).numpy()
+    result = {name: seed_miou_curve(totals[row], SEED_THRESHOLDS) for row, name in enumerate(names)}
+    print(
+        "seed mIoU, best background threshold (an oracle, chosen on ground truth): "
+        + ", ".join(
+            f"{name} {r['best_mIoU']:.3f} at {r['best_threshold']:.2f}"
+            for name, r in result.items()
+            if r["best_mIoU"] is not None
+        )
+    )
+    return result

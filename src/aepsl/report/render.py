@@ -35,6 +35,7 @@ def render(report: RunReport) -> str:
     classes = report.data.classes if report.data else []
     parts = [
         _header(report),
+        _health(report),
         _mine_section(report),
         _labels_section(report),
         _train_section(report),
@@ -282,6 +283,22 @@ def _header(report: RunReport) -> str:
     )
 
 
+def _health(report: RunReport) -> str:
+    """The stages' collapse warnings (health.py), first thing under the run summary."""
+    found = [
+        line
+        for metrics in (report.mine, report.labels, report.train_metrics)
+        for line in (metrics or {}).get("warnings") or []
+    ]
+    if not found:
+        return (
+            '<p class="healthy">No stage collapsed: every class present in the image labels was '
+            "mined, labelled and predicted.</p>"
+        )
+    items = "".join(f"<li>{html.escape(line)}</li>" for line in found)
+    return f'<div class="warnings"><h2 id="health">Warnings</h2><ul>{items}</ul></div>'
+
+
 def _mine_section(report: RunReport) -> str:
     head = '<h2 id="mine">Stage 1: adversarial erasing</h2>'
     curves = report.mine_curves
@@ -307,7 +324,22 @@ def _mine_section(report: RunReport) -> str:
         f"{html.escape(str(metrics.get('steps_used')))}. "
         f"{html.escape(metrics.get('region_metrics', ''))}.</p>"
     )
-    return head + table + info + chart
+    return head + table + info + _seed_table(metrics.get("seed_mIoU")) + chart
+
+
+def _seed_table(seeds: dict[str, Any] | None) -> str:
+    """Seed mIoU of each step's CAMs and of the union, at the best background threshold."""
+    if not seeds:
+        return ""
+    rows = [
+        [html.escape(name), _pct(r.get("best_mIoU")), _num(r.get("best_threshold"), 2)]
+        for name, r in seeds.items()
+    ]
+    note = (
+        "<p>Seed mIoU by the field's protocol (a constant background score swept from 0.05 to "
+        "0.95; the best threshold is chosen on ground truth, an oracle).</p>"
+    )
+    return note + _table(["CAMs", "seed mIoU %", "best background threshold"], rows)
 
 
 def _per_class(results: dict[str, dict[str, Any] | None]) -> str:
@@ -342,11 +374,19 @@ def _labels_section(report: RunReport) -> str:
     )
     if metrics.get("mIoU") is None:
         return head + info + '<p class="missing">no ground truth: pseudo labels not scored</p>'
+    as_background = (metrics.get("unlabelled_as_background") or {}).get("mIoU")
     summary = _table(
-        ["mIoU over labelled pixels", "labelled fraction", "pixel accuracy", "images"],
+        [
+            "mIoU over labelled pixels",
+            "mIoU, unlabelled as background",
+            "labelled fraction",
+            "pixel accuracy",
+            "images",
+        ],
         [
             [
                 _pct(metrics.get("mIoU")),
+                _pct(as_background),
                 _pct(metrics.get("labelled_fraction")),
                 _pct(metrics.get("pixel_accuracy")),
                 _num(metrics.get("images")),
@@ -485,6 +525,8 @@ svg.chart { display: block; margin: 8px 0; font: 11px system-ui, sans-serif; }
 svg.chart .plot { fill: #fafafa; stroke: #999; } svg.chart .grid { stroke: #e4e4e4; }
 svg.chart .tick { fill: #555; } svg.chart .chart-title { font-weight: bold; fill: #222; }
 svg.chart .legend { fill: #222; }
+.warnings { border: 2px solid #d62728; background: #fff4f4; padding: 0 12px; }
+.healthy { color: #2ca02c; }
 .swatch { display: inline-block; width: 12px; height: 12px; border: 1px solid #888;
   margin: 0 4px 0 12px; vertical-align: middle; }
 """
