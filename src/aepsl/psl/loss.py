@@ -7,6 +7,10 @@ background and the image's classes, the class scores weighted by the classifier'
 Resolution: the scores are upsampled bilinearly to the label size before every term (DeepLab
 downsampled the labels instead; upsampling the scores loses no labelled pixel), and S_hat is
 computed from those same upsampled scores, so both cross-entropies see one score map.
+
+Padding: pixels a training crop pads (outside the rescaled image; `valid` False) belong to no
+image and are excluded from both cross-entropies: S is 255 there already, and S_hat is set to
+255 there, so CE(f, S_hat) is a mean over the image's pixels only.
 """
 
 from __future__ import annotations
@@ -37,6 +41,14 @@ def prohibitive_mask(scores: torch.Tensor, nu: torch.Tensor, labels: torch.Tenso
         return weighted.argmax(dim=1)
 
 
+def exclude_padding(target: torch.Tensor, valid: torch.Tensor | None) -> torch.Tensor:
+    """`target` with the padded pixels (`valid` False) set to IGNORE; unchanged when `valid` is
+    None (nothing padded)."""
+    if valid is None:
+        return target
+    return target.masked_fill(~valid.to(device=target.device, dtype=torch.bool), IGNORE)
+
+
 def classification_loss(class_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """sum_c (sigmoid(logit_c) - y_c)^2, averaged over the batch (the paper's squared loss)."""
     nu = torch.sigmoid(class_logits.float())
@@ -61,8 +73,11 @@ def psl_loss(
     pseudo_labels: torch.Tensor,
     image_labels: torch.Tensor,
     use_psl: bool = True,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """The PSL loss and its parts as floats for logging ("cls", "seg", "psl", "total").
+    `valid` (N, H, W) bool marks the crop's real pixels; padding (False) counts in neither
+    cross-entropy. None: every pixel is real.
 
     use_psl=False is the paper's "pseudo labels alone" ablation: the S_hat term (and its "psl"
     entry) is dropped, but the classification branch still trains, since it costs nothing and
@@ -71,11 +86,11 @@ def psl_loss(
     scores = upsample_scores(scores, tuple(pseudo_labels.shape[-2:]))
     parts = {
         "cls": classification_loss(class_logits, image_labels),
-        "seg": segmentation_loss(scores, pseudo_labels),
+        "seg": segmentation_loss(scores, exclude_padding(pseudo_labels, valid)),
     }
     if use_psl:
         mask = prohibitive_mask(scores, torch.sigmoid(class_logits), image_labels)
-        parts["psl"] = segmentation_loss(scores, mask)
+        parts["psl"] = segmentation_loss(scores, exclude_padding(mask, valid))
     total = torch.stack(list(parts.values())).sum()
     values = torch.stack([*parts.values(), total]).detach().tolist()  # one device sync
     return total, dict(zip([*parts, "total"], values, strict=True))

@@ -23,6 +23,7 @@ from aepsl.models.segnet import SegNet, build_segnet
 from aepsl.psl.data import PseudoLabelled
 from aepsl.psl.loss import (
     classification_loss,
+    exclude_padding,
     prohibitive_mask,
     psl_loss,
     segmentation_loss,
@@ -55,29 +56,33 @@ def global_psl_loss(
     pseudo_labels: torch.Tensor,
     image_labels: torch.Tensor,
     use_psl: bool,
+    valid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """psl_loss of this rank's share of the global batch, such that DDP's average over ranks
     is the one-process loss of the global batch; the logged parts are the global batch's.
 
-    The pseudo-label term is a mean over *labelled* pixels, which differ in number between the
-    shares: this rank's sum is divided by the labelled pixels of the whole global batch (the
-    count all-reduced) times the number of ranks. The classification term (a mean over images)
-    and the S_hat term (every pixel labelled) need nothing, the shares being of equal size.
-    One process: exactly psl_loss.
+    Both cross-entropies are means over pixels that differ in number between the shares: the
+    pseudo-label term over *labelled* pixels, the S_hat term over the crops' *real* pixels
+    (`valid`; padding is excluded from both). This rank's sum is divided by the count of the
+    whole global batch (all-reduced) times the number of ranks. The classification term (a
+    mean over images) needs nothing, the shares being of equal size. One process: exactly
+    psl_loss.
     """
     world = world_size()
     if world == 1:
-        return psl_loss(scores, class_logits, pseudo_labels, image_labels, use_psl)
+        return psl_loss(scores, class_logits, pseudo_labels, image_labels, use_psl, valid)
     scores = upsample_scores(scores, tuple(pseudo_labels.shape[-2:]))
-    labelled = (pseudo_labels != IGNORE).sum().float()
-    share = labelled * world / all_reduce_sum(labelled).clamp(min=1)
+    pseudo_labels = exclude_padding(pseudo_labels, valid)
+    real = valid if valid is not None else torch.ones_like(pseudo_labels, dtype=torch.bool)
+    counts = torch.stack([(pseudo_labels != IGNORE).sum(), real.sum()]).float()
+    share = counts * world / all_reduce_sum(counts).clamp(min=1)
     parts = {
         "cls": classification_loss(class_logits, image_labels),
-        "seg": segmentation_loss(scores, pseudo_labels) * share,
+        "seg": segmentation_loss(scores, pseudo_labels) * share[0],
     }
     if use_psl:
         mask = prohibitive_mask(scores, torch.sigmoid(class_logits), image_labels)
-        parts["psl"] = segmentation_loss(scores, mask)
+        parts["psl"] = segmentation_loss(scores, exclude_padding(mask, valid)) * share[1]
     total = torch.stack(list(parts.values())).sum()
     values = all_reduce_sum(torch.stack([*parts.values(), total]).detach()) / world
     return total, dict(zip([*parts, "total"], values.tolist(), strict=True))
@@ -85,16 +90,20 @@ def global_psl_loss(
 
 def segnet_trainer(model: SegNet, config: Config, device: torch.device) -> Trainer:
     """The PSL step: pretrained layers at train.lr, new ones at new_layer_lr_mult x it; the
-    prohibitive term from iteration train.psl_warmup on (with train.psl)."""
+    prohibitive term from iteration train.psl_warmup on (with train.psl). The batch is
+    (images, pseudo labels, image labels[, valid mask]): PseudoLabelled's; without the valid
+    mask (benchmarks' random batches) every pixel is real."""
     cfg = config.train
 
     def loss(
         outputs: tuple[torch.Tensor, torch.Tensor], rest: list[torch.Tensor], iteration: int
     ) -> tuple[torch.Tensor, dict[str, float]]:
         scores, class_logits = outputs
-        pseudo, targets = rest
+        pseudo, targets, *valid = rest
         use_psl = cfg.psl and iteration >= cfg.psl_warmup
-        return global_psl_loss(scores.float(), class_logits.float(), pseudo, targets, use_psl)
+        return global_psl_loss(
+            scores.float(), class_logits.float(), pseudo, targets, use_psl, *valid
+        )
 
     new_lr = cfg.lr * cfg.new_layer_lr_mult
     optimizer = sgd(model, cfg.lr, new_lr, cfg.momentum, cfg.weight_decay)
