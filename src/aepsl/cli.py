@@ -153,13 +153,21 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from aepsl.data.datasets import load_dataset
-    from aepsl.inference.predict import VOC_TEST_LAYOUT, images_in, predict_samples
+    from aepsl.inference.predict import (
+        VOC_TEST_LAYOUT,
+        images_in,
+        predict_samples,
+        write_voc_archive,
+    )
     from aepsl.models.segnet import load_segnet
-    from aepsl.runtime import prepare_model, select_device
+    from aepsl.runtime import is_main, prepare_model, select_device
 
     config = _config(args)
     if (args.split is None) == (args.images is None):
         raise UserError("give exactly one of --split NAME or --images DIR")
+    voc_test = args.format == "voc-test"
+    if voc_test:  # the server's folder holds index PNGs only
+        config.predict.overlays = False
     if args.images:
         samples = images_in(Path(args.images))
     else:
@@ -170,7 +178,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     model = prepare_model(model, config, device)
     out = _writable_out(args.out)
     save_config(config, out)
-    target = out / VOC_TEST_LAYOUT if args.format == "voc-test" else out
+    target = out / VOC_TEST_LAYOUT if voc_test else out
     predict_samples(
         model,
         samples,
@@ -181,6 +189,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
         sharded=True,
     )
     print(f"wrote {len(samples)} predictions to {target}")
+    if voc_test and is_main():
+        archive = write_voc_archive(out, [s.id for s in samples])
+        print(f"wrote {archive}: upload it to the VOC evaluation server")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
@@ -288,7 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--format",
         choices=["png", "voc-test"],
         default="png",
-        help="voc-test: results/VOC2012/Segmentation/comp6_test_cls/ as the VOC server expects",
+        help="voc-test: index PNGs (no overlays) in results/VOC2012/Segmentation/"
+        "comp6_test_cls/ and OUT/results.tgz of them, as the VOC evaluation server takes them",
     )
     p.set_defaults(func=cmd_predict)
 

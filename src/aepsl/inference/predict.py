@@ -11,6 +11,7 @@ scores are summed over the processes.
 from __future__ import annotations
 
 import json
+import tarfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,13 +33,22 @@ from aepsl.inference.crf import (
     pydensecrf_installed,
     resolve_backend,
 )
-from aepsl.io import file_digest, write_index_png, write_json, write_png
+from aepsl.io import (
+    atomic_path,
+    file_digest,
+    write_index_png,
+    write_json,
+    write_png,
+)
 from aepsl.labelmap import colourise
 from aepsl.layout import RunLayout, claim_folder, mark_complete, settings_digest
 from aepsl.models.segnet import SegNet
 from aepsl.runtime import autocast, barrier, is_main, on_main, rank, to_device, world_size
 
+# The VOC evaluation server's layout of segmentation results (comp6: trained on data other
+# than VOC's own segmentation masks, which is what weak supervision is), and the archive of it.
 VOC_TEST_LAYOUT = Path("results") / "VOC2012" / "Segmentation" / "comp6_test_cls"
+VOC_TEST_ARCHIVE = "results.tgz"
 CHUNK = 8
 
 
@@ -185,6 +195,31 @@ def _write(
     if config.predict.overlays:
         write_png(folder / "overlay" / f"{image_id}.png", overlay(image, labels))
     write_index_png(folder / f"{image_id}.png", labels)  # last: marks the image done
+
+
+def write_voc_archive(out: Path, ids: list[str]) -> Path:
+    """OUT/results.tgz for the VOC evaluation server: `results/VOC2012/Segmentation/
+    comp6_test_cls/<id>.png` of every id in `ids` (read from OUT/VOC_TEST_LAYOUT) and nothing
+    else, owner and group anonymised; written to a temporary name and renamed, so the archive
+    beside the folder is complete or absent."""
+    folder = out / VOC_TEST_LAYOUT
+    missing = [i for i in ids if not (folder / f"{i}.png").is_file()]
+    if missing:
+        raise UserError(
+            f"{folder}: {len(missing)} of {len(ids)} predictions missing (e.g. {missing[0]}.png)"
+        )
+
+    def anonymous(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.uid = info.gid = 0
+        info.uname = info.gname = ""
+        return info
+
+    path = out / VOC_TEST_ARCHIVE
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w:gz") as tar:
+        for image_id in sorted(ids):
+            name = (VOC_TEST_LAYOUT / f"{image_id}.png").as_posix()
+            tar.add(folder / f"{image_id}.png", arcname=name, filter=anonymous)
+    return path
 
 
 def evaluate_trained(config: Config, out: Path, model: SegNet, device: torch.device) -> dict:
