@@ -392,10 +392,7 @@ def _decode(
         if not polygons:
             return np.zeros((height, width), bool)
         rle = mask_api.merge(mask_api.frPyObjects(polygons, height, width))
-        text = rle["counts"]
-        counts = _counts_from_string(
-            text.decode("ascii") if isinstance(text, bytes) else text, where
-        )
+        counts = _counts_from_string(rle["counts"], where)
     elif isinstance(seg, dict):
         size, counts = seg.get("size"), seg.get("counts")
         if not (isinstance(size, list) and size == [height, width]):
@@ -404,16 +401,18 @@ def _decode(
             )
         if isinstance(counts, str):
             counts = _counts_from_string(counts, where)
-        elif not (isinstance(counts, list) and all(_is_int(c) and c >= 0 for c in counts)):
+        elif isinstance(counts, list) and all(_is_int(c) and 0 <= c < 2**62 for c in counts):
+            counts = np.asarray(counts, np.int64)
+        else:
             raise UserError(f"{where}: RLE counts must be a string or non-negative integers")
     elif seg is None or seg == {}:
         return np.zeros((height, width), bool)
     else:
         raise UserError(f"{where}: 'segmentation' must be a polygon list or an RLE")
-    if sum(counts) != height * width:
-        raise UserError(
-            f"{where}: RLE counts cover {sum(counts)} pixels, the image has {height * width}"
-        )
+    total = int(counts.sum()) if counts.max(initial=0) <= height * width else -1
+    if total != height * width:
+        covered = f"{total} pixels" if total >= 0 else "more pixels than that"
+        raise UserError(f"{where}: RLE counts cover {covered}, the image has {height * width}")
     # Runs alternate 0, 1, 0, ... over the pixels in column-major order. (pycocotools' own
     # decode writes past its buffer when the runs overrun the image, and warns under numpy 2.)
     values = np.zeros(len(counts), bool)
@@ -421,29 +420,37 @@ def _decode(
     return np.repeat(values, counts).reshape(width, height).T
 
 
-def _counts_from_string(text: str, where: str) -> list[int]:
-    """Decode COCO's compressed RLE string (maskApi.c rleFrString) to run lengths."""
-    counts: list[int] = []
-    pos = 0
-    while pos < len(text):
-        value, shift, more = 0, 0, True
-        while more:
-            if pos >= len(text):
-                raise UserError(f"{where}: RLE string ends inside a number")
-            char = ord(text[pos]) - 48
-            if not 0 <= char < 64:
-                raise UserError(f"{where}: RLE string has a character outside '0'..'o'")
-            value |= (char & 0x1F) << (5 * shift)
-            more = bool(char & 0x20)
-            pos += 1
-            shift += 1
-            if not more and char & 0x10:
-                value |= -1 << (5 * shift)
-        if len(counts) > 2:
-            value += counts[-2]
-        if value < 0:
-            raise UserError(f"{where}: RLE string decodes to a negative run")
-        counts.append(value)
+def _counts_from_string(text: str | bytes, where: str) -> np.ndarray:
+    """Decode COCO's compressed RLE string (maskApi.c rleFrString) to run lengths, vectorised.
+
+    Each number is 5-bit groups, low first, 0x20 set on all but the last, whose 0x10 is the
+    sign; every number from the 4th on is a difference to the one two places before it."""
+    try:
+        raw = text.encode("ascii") if isinstance(text, str) else bytes(text)
+    except UnicodeEncodeError:
+        raise UserError(f"{where}: RLE string has a character outside '0'..'o'") from None
+    chars = np.frombuffer(raw, np.uint8).astype(np.int64) - 48
+    if ((chars < 0) | (chars >= 64)).any():
+        raise UserError(f"{where}: RLE string has a character outside '0'..'o'")
+    if not len(chars):
+        return np.zeros(0, np.int64)
+    more = (chars & 0x20) != 0
+    if more[-1]:
+        raise UserError(f"{where}: RLE string ends inside a number")
+    ends = np.flatnonzero(~more)
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    lengths = ends - starts + 1
+    if lengths.max() > 12:  # 60 bits: far over any image's pixel count
+        raise UserError(f"{where}: RLE string has a number too long")
+    shift = 5 * (np.arange(len(chars)) - np.repeat(starts, lengths))
+    values = np.add.reduceat((chars & 0x1F) << shift, starts)
+    negative = (chars[ends] & 0x10) != 0
+    values[negative] -= np.left_shift(1, 5 * lengths[negative])
+    counts = values.copy()
+    counts[1::2] = np.cumsum(values[1::2])  # counts[3] = x3 + counts[1], ...
+    counts[2::2] = np.cumsum(values[2::2])  # counts[4] = x4 + counts[2], ...
+    if (counts < 0).any():
+        raise UserError(f"{where}: RLE string decodes to a negative run")
     return counts
 
 
