@@ -33,13 +33,16 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image
 
 from aepsl.errors import UserError
 from aepsl.labelmap import IGNORE
+
+if TYPE_CHECKING:
+    from aepsl.data.datasets import Dataset
 
 CACHE_VERSION = 1  # bump when the rasterisation changes: every cache is rebuilt
 SPLITS = {"train": "train2014", "val": "val2014"}
@@ -65,7 +68,7 @@ def cache_folder(cache_root: Path, annotation: Path) -> Path:
     return cache_root / f"{name}-{digest}"
 
 
-def load_coco(root: Path, empty_labels: str = "skip", mask_cache: str | None = None):
+def load_coco(root: Path, empty_labels: str = "skip", mask_cache: str | None = None) -> Dataset:
     from aepsl.data.datasets import Dataset, Sample, _warn_skipped
 
     if not root.is_dir():
@@ -150,6 +153,8 @@ def _read_index(path: Path, stamp: dict[str, Any]) -> dict[str, Any] | None:
         return None
     if not isinstance(index, dict) or index.get("stamp") != stamp:
         return None
+    if not isinstance(index.get("classes"), list) or not isinstance(index.get("images"), list):
+        return None
     return index
 
 
@@ -163,25 +168,25 @@ def _cached_index(
     index = _read_index(index_path, stamp)
     if index is not None and not _missing_masks(index, masks_dir):
         return index, masks_dir
+    from aepsl.io import write_json
+
     try:
         masks_dir.mkdir(parents=True, exist_ok=True)
+        with _locked(folder / ".lock"):
+            # Another process (a distributed rank) may have built it while this one waited.
+            index = _read_index(index_path, stamp)
+            if index is not None and not _missing_masks(index, masks_dir):
+                return index, masks_dir
+            only = _missing_masks(index, masks_dir) if index is not None else None
+            if index is None:
+                index_path.unlink(missing_ok=True)  # an interrupted rebuild is never taken as done
+            index = _build(annotation, images_dir, masks_dir, stamp, only)
+            write_json(index_path, index)
     except OSError as exc:
         raise UserError(
-            f"{folder}: cannot create the COCO mask cache ({exc.strerror}); set data.mask_cache "
-            "to a writable folder"
+            f"{folder}: cannot write the COCO mask cache ({exc.strerror or exc}); set "
+            "data.mask_cache to a writable folder"
         ) from None
-    with _locked(folder / ".lock"):
-        # Another process (a distributed rank) may have built it while this one waited.
-        index = _read_index(index_path, stamp)
-        if index is not None and not _missing_masks(index, masks_dir):
-            return index, masks_dir
-        only = _missing_masks(index, masks_dir) if index is not None else None
-        if index is None:
-            index_path.unlink(missing_ok=True)  # an interrupted rebuild is never taken as done
-        index = _build(annotation, images_dir, masks_dir, stamp, only)
-        from aepsl.io import write_json
-
-        write_json(index_path, index)
     return index, masks_dir
 
 
