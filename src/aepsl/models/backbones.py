@@ -64,8 +64,16 @@ class TinyBackbone(nn.Sequential):
 
 
 def vgg16_features() -> nn.Module:
-    """VGG16 conv1-conv5 without pool5 (output stride 16), fc6-fc8 removed, as in the paper."""
-    return models.vgg16(weights=None).features[:-1]
+    """VGG16 conv1-conv5 without pool5 (output stride 16), fc6-fc8 removed, as in the paper.
+    Built alone with torchvision's VGG initialisation (Kaiming normal, fan out; zero biases):
+    building the whole VGG16 would draw fc6-fc8's 120M random numbers (a second) to drop them.
+    Indices are torchvision's `features.<i>`."""
+    features = models.vgg.make_layers(models.vgg.cfgs["D"])
+    for layer in features:
+        if isinstance(layer, nn.Conv2d):
+            nn.init.kaiming_normal_(layer.weight, mode="fan_out", nonlinearity="relu")
+            nn.init.zeros_(layer.bias)
+    return features[:-1]
 
 
 def resnet_features(depth: int, output_stride: int = 16) -> nn.Sequential:
