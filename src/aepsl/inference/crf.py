@@ -114,16 +114,16 @@ def crf_labels_torch(
     faster and memory grows with the batch)."""
     import torch
 
-    from aepsl.inference.meanfield import mean_field
+    from aepsl.inference.meanfield import mean_field_labels
 
     if batch is None:
         batch = len(images) if torch.device(device).type == "cuda" else 1
     labels = []
     for start in range(0, len(images), max(batch, 1)):
-        refined = mean_field(
+        refined = mean_field_labels(
             images[start : start + batch], probs[start : start + batch], device=device, **params
         )
-        labels += [q.argmax(0).to(torch.uint8).cpu().numpy() for q in refined]
+        labels += [label.cpu().numpy() for label in refined]
     return labels
 
 

@@ -240,6 +240,15 @@ def filter(lattice: Lattice, values: Tensor) -> Tensor:
     return slice(lattice, blur(lattice, splat(lattice, values)))
 
 
+def filter_ones(lattice: Lattice) -> Tensor:
+    """(P,) `filter` of a constant 1 (the kernel's row sums), in 1-D operations."""
+    offsets, weights = lattice.offsets.reshape(-1), lattice.weights.reshape(-1)
+    grid = weights.new_zeros(lattice.vertices + 1).index_add_(0, offsets, weights)
+    for n1, n2 in lattice.neighbours:
+        grid = torch.cat([grid[:1], grid[1:] + 0.5 * (grid[n1] + grid[n2])])
+    return (grid[lattice.offsets] * lattice.weights).sum(0) * lattice.alpha
+
+
 def _csr(crow: Tensor, col: Tensor, value: Tensor, shape: tuple[int, int]) -> Tensor:
     """A sparse CSR matrix, with int32 indices where they fit (MKL and cuSPARSE take them
     without a conversion at every product)."""
@@ -289,9 +298,8 @@ class Operator:
                 part = target
         if out is None:
             out = torch.empty_like(values)
-        if add is None:
-            return torch.addmm(out, self.slice, grid, beta=0, out=out)
-        return torch.addmm(add, self.slice, grid, out=out)
+        torch.addmm(out, self.slice, grid, beta=0, out=out)
+        return out if add is None else out.add_(add)  # faster than addmm's beta=1
 
 
 def operator(
