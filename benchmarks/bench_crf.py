@@ -15,6 +15,9 @@ Speed: images/s of what predict.py runs per image (CRF + argmax -> uint8 labels)
                     predict.py runs on the CPU with crf.workers > 1)
   torch-cpu         the torch backend in this process with torch's threads (all cores),
                     --batch images per call (predict.py with crf.workers = 1)
+  torch-1thread     the same with one thread
+CPU s/img: CPU time of the process per image (in-process methods): the cost per core, which
+load from other processes inflates far less than the wall time.
   torch-cuda        the same code on the GPU, when there is one
 The methods take turns round by round (--rounds); img/s is of the median round, best of the
 fastest (load from other processes falls on all methods alike, but not equally: torch's OpenMP
@@ -118,8 +121,11 @@ def run_pool(images, probs, params, backend, pool=None):
     return pool.map(refine, jobs) if pool else [refine(job) for job in jobs]
 
 
-def run_torch(images, probs, params, device="cpu", batch=1):
+def run_torch(images, probs, params, device="cpu", batch=1, threads=None):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
     labels = crf_labels_torch(images, probs, device=device, batch=batch, **params)
+    torch.set_num_threads(before)
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
     return labels
@@ -213,6 +219,7 @@ def main() -> None:
             images, probs, params, "torch", pools["torch"]
         ),
         "torch-cpu": lambda: run_torch(images, probs, params, batch=args.batch),
+        "torch-1thread": lambda: run_torch(images, probs, params, batch=args.batch, threads=1),
     }
     if torch.cuda.is_available():
         methods["torch-cuda"] = lambda: run_torch(images, probs, params, "cuda", args.batch)
@@ -220,12 +227,14 @@ def main() -> None:
     if "torch-cuda" in methods:
         run_torch(images[:1], probs[:1], params, "cuda")
     seconds: dict[str, list[float]] = {name: [] for name in methods}
+    cpu: dict[str, list[float]] = {name: [] for name in methods}
     outputs = {}
     for _ in range(args.rounds):
         for name, method in methods.items():
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             outputs[name] = method()
             seconds[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
     for pool in pools.values():
         pool.close()
         pool.join()
@@ -238,16 +247,21 @@ def main() -> None:
 
     load = os.getloadavg()[0]
     reference = outputs["pydensecrf-1"]
-    header = f"{'img/s':>7s} {'best':>7s} {'s/img':>7s} {'rounds (s)':>24s} {'peak MiB/img':>13s}"
+    header = (
+        f"{'img/s':>7s} {'best':>7s} {'s/img':>7s} {'CPU s/img':>9s} {'rounds (s)':>20s} "
+        f"{'peak MiB/img':>13s}"
+    )
     print(f"\n{'method':18s} {header}  labels = pydensecrf's")
     for name, times in seconds.items():
         median = statistics.median(times)
         differ = sum(int((a != b).sum()) for a, b in zip(outputs[name], reference, strict=True))
         agree = 1 - differ / sum(a.size for a in reference)
         mem = memory.get(name)
+        in_process = "pool" not in name and "cuda" not in name
+        cpu_time = f"{statistics.median(cpu[name]) / n:.3f}" if in_process else ""
         print(
             f"{name:18s} {n / median:7.2f} {n / min(times):7.2f} {median / n:7.3f} "
-            f"{' '.join(f'{t:.2f}' for t in times):>24s} "
+            f"{cpu_time:>9s} {' '.join(f'{t:.2f}' for t in times):>20s} "
             f"{'' if mem is None else f'{mem:.0f}':>13s} {100 * agree:9.4f}% ({differ} px)"
         )
 
