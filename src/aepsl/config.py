@@ -90,6 +90,13 @@ class ModelConfig(Section):
         description="output stride of the segmentation network: 8 is DeepLab-LargeFOV's; 16 "
         "skips dilating the last strided stage (faster, coarser); tiny is always 8",
     )
+    cam_head: Literal["conv", "largefov"] = Field(
+        "conv",
+        description="layers between the CAM classifier's backbone and its 1x1 CAM layer: conv, "
+        "one new 3x3 conv (512 channels); largefov, the paper's VGG16 with fc6/fc7 as conv "
+        "layers: the segmentation network's head (vgg16: LargeFOV's fc6/fc7, decimated from "
+        "VGG16's when the weights hold them), at cam_output_stride",
+    )
 
     @field_validator("backbone")
     @classmethod
