@@ -16,20 +16,22 @@ Speed: images/s of what predict.py runs per image (CRF + argmax -> uint8 labels)
   torch-cpu         the torch backend in this process with torch's threads (all cores),
                     --batch images per call (predict.py with crf.workers = 1)
   torch-1thread     the same with one thread
+  torch-cuda        the same code on the GPU, when there is one
 CPU s/img: CPU time of the process per image (in-process methods): the cost per core, which
 load from other processes inflates far less than the wall time.
-  torch-cuda        the same code on the GPU, when there is one
 The methods take turns round by round (--rounds); img/s is of the median round, best of the
 fastest (load from other processes falls on all methods alike, but not equally: torch's OpenMP
 threads stall when another process holds a core, pydensecrf's processes just slow down).
 Peak memory per image: extra peak RSS (VmHWM reset after malloc_trim, minus RSS before) of one
 image in a fresh process, after a warm-up on a small image; torch-cuda: max_memory_allocated.
-Agreement: labels of torch-cpu equal to pydensecrf's, % of all pixels; marginals max and mean
-absolute difference.
---profile prints torch.profiler's table of one torch-cpu image.
+Agreement: labels equal to pydensecrf-1's, % of all pixels and differing pixels; marginals of
+torch against pydensecrf, max and mean absolute difference.
+--profile prints torch.profiler's table of one torch-cpu image. --agreement-sweep runs only a
+sweep of agreement over sizes, class counts, noise and iterations (112 cases, a few minutes).
 
 Usage: .venv/bin/python benchmarks/bench_crf.py [--images 8] [--rounds 3] [--workers 2]
            [--batch 1] [--threads N] [--classes 21] [--iterations 10] [--noise 2.0] [--profile]
+       .venv/bin/python benchmarks/bench_crf.py --agreement-sweep
 Smoke: .venv/bin/python benchmarks/bench_crf.py --images 2 --rounds 1 --width 120 --height 90
 """
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import functools
+import itertools
 import json
 import multiprocessing
 import os
@@ -173,6 +176,38 @@ def peak_memory(args: argparse.Namespace, method: str) -> float | None:
     return json.loads(done.stdout.strip().splitlines()[-1])["mib_per_image"]
 
 
+# ------------------------------------------------------------------ agreement sweep
+
+
+def agreement_sweep() -> None:
+    """Labels and marginals of torch against pydensecrf over sizes (landscape, portrait, VOC),
+    2 or 21 classes, logit noise 1 or 3, 1, 5 or 10 iterations, 4 photographs each."""
+    torch.set_num_threads(1)
+    cases = pixels = differ = 0
+    worst, changed = 0.0, []
+    sizes = [(500, 375), (333, 250), (250, 333)]
+    for (width, height), classes, noise, iterations in itertools.product(
+        sizes, [2, 21], [1.0, 3.0], [1, 5, 10]
+    ):
+        if (width, height) == (500, 375) and iterations != 10:
+            continue  # VOC size at the default only: the sweep stays at a few minutes
+        params = crf_params(CrfConfig(iterations=iterations))
+        for i, image in enumerate(photographs(4, width, height)):
+            prob = realistic_softmax(image, classes, i + 10 * classes, noise)
+            ref = dense_crf(image, prob, **params)
+            (mine,) = dense_crf_torch([image], [prob], **params)
+            cases += 1
+            pixels += ref[0].size
+            differ += int((ref.argmax(0) != mine.argmax(0)).sum())
+            worst = max(worst, float(np.abs(ref - mine).max()))
+            changed.append(float(np.mean(ref.argmax(0) != prob.argmax(0))))
+    print(
+        f"{cases} cases, {pixels} pixels: {differ} labels differ "
+        f"({100 * differ / pixels:.5f}%), marginals max |diff| {worst:.2e}; the CRF changed "
+        f"{100 * np.mean(changed):.1f}% of the labels on average, {100 * max(changed):.1f}% at most"
+    )
+
+
 # ------------------------------------------------------------------ main
 
 
@@ -189,8 +224,12 @@ def main() -> None:
     parser.add_argument("--noise", type=float, default=2.0, help="std of the logit noise")
     parser.add_argument("--threads", type=int, help="torch threads (default: one per core)")
     parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--agreement-sweep", action="store_true", help="only the sweep")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.agreement_sweep:
+        agreement_sweep()
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_child:
