@@ -20,7 +20,6 @@ import torch
 
 from aepsl.config import Config, load_config
 from aepsl.mine import stage as mine_stage
-from aepsl.models.classifier import build_classifier
 from aepsl.models.segnet import build_segnet
 from aepsl.psl import stage as psl_stage
 from aepsl.runtime import prepare_model, seed_everything
@@ -91,10 +90,7 @@ def classifier_trainer(config: Config, num_classes: int, device: torch.device) -
     """A fresh classifier with the training step of `aepsl mine` (mine/stage.py); call
     `.step([images, targets], iteration)`."""
     seed_everything(config.seed)
-    model = build_classifier(
-        config.model.backbone, config.model.weights, num_classes, config.model.cam_output_stride
-    )
-    model = prepare_model(model, config, device)
+    model = prepare_model(mine_stage.new_classifier(config, num_classes), config, device)
     return mine_stage.classifier_trainer(model, config, device, steps=config.mine.epochs * 1000)
 
 

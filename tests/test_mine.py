@@ -131,10 +131,8 @@ def test_interrupted_step_resumes_to_the_same_result(tmp_path, monkeypatch):
 
 def test_labels_without_saliency_use_saved_cams(mined):
     root, out = mined
-    code = main(
-        ["labels", str(DEMO), f"data.root={root}", "saliency.source=none", "--out", str(out)]
-    )
-    assert code == 0
+    settings = [f"data.root={root}", *TINY, "mine.save_cams=true", "saliency.source=none"]
+    assert main(["labels", str(DEMO), *settings, "--out", str(out)]) == 0
     metrics = json.loads((out / "labels" / "metrics.json").read_text())
     assert metrics["saliency_source"] == "none" and 0 < metrics["labelled_fraction"] <= 1
 

@@ -91,23 +91,40 @@ def test_run_writes_every_stage_and_the_report(reference):
         assert json.loads((reference / stage / "manifest.json").read_text())["complete"]
 
 
-@pytest.mark.parametrize("stage_file", ["mine/step2/checkpoint.pt", "train/checkpoint.pt"])
-def test_killed_run_resumes_to_identical_outputs(dataset, reference, tmp_path, stage_file):
+@pytest.mark.parametrize(
+    ("stage_file", "kill"),
+    [
+        ("mine/step2/checkpoint.pt", signal.SIGKILL),
+        ("train/checkpoint.pt", signal.SIGKILL),
+        ("mine/step2/checkpoint.pt", signal.SIGTERM),
+        ("train/checkpoint.pt", signal.SIGTERM),
+    ],
+)
+def test_killed_run_resumes_to_identical_outputs(dataset, reference, tmp_path, stage_file, kill):
+    """SIGKILL (no warning) or SIGTERM (what a cluster sends first: one line, exit 143), then
+    the same command: the same regions, pseudo labels, weights and predictions, and model
+    files identical to the byte."""
     out = tmp_path / "killed"
     process = subprocess.Popen(
         [sys.executable, "-m", "aepsl", *_command(dataset, out)],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     deadline = time.monotonic() + 120
     while not (out / stage_file).exists():
         assert process.poll() is None, "the run ended before the stage under test checkpointed"
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait()
+    os.kill(process.pid, kill)
+    _, err = process.communicate()
+    if kill == signal.SIGTERM:
+        assert process.returncode == 143
+        assert err.splitlines()[-1] == "aepsl run: terminated; re-run the same command to resume"
     assert main(_command(dataset, out)) == 0
     _assert_same(_outputs(reference), _outputs(out))  # every output PNG decodes, too
+    for model in ("mine/step3/classifier.pt", "train/model.pt"):
+        assert (out / model).read_bytes() == (reference / model).read_bytes(), model
 
 
 def test_rerun_skips_and_changed_setting_reruns_downstream(dataset, reference, capsys):

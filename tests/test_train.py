@@ -84,7 +84,8 @@ def test_training_resumes_to_identical_weights(tmp_path, monkeypatch):
 
 
 def test_train_without_pseudo_labels_is_clear(folder_dataset, tmp_path, capsys):
-    code = main(["train", DEMO, f"data.root={folder_dataset}", *TINY, "--out", str(tmp_path)])
+    out = tmp_path / "run"
+    code = main(["train", DEMO, f"data.root={folder_dataset}", *TINY, "--out", str(out)])
     assert code == 2
     assert "run `aepsl labels`" in capsys.readouterr().err
 

@@ -7,6 +7,7 @@ Every stage command takes a config file (or none, for the defaults), `--out DIR`
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import signal
 import sys
@@ -26,9 +27,15 @@ def _config(args: argparse.Namespace) -> Config:
     return load_config(args.config, args.overrides)
 
 
-def _config_and_out(args: argparse.Namespace) -> tuple[Config, Path]:
-    """The config, and the --out folder checked writable with the resolved config saved in it."""
+def _config_and_out(args: argparse.Namespace, reads: str | None = None) -> tuple[Config, Path]:
+    """The config, and the --out folder checked (outside the dataset, writable; the stage it
+    `reads` made with these settings) with the resolved config saved in it."""
+    from aepsl.layout import RunLayout, check_out
+
     config = _config(args)
+    check_out(Path(args.out), config)
+    if reads is not None:
+        RunLayout(args.out, config).check_input(reads)
     out = _writable_out(args.out)
     save_config(config, out)
     return config, out
@@ -55,6 +62,11 @@ def cmd_synth(args: argparse.Namespace) -> None:
     from aepsl.data.real import make_real
     from aepsl.data.synth import make_synth
 
+    out = Path(args.out)
+    if out.is_dir() and any(out.iterdir()) and not args.force:
+        raise UserError(
+            f"{out}: folder is not empty; choose a new one, or --force to write into it"
+        )
     make = make_real if args.real else make_synth
     root = make(args.out, n=args.n, size=args.size, seed=args.seed)
     print(f"wrote a folder dataset to {root}")
@@ -131,7 +143,7 @@ def cmd_labels(args: argparse.Namespace) -> None:
     from aepsl.labels.stage import run_labels
     from aepsl.runtime import on_main, select_device
 
-    config, out = _config_and_out(args)
+    config, out = _config_and_out(args, reads="mine")
     select_device(config)  # joins the process group under torchrun
     on_main(run_labels, config, out)
 
@@ -141,7 +153,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     from aepsl.psl.stage import run_train
     from aepsl.runtime import select_device
 
-    config, out = _config_and_out(args)
+    config, out = _config_and_out(args, reads="labels")
     model = run_train(config, out)
     result = evaluate_trained(config, out, model, select_device(config))
     for key in ("without_crf", "with_crf"):
@@ -238,6 +250,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=int, default=240, help="number of images (default 240)")
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--force", action="store_true", help="write into a folder that is not empty")
     p.add_argument(
         "--real",
         action="store_true",
@@ -375,6 +388,19 @@ def main(argv: list[str] | None = None) -> int:
         # stdout pointed at /dev/null so the interpreter's final flush cannot fail again.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + signal.SIGPIPE
+    except OSError as exc:
+        if args.debug:
+            raise
+        where = exc.filename or "output"
+        if exc.errno == errno.ENOSPC:
+            print(
+                f"aepsl {args.command}: error: {where}: no space left on device; nothing is "
+                "half-written: free some space and re-run the same command to resume",
+                file=sys.stderr,
+            )
+        else:
+            print(f"aepsl {args.command}: error: {where}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt as exc:
         what = "terminated" if isinstance(exc, Terminated) else "interrupted"
         print(f"aepsl {args.command}: {what}; re-run the same command to resume", file=sys.stderr)

@@ -30,8 +30,14 @@ Scale = Annotated[float, Field(gt=0, le=4)]
 
 
 class DataConfig(Section):
-    format: Literal["folder", "voc"] = "folder"
+    format: Literal["folder", "voc", "coco"] = "folder"
     root: str | None = Field(None, description="dataset root folder")
+    mask_cache: str | None = Field(
+        None,
+        validate_default=True,  # the validator below tells the COCO reader, default included
+        description="coco: folder the semantic masks are built into once (the dataset folder "
+        "is never written); default $XDG_CACHE_HOME/aepsl/coco_masks (~/.cache/aepsl/coco_masks)",
+    )
     train_split: str = Field("train", min_length=1)
     val_split: str = Field("val", min_length=1)
     empty_labels: Literal["skip", "error"] = Field(
@@ -57,6 +63,17 @@ class DataConfig(Section):
         if root is not None and not root.strip():
             raise PydanticCustomError("empty", "must not be empty (the dataset folder)")
         return root
+
+    @field_validator("mask_cache")
+    @classmethod
+    def _apply_mask_cache(cls, path: str | None) -> str | None:
+        if path is not None and not path.strip():
+            raise PydanticCustomError("empty", "must not be empty (a folder, or null)")
+        # Like max_pixels: the stages pass no config to load_dataset, which reads the last one.
+        from aepsl.data.coco import set_mask_cache
+
+        set_mask_cache(path)
+        return path
 
     @field_validator("max_pixels")
     @classmethod
@@ -131,12 +148,31 @@ class MineConfig(Section):
     )
     cam_flip: bool = False
     save_cams: bool = False
+    cam_format: Literal["npz", "irn"] = Field(
+        "npz",
+        description="save_cams' files: npz, step<t>/cams/<id>.npz (keys 1..C, cams K x H x W "
+        "float16); irn, step<t>/cams/<id>.npy as IRN's make_cam writes them (a pickled dict: "
+        "keys 0-based, cam at the network's stride, high_res at image size)",
+    )
+    step1_cams: str | None = Field(
+        None,
+        description="a folder of CAMs made elsewhere (<id>.npy as IRN / CLIP-ES / SEAM save "
+        "them, or our <id>.npz): step 1's regions come from them instead of a trained "
+        "classifier; erasing and the later steps proceed as usual",
+    )
     auto_stop: bool = Field(
         False, description="stop when a step's final loss exceeds auto_stop_factor x step 1's"
     )
     auto_stop_factor: float = Field(2.0, gt=1)
     checkpoint_every: int = Field(1, ge=1, description="epochs between resumable checkpoints")
     visualise: int = Field(4, ge=0, description="images per step drawn to vis/")
+
+    @field_validator("step1_cams")
+    @classmethod
+    def _step1_not_empty(cls, path: str | None) -> str | None:
+        if path is not None and not path.strip():
+            raise PydanticCustomError("empty", "must not be empty (a folder of CAMs, or null)")
+        return path
 
 
 class SaliencyConfig(Section):
@@ -164,6 +200,29 @@ class LabelsConfig(Section):
         "CAM is below this",
     )
     visualise: int = Field(8, ge=0, description="overlays written to labels/vis/")
+    dir: str | None = Field(
+        None,
+        description="a folder of pseudo labels made elsewhere (<id>.png index maps, 0 "
+        "background, k class, 255 ignore): `labels` checks them instead of building ours, "
+        "`train` reads them, `mine` is skipped",
+    )
+    cams_dir: str | None = Field(
+        None,
+        description="a folder of CAMs made elsewhere (IRN / CLIP-ES / SEAM .npy, or our .npz): "
+        "`labels` thresholds them as mine.threshold_mode / mine.threshold say into the regions "
+        "it fuses with saliency, instead of reading mine/regions; `mine` is skipped",
+    )
+
+    @field_validator("dir", "cams_dir")
+    @classmethod
+    def _folder_not_empty(cls, path: str | None, info: ValidationInfo) -> str | None:
+        if path is not None and not path.strip():
+            raise PydanticCustomError("empty", "must not be empty (a folder, or null)")
+        if info.field_name == "cams_dir" and path is not None and info.data.get("dir"):
+            raise PydanticCustomError(
+                "both", "give labels.dir (finished pseudo labels) or labels.cams_dir, not both"
+            )
+        return path
 
 
 class TrainConfig(Section):
@@ -234,15 +293,18 @@ class CrfConfig(Section):
     gaussian_weight: float = Field(3.0, gt=0)
     gaussian_xy_std: float = Field(3.0, gt=0)
     workers: int = Field(
-        2, ge=1, le=256, description="worker processes running the CRF (pydensecrf backend)"
+        2,
+        ge=1,
+        le=256,
+        description="processes running the CRF on the CPU, one image each (torch: one thread "
+        "each); 1: in the main process (torch: with all its threads)",
     )
     backend: Literal["auto", "pydensecrf", "torch"] = Field(
         "auto",
-        description="dense CRF implementation, the same model: pydensecrf (extra 'crf', CPU, "
-        "crf.workers processes) or torch (no extra; batched, on the GPU or with torch's CPU "
-        "threads in the main process). auto: torch on a GPU; on the CPU torch as well "
-        "(benchmarks/bench_crf.py, 2-core Sapphire Rapids, VOC size, 21 classes: torch "
-        "PLACEHOLDER), or pydensecrf",
+        description="dense CRF implementation, the same model: pydensecrf (extra 'crf', CPU) "
+        "or torch (no extra; batched on a GPU). auto: torch, which on the CPU measured 0.33 "
+        "CPU-s per VOC-size image with 21 classes against pydensecrf's 0.60 (2-core Sapphire "
+        "Rapids, benchmarks/bench_crf.py; docs/crf.md); pydensecrf is never required",
     )
 
 

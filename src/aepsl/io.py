@@ -40,6 +40,11 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield Path(tmp)
         _fsync(tmp)  # the bytes reach the disk before the name does: no empty file after a crash
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        if exc.filename is None:  # a failed write names no file: name the one being written
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -88,9 +93,36 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict[str, Any]) -> None:
-    """Save tensors and plain containers only, so the file loads with `weights_only=True`."""
+    """Save tensors and plain containers only, so the file loads with `weights_only=True`.
+
+    Serialised in memory first: torch names the records inside the zip after the file it
+    writes, so writing the temporary file directly gave different bytes for the same tensors;
+    and a full disk then fails as an OSError (ENOSPC) of the plain write, not deep in torch."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
     with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+        tmp.write_bytes(buffer.getbuffer())
+
+
+def read_json(path: str | os.PathLike, fix: str, kind: type = dict) -> Any:
+    """A JSON file a stage wrote, or a one-line error naming it, what is wrong, and `fix`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; {fix}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: unreadable ({exc}); {fix}") from None
+    try:
+        data = json.loads(text)
+    except ValueError:
+        problem = "empty" if not text.strip() else "damaged (not valid JSON)"
+        raise UserError(f"{path}: {problem}; {fix}") from None
+    if not isinstance(data, kind):
+        raise UserError(
+            f"{path}: damaged (a JSON {type(data).__name__}, not a {kind.__name__}); {fix}"
+        )
+    return data
 
 
 def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:

@@ -10,6 +10,7 @@ Stages meet only through these files; this module is the one place that names th
     step<t>/train.json                  final training loss
     step<t>/regions/<id>.png            regions mined at step t (k = class, 255 = conflict)
     step<t>/cams/<id>.npz               with mine.save_cams: keys, cams (float16, K x H x W)
+    step<t>/cams/<id>.npy               ... with mine.cam_format=irn: IRN's dict (external.py)
     step<t>/vis/<id>.png                erased image | CAM | regions, for a few images
     step<t>/done.json                   the step's metrics, written last
     regions/<id>.png                    union over the steps used
@@ -33,11 +34,13 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from aepsl.config import Config
-from aepsl.io import write_json
+from aepsl.errors import UserError
+from aepsl.io import read_json, write_json
 
 STAGES = ("mine", "labels", "train")
 
@@ -56,7 +59,8 @@ def training_settings(
 
     return {
         "seed": config.seed,
-        "data": config.data.model_dump(exclude={"num_workers", "max_pixels"}),  # no output
+        # where and how the data is read, not what it is: no output depends on these
+        "data": config.data.model_dump(exclude={"num_workers", "max_pixels", "mask_cache"}),
         "model": config.model.model_dump(),
         "precision": effective_precision(config),
         section: getattr(config, section).model_dump(exclude=set(exclude)),
@@ -66,14 +70,34 @@ def training_settings(
 def stage_digests(config: Config) -> dict[str, str]:
     """The settings-hash chain: each stage's hash covers its own settings and the hash of the
     stage before it."""
-    mine = settings_digest(training_settings(config, "mine", {"visualise", "checkpoint_every"}))
-    labels = settings_digest(
-        {
-            "mine": mine,
-            "saliency": config.saliency.model_dump(),
-            "labels": config.labels.model_dump(exclude={"visualise"}),
-        }
-    )
+    from aepsl.external import CAM_SUFFIXES, folder_digest
+
+    # Settings added later leave the hashes of earlier runs as they were while at their default.
+    new = {"visualise", "checkpoint_every", "step1_cams", "cam_format"}
+    mine_settings = training_settings(config, "mine", new)
+    if config.mine.cam_format != "npz":
+        mine_settings["mine"]["cam_format"] = config.mine.cam_format
+    if config.mine.step1_cams:  # CAMs made elsewhere: their files' names, sizes and mtimes
+        mine_settings["step1_cams"] = folder_digest(config.mine.step1_cams, CAM_SUFFIXES)
+    mine = settings_digest(mine_settings)
+    labels_settings = config.labels.model_dump(exclude={"visualise", "dir", "cams_dir"})
+    if config.labels.dir:  # pseudo labels made elsewhere: nothing of ours goes into them
+        labels = settings_digest({"labels_dir": folder_digest(config.labels.dir, (".png",))})
+    elif config.labels.cams_dir:  # regions from CAMs made elsewhere, not from mine
+        cams = folder_digest(config.labels.cams_dir, CAM_SUFFIXES)
+        threshold = config.mine.model_dump(include={"threshold_mode", "threshold"})
+        labels = settings_digest(
+            {
+                "cams_dir": cams,
+                "threshold": threshold,
+                "saliency": config.saliency.model_dump(),
+                "labels": labels_settings,
+            }
+        )
+    else:
+        labels = settings_digest(
+            {"mine": mine, "saliency": config.saliency.model_dump(), "labels": labels_settings}
+        )
     train = training_settings(config, "train", {"checkpoint_every"})
     train["labels"] = labels
     return {"mine": mine, "labels": labels, "train": settings_digest(train)}
@@ -85,25 +109,86 @@ def saliency_cache_digest(config: Config) -> str:
     return settings_digest({"data": data, "max_side": config.saliency.max_side})
 
 
-def claim_folder(folder: Path, digest: str) -> bool:
+def claim_folder(folder: Path, digest: str, required: Iterable[Path] = ()) -> bool:
     """Resume in `folder` if the same settings produced it; otherwise empty it and start over.
 
-    Returns True when the stage already finished there with these settings (see mark_complete).
-    """
+    Returns True when the stage already finished there with these settings (see mark_complete)
+    and every `required` output is still there; a finished stage missing one runs again
+    (resuming: what is there is kept)."""
     manifest = folder / "manifest.json"
     if manifest.is_file():
-        record = json.loads(manifest.read_text())
-        if record.get("settings_hash") == digest:
-            return bool(record.get("complete"))
+        record = read_manifest(manifest)
+        if record["settings_hash"] == digest:
+            if not record["complete"]:
+                return False
+            missing = next((path for path in required if not path.exists()), None)
+            if missing is None:
+                return True
+            print(f"{folder}: marked finished but {missing} is gone; running this stage again")
+            write_json(manifest, {"settings_hash": digest, "complete": False})
+            return False
         print(f"{folder}: settings changed since the last run; starting this stage again")
-        shutil.rmtree(folder)
+        shutil.rmtree(folder)  # a folder with our manifest: one a stage created
     write_json(manifest, {"settings_hash": digest, "complete": False})
     return False
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A stage's manifest.json, or a one-line error saying what to do with a damaged one."""
+    fix = f"delete the folder {path.parent} and run the stage again"
+    record = read_json(path, fix)
+    if not isinstance(record.get("settings_hash"), str) or not isinstance(
+        record.get("complete"), bool
+    ):
+        raise UserError(f"{path}: damaged (no settings_hash or complete); {fix}")
+    return record
 
 
 def mark_complete(folder: Path, digest: str) -> None:
     """Record that the stage in `folder` finished, so a re-run with the same settings skips it."""
     write_json(folder / "manifest.json", {"settings_hash": digest, "complete": True})
+
+
+# The folders each dataset format reads from (below data.root): no run folder may be one of
+# them, hold one, or lie inside one.
+DATASET_FOLDERS = {
+    "folder": ("images", "masks", "saliency", "splits"),
+    "voc": (
+        "JPEGImages",
+        "SegmentationClass",
+        "SegmentationClassAug",
+        "Annotations",
+        "ImageSets",
+        "saliency",
+    ),
+    "coco": ("train2014", "val2014", "annotations"),
+}
+
+
+def check_out(out: Path, config: Config, what: str = "--out") -> None:
+    """Refuse, before any work, an output folder that would write into the dataset: data.root
+    itself, a folder above it, or one of the folders the dataset is read from (or inside one).
+    A run folder elsewhere under data.root is fine."""
+    if config.data.root is None:
+        return
+    target = Path(out).resolve()
+    root = Path(config.data.root).resolve()
+    used = [root / name for name in DATASET_FOLDERS.get(config.data.format, ())]
+    if config.saliency.dir:
+        used.append(Path(config.saliency.dir).resolve())
+    for folder in [root, *used]:
+        if folder == target or folder.is_relative_to(target):
+            place = "is" if folder == target else "holds"
+            raise UserError(
+                f"{out}: {what} {place} the dataset's folder {folder}; aepsl never writes into a "
+                "dataset: choose another run folder (under data.root is fine, e.g. "
+                f"{root / 'runs' / 'NAME'})"
+            )
+        if folder != root and target.is_relative_to(folder):
+            raise UserError(
+                f"{out}: {what} lies inside the dataset's folder {folder}; aepsl never writes "
+                "into a dataset: choose another run folder"
+            )
 
 
 class MineStep:
@@ -123,8 +208,9 @@ class MineStep:
     def region(self, image_id: str) -> Path:
         return self.regions / f"{image_id}.png"
 
-    def cam(self, image_id: str) -> Path:
-        return self.cams / f"{image_id}.npz"
+    def cam(self, image_id: str, cam_format: str = "npz") -> Path:
+        """<id>.npz (ours) or, for mine.cam_format=irn, <id>.npy (IRN's)."""
+        return self.cams / f"{image_id}.{'npy' if cam_format == 'irn' else 'npz'}"
 
 
 class RunLayout:
@@ -184,9 +270,44 @@ class RunLayout:
     def folder(self, stage: str) -> Path:
         return {"mine": self.mine, "labels": self.labels, "train": self.train}[stage]
 
-    def claim(self, stage: str) -> bool:
-        """claim_folder for `stage`: True when it already finished with these settings."""
-        return claim_folder(self.folder(stage), self.digest(stage))
+    def claim(self, stage: str, required: Iterable[Path] = ()) -> bool:
+        """claim_folder for `stage`: True when it already finished with these settings and
+        its `required` outputs are there."""
+        return claim_folder(self.folder(stage), self.digest(stage), required)
+
+    def reads(self, stage: str) -> bool:
+        """Whether the stage after `stage` reads its folder: not when the pseudo labels
+        (labels.dir) or the CAMs they are built from (labels.cams_dir) were made elsewhere."""
+        if stage == "mine":
+            return not (self.config.labels.dir or self.config.labels.cams_dir)
+        return not (stage == "labels" and self.config.labels.dir)
+
+    def check_input(self, stage: str) -> None:
+        """Stop with one line when `stage`'s folder, which the next stage reads, was made by
+        aepsl with other settings than these or is unfinished. A folder without a manifest is
+        not aepsl's (e.g. pseudo labels made elsewhere) and is taken as it is."""
+        manifest = self.folder(stage) / "manifest.json"
+        if not manifest.is_file() or not self.reads(stage):
+            return
+        record = read_manifest(manifest)
+        if record["settings_hash"] != self.digest(stage):
+            raise UserError(
+                f"{self.folder(stage)}: made with other settings than these; run `aepsl "
+                f"{stage}` with the same settings and --out first (or `aepsl run`)"
+            )
+        if not record["complete"]:
+            raise UserError(
+                f"{self.folder(stage)}: unfinished; run `aepsl {stage}` with this --out to "
+                "finish it first"
+            )
 
     def mark_complete(self, stage: str) -> None:
+        """The stage finished: its folder gets the config that made it, then the manifest."""
+        from aepsl.config import save_config
+
+        save_config(self.config, self.folder(stage))
         mark_complete(self.folder(stage), self.digest(stage))
+
+    def redo(self, stage: str) -> str:
+        """What to do about a damaged file of `stage`'s folder (the end of an error line)."""
+        return f"delete the folder {self.folder(stage)} and run `aepsl {stage}` again"

@@ -10,7 +10,6 @@ scores are summed over the processes.
 
 from __future__ import annotations
 
-import json
 import tarfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,6 +35,7 @@ from aepsl.inference.crf import (
 from aepsl.io import (
     atomic_path,
     file_digest,
+    read_json,
     write_index_png,
     write_json,
     write_png,
@@ -253,7 +253,7 @@ def evaluate_trained(config: Config, out: Path, model: SegNet, device: torch.dev
 
     if on_main(claim):
         print(f"predict: {split} predicted and scored for this model in {plain}; skipped")
-        return json.loads(metrics_path.read_text())
+        return read_json(metrics_path, f"delete the folder {run.predict} and run the stage again")
     predict_samples(
         model, samples, config, device, plain, refined if use_crf else None, sharded=True
     )

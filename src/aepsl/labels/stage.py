@@ -7,23 +7,32 @@ built-in saliency maps in OUT/saliency/<id>.png (layout.py).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from aepsl.config import Config
-from aepsl.data.datasets import Sample, load_dataset, load_image
+from aepsl.data.datasets import Dataset, Sample, image_size, load_dataset, load_image
 from aepsl.errors import UserError
 from aepsl.evaluation import evaluate_folder
+from aepsl.external import check_pseudo_labels, image_cams
 from aepsl.health import check_folder
-from aepsl.io import read_gray_png, read_index_png, write_index_png, write_json, write_png
+from aepsl.io import (
+    read_gray_png,
+    read_index_png,
+    read_json,
+    write_index_png,
+    write_json,
+    write_png,
+)
 from aepsl.labelmap import colourise
 from aepsl.labels.fusion import background_from_cams, background_from_saliency, fuse_pseudo_label
 from aepsl.labels.saliency import mbd_saliency
 from aepsl.layout import RunLayout, claim_folder, saliency_cache_digest
+from aepsl.mine.cam import regions_to_label_map, threshold_regions
 
 
 def run_labels(config: Config, out: Path) -> dict[str, Any]:
@@ -31,29 +40,45 @@ def run_labels(config: Config, out: Path) -> dict[str, Any]:
     data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
     train = data.split(config.data.train_split)
     run = RunLayout(out, config)
-    if run.claim("labels"):
+    if config.labels.dir:  # pseudo labels made elsewhere: checked and scored, not built
+        return _external_labels(config, data, train, run)
+    run.check_input("mine")
+    required = [run.labels_metrics, *(run.pseudo_label(s.id) for s in train)]
+    if run.claim("labels", required):
         print(f"labels: finished for these settings in {run.labels}; skipped")
-        return json.loads(run.labels_metrics.read_text())
+        return read_json(run.labels_metrics, run.redo("labels"))
     if config.saliency.source == "builtin":
         claim_folder(run.saliency, saliency_cache_digest(config))
     last_cams = _last_step_cams(config, run)
     vis_ids = {s.id for s in train[: config.labels.visualise]}
     for sample in tqdm(train, desc="labels", unit="img", dynamic_ncols=True):
         path = run.union_region(sample.id)
-        if not path.is_file():
+        if not config.labels.cams_dir and not path.is_file():
             raise UserError(
                 f"{path}: mined regions missing; run `aepsl mine` with this --out first"
             )
         target = run.pseudo_label(sample.id)
         if target.is_file() and sample.id not in vis_ids:
             continue  # written before an interruption, with these settings
-        regions = read_index_png(path)
-        background, saliency = _background(config, sample, regions.shape, run, last_cams)
+        if config.labels.cams_dir:  # one step of regions, thresholded as mine does
+            shape = image_size(sample.image)
+            own = image_cams(config.labels.cams_dir, sample, data.num_classes, shape)
+            found = threshold_regions(
+                torch.from_numpy(own), config.mine.threshold_mode, config.mine.threshold
+            )
+            regions = regions_to_label_map(found, list(sample.labels)).numpy()
+        else:
+            regions = read_index_png(path)
+        cams = None
+        if last_cams is not None:
+            cams = image_cams(last_cams, sample, data.num_classes, regions.shape)
+        background, saliency = _background(config, sample, regions.shape, run, cams)
         labels = fuse_pseudo_label(regions, background, config.labels.low_saliency)
         write_index_png(target, labels)
         if sample.id in vis_ids:
             write_png(run.labels_vis / f"{sample.id}.png", _overlay(sample, saliency, labels))
     metrics: dict[str, Any] = {
+        "regions": config.labels.cams_dir or "mine/regions",  # relative to the run folder
         "saliency_source": config.saliency.source,
         "bg_threshold": config.labels.bg_threshold,
         "low_saliency": config.labels.low_saliency,
@@ -77,10 +102,48 @@ def run_labels(config: Config, out: Path) -> dict[str, Any]:
     return metrics
 
 
+def _external_labels(
+    config: Config, data: Dataset, train: list[Sample], run: RunLayout
+) -> dict[str, Any]:
+    """labels.dir: check the folder as train will read it (one line per kind of fault), score
+    it when the split has masks, and say in one line that nothing was built."""
+    folder = Path(config.labels.dir)
+    if run.claim("labels", [run.labels_metrics]):
+        print(f"labels: finished for these settings in {run.labels}; skipped")
+        return read_json(run.labels_metrics, run.redo("labels"))
+    check_pseudo_labels(folder, train, data.num_classes)
+    metrics: dict[str, Any] = {"source": str(folder)}
+    if train and all(s.mask is not None for s in train):
+        metrics.update(evaluate_folder(folder, train, data.classes, "exclude"))
+        metrics["unlabelled_as_background"] = evaluate_folder(
+            folder, train, data.classes, "background"
+        )
+    metrics["warnings"] = check_folder(folder, train, data.classes, "labels", "pseudo labels")
+    write_json(run.labels_metrics, metrics)
+    score = (
+        f", mIoU {metrics['mIoU']:.3f} over labelled pixels ({metrics['labelled_fraction']:.1%} "
+        "labelled)"
+        if metrics.get("mIoU") is not None
+        else ""
+    )
+    print(
+        f"labels: not built: labels.dir is set; train reads the {len(train)} pseudo labels "
+        f"in {folder} (checked{score})"
+    )
+    run.mark_complete("labels")
+    return metrics
+
+
 def _last_step_cams(config: Config, run: RunLayout) -> Path | None:
+    """The CAMs saliency.source=none takes its background from: labels.cams_dir, or the last
+    mining step's saved CAMs (step 1's external ones when only that step has any)."""
     if config.saliency.source != "none":
         return None
+    if config.labels.cams_dir:
+        return Path(config.labels.cams_dir)
     steps = [run.step(s).cams for s in run.steps_on_disk() if run.step(s).cams.is_dir()]
+    if not steps and config.mine.step1_cams:
+        return Path(config.mine.step1_cams)
     if not steps:
         raise UserError(
             f"{run.mine}: saliency.source=none needs the CAMs; run `aepsl mine` with "
@@ -94,11 +157,11 @@ def _background(
     sample: Sample,
     shape: tuple[int, int],
     run: RunLayout,
-    cams_dir: Path | None,
+    cams: np.ndarray | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(background mask, the map it came from in [0, 1]) for one image."""
-    if cams_dir is not None:
-        cams = np.load(cams_dir / f"{sample.id}.npz", allow_pickle=False)["cams"].astype(np.float32)
+    """(background mask, the map it came from in [0, 1]) for one image; `cams`: its classes'
+    CAMs, for saliency.source=none."""
+    if cams is not None:
         score = cams.max(axis=0) if len(cams) else np.zeros(shape, np.float32)
         return background_from_cams(cams, config.labels.cam_bg_threshold), score
     saliency = _saliency(config, sample, run)

@@ -11,7 +11,6 @@ shared files (checkpoints, JSON, tensorboard).
 from __future__ import annotations
 
 import io
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from aepsl.config import Config
-from aepsl.data.datasets import Dataset, Sample, load_dataset, load_mask
+from aepsl.data.datasets import Dataset, Sample, load_dataset, load_image, load_mask
 from aepsl.errors import UserError
 from aepsl.evaluation import (
     average_precision,
@@ -31,10 +30,12 @@ from aepsl.evaluation import (
     seed_confusions,
     seed_miou_curve,
 )
+from aepsl.external import image_cams, write_irn_cam
 from aepsl.health import check_folder
 from aepsl.io import (
     atomic_path,
     read_index_png,
+    read_json,
     write_index_png,
     write_json,
     write_png,
@@ -78,16 +79,29 @@ def run_mine(config: Config, out: Path) -> dict[str, Any]:
     data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
     train = data.split(config.data.train_split)
     run = RunLayout(out, config)
-    if on_main(run.claim, "mine"):
+    unused = config.labels.dir or config.labels.cams_dir
+    if unused:  # pseudo labels or CAMs made elsewhere: nothing reads what mine would write
+        key = "labels.dir" if config.labels.dir else "labels.cams_dir"
+        note = f"{key} is set ({unused}), so the labels do not come from erasing"
+        print(f"mine: skipped: {note}; unset {key} to mine")
+        return {"skipped": note, "warnings": []}
+    required = [run.mine_metrics, *(run.union_region(s.id) for s in train)]
+    if on_main(run.claim, "mine", required):
         print(f"mine: finished for these settings in {run.mine}; skipped")
-        return json.loads(run.mine_metrics.read_text())
-    fill = on_main(_mean_pixel, run.mean_pixel, train)
+        return read_json(run.mine_metrics, run.redo("mine"))
+    fill = on_main(_mean_pixel, run, train)
     steps: list[dict[str, Any]] = []
     first_loss = None
     for number in range(1, config.mine.steps + 1):
         step = run.step(number)
         if on_main(step.done.is_file):
-            record = json.loads(step.done.read_text())
+            record = read_json(step.done, run.redo("mine"))
+        elif number == 1 and config.mine.step1_cams:
+            _external_regions(config, data, train, step)
+            record = {"step": 1, "train_loss": None, "cams": config.mine.step1_cams}
+            record["val_mAP"] = None
+            record.update(_score_regions(data, train, run, number))
+            on_main(write_json, step.done, record)
         else:
             previous = [run.step(s).regions for s in range(1, number)]
             model, loss = _train_step(config, data, train, previous, fill, step, device, run)
@@ -136,16 +150,22 @@ def run_mine(config: Config, out: Path) -> dict[str, Any]:
     return metrics
 
 
-def _mean_pixel(path: Path, train: list[Sample]) -> list[float]:
-    if path.is_file():
-        return json.loads(path.read_text())["mean_pixel"]
+def _mean_pixel(run: RunLayout, train: list[Sample]) -> list[float]:
+    if run.mean_pixel.is_file():
+        fill = read_json(run.mean_pixel, run.redo("mine")).get("mean_pixel")
+        if not (isinstance(fill, list) and len(fill) == 3):
+            raise UserError(f"{run.mean_pixel}: damaged (no mean_pixel); {run.redo('mine')}")
+        return fill
     fill = mean_pixel(train)
-    write_json(path, {"mean_pixel": fill})
+    write_json(run.mean_pixel, {"mean_pixel": fill})
     return fill
 
 
 def _step_line(record: dict[str, Any]) -> str:
-    parts = [f"step {record['step']}: loss {record['train_loss']:.4f}"]
+    if record.get("train_loss") is None:  # step 1 from CAMs made elsewhere (mine.step1_cams)
+        parts = [f"step {record['step']}: CAMs of {record.get('cams')}"]
+    else:
+        parts = [f"step {record['step']}: loss {record['train_loss']:.4f}"]
     if record.get("val_mAP") is not None:
         parts.append(f"val mAP {record['val_mAP']:.3f}")
     for key in ("step", "union"):
@@ -171,6 +191,19 @@ def classifier_loss(
     del iteration
     loss = F.binary_cross_entropy_with_logits(logits.float(), rest[0])
     return loss, {"total": all_reduce_sum(loss.detach()).item() / world_size()}
+
+
+def new_classifier(config: Config, num_classes: int, weights: str | None = None) -> CamClassifier:
+    """The CAM classifier `config.model` describes, initialised from `weights` (default
+    model.weights)."""
+    model = config.model
+    return build_classifier(
+        model.backbone,
+        model.weights if weights is None else weights,
+        num_classes,
+        model.cam_output_stride,
+        cam_head=model.cam_head,
+    )
 
 
 def classifier_trainer(
@@ -223,16 +256,10 @@ def _train_step(
     over the global batch, so N processes follow the one-process run (batch norms synced)."""
     cfg = config.mine
     seed_everything(config.seed)  # the same initial weights at every step, as the paper says
-    model = build_classifier(
-        config.model.backbone,
-        config.model.weights,
-        data.num_classes,
-        config.model.cam_output_stride,
-    )
-    model = prepare_model(model, config, device)
+    model = prepare_model(new_classifier(config, data.num_classes), config, device)
     if on_main(step.classifier.is_file):
         model.load_state_dict(read_model_file(step.classifier)[1])
-        return model, json.loads(step.train_log.read_text())["train_loss"]
+        return model, read_json(step.train_log, run.redo("mine"))["train_loss"]
 
     dataset = ErasedImages(
         train,
@@ -285,11 +312,18 @@ def compute_cams(
     images: torch.Tensor,
     config: Config,
     device: torch.device,
-) -> torch.Tensor:
-    """Max-normalised CAMs (N, C, H, W) of all classes from one pass per scale (and flip)."""
+    strided: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Max-normalised CAMs (N, C, H, W) of all classes from one pass per scale (and flip).
+
+    `strided`: also return them at the network's output stride s, (N, C, ceil(H / s),
+    ceil(W / s)): each pass's ReLU'd maps resized to that size, summed, max-normalised (IRN's
+    `cam`, there at stride 4)."""
     size = images.shape[-2:]
     images = to_device(images, config, device)
-    total = None
+    stride = getattr(getattr(model, "module", model), "output_stride", 8)
+    small = (-(-size[0] // stride), -(-size[1] // stride))
+    total = low = None
     for scale in config.mine.cam_scales:
         scaled = (
             images
@@ -300,9 +334,15 @@ def compute_cams(
         for k, variant in enumerate(variants):
             with autocast(config, device):
                 maps = model.class_maps(variant)
+            if strided:
+                coarse = upsample_relu(maps, small)
+                coarse = coarse.flip(-1) if k == 1 else coarse
+                low = coarse if low is None else low + coarse
             maps = upsample_relu(maps, size)
             maps = maps.flip(-1) if k == 1 else maps
             total = maps if total is None else total + maps
+    if strided:
+        return max_normalise(total).cpu(), max_normalise(low).cpu()
     return max_normalise(total).cpu()
 
 
@@ -354,14 +394,21 @@ def _extract_todo(
     )
     for group in _batches(loader, config.mine.batch_size):
         images = torch.stack([item[0] for item in group])
-        cams = compute_cams(model, images, config, device)
-        for (image, _, index), cam in zip(group, cams, strict=True):
+        irn = config.mine.save_cams and config.mine.cam_format == "irn"
+        if irn:
+            cams, coarse = compute_cams(model, images, config, device, strided=True)
+        else:
+            cams = compute_cams(model, images, config, device)
+        for row, ((image, _, index), cam) in enumerate(zip(group, cams, strict=True)):
             sample = todo[index]
             keys = [k for k in sample.labels]
             own = cam[[k - 1 for k in keys]]
             regions = threshold_regions(own, config.mine.threshold_mode, config.mine.threshold)
             labels = regions_to_label_map(regions, keys).numpy()
-            if config.mine.save_cams:
+            if irn:
+                strided_own = coarse[row][[k - 1 for k in keys]].numpy()
+                write_irn_cam(step.cam(sample.id, "irn"), keys, strided_own, own.numpy())
+            elif config.mine.save_cams:
                 _save_npz(
                     step.cam(sample.id),
                     np.array(keys, np.uint8),
@@ -372,6 +419,25 @@ def _extract_todo(
             write_index_png(step.region(sample.id), labels)  # last: marks done
         bar.update(len(group))
     bar.close()
+
+
+def _external_regions(config: Config, data: Dataset, train: list[Sample], step: MineStep) -> None:
+    """Step 1 from CAMs made elsewhere (mine.step1_cams): each image's classes' CAMs,
+    thresholded as our own are, written as the step's regions (this rank's share; every
+    rank's after the closing barrier)."""
+    folder = config.mine.step1_cams
+    vis_ids = {s.id for s in train[: config.mine.visualise]}
+    todo = [s for s in train[rank() :: world_size()] if not step.region(s.id).is_file()]
+    for sample in tqdm(todo, desc="step 1 regions", unit="img", disable=not is_main()):
+        image = load_image(sample)
+        own = torch.from_numpy(image_cams(folder, sample, data.num_classes, image.shape[:2]))
+        regions = threshold_regions(own, config.mine.threshold_mode, config.mine.threshold)
+        labels = regions_to_label_map(regions, list(sample.labels)).numpy()
+        if sample.id in vis_ids:
+            tensor = torch.from_numpy(image).permute(2, 0, 1).float() / 255
+            write_png(step.vis / f"{sample.id}.png", _visual(tensor, own, labels))
+        write_index_png(step.region(sample.id), labels)  # last: marks done
+    barrier()
 
 
 def _save_npz(path: Path, keys: np.ndarray, cams: np.ndarray) -> None:
@@ -493,10 +559,11 @@ def _seed_scores(
     if not steps or not train or any(s.mask is None for s in train):
         return None
     models = {}
+    external = config.mine.step1_cams  # step 1's CAMs are those files, not a classifier's
     for number in steps:
-        model = build_classifier(
-            config.model.backbone, "none", data.num_classes, config.model.cam_output_stride
-        )
+        if number == 1 and external:
+            continue
+        model = new_classifier(config, data.num_classes, weights="none")
         model.load_state_dict(read_model_file(run.step(number).classifier)[1])
         models[number] = prepare_model(model, config, device).eval()
     views = {
@@ -515,7 +582,12 @@ def _seed_scores(
         union = None
         for row, number in enumerate(steps):
             image = views[number][index][0][None]
-            own = compute_cams(models[number], image, config, device)[0][[k - 1 for k in keys]]
+            if number not in models:  # step 1 from mine.step1_cams
+                shape = tuple(image.shape[-2:])
+                own = torch.from_numpy(image_cams(external, sample, data.num_classes, shape))
+            else:
+                cams = compute_cams(models[number], image, config, device)
+                own = cams[0][[k - 1 for k in keys]]
             union = own if union is None else torch.maximum(union, own)
             target = load_mask(sample, tuple(own.shape[-2:]), data.num_classes)
             totals[row] += seed_confusions(own.numpy(), keys, target, SEED_THRESHOLDS, labels - 1)

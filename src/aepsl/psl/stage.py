@@ -16,6 +16,7 @@ import torch
 from aepsl.config import Config
 from aepsl.data.datasets import load_dataset
 from aepsl.errors import UserError
+from aepsl.external import check_pseudo_labels
 from aepsl.labelmap import IGNORE
 from aepsl.layout import RunLayout
 from aepsl.models.saved import model_record, read_model_file
@@ -138,7 +139,8 @@ def run_train(config: Config, out: Path) -> SegNet:
     data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
     train = data.split(config.data.train_split)
     run = RunLayout(out, config)
-    finished = on_main(run.claim, "train")
+    run.check_input("labels")
+    finished = on_main(run.claim, "train", [run.model, run.train_log])
     seed_everything(config.seed)
     model = prepare_model(
         build_segnet(
@@ -155,10 +157,14 @@ def run_train(config: Config, out: Path) -> SegNet:
         model.load_state_dict(read_model_file(run.model)[1])
         return model
 
-    if not run.labels.is_dir():
+    # labels.dir: pseudo labels made elsewhere (their files' names, sizes and mtimes are in
+    # the settings hash, layout.stage_digests), checked as ours are
+    source = Path(config.labels.dir) if config.labels.dir else run.labels
+    if not source.is_dir():
         raise UserError(f"{run.labels}: pseudo labels missing; run `aepsl labels` with this --out")
+    check_pseudo_labels(source, train, data.num_classes)  # every rank: an error on each
     dataset = PseudoLabelled(
-        train, data.num_classes, run.labels, cfg.crop_size, cfg.scale_range, config.seed
+        train, data.num_classes, source, cfg.crop_size, cfg.scale_range, config.seed
     )
     if world_size() > 1 and len(dataset) < cfg.batch_size:
         raise UserError(
