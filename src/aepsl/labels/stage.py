@@ -3,6 +3,10 @@
 Reads OUT/mine/regions/<id>.png; writes OUT/labels/<id>.png (VOC palette, 255 = ignore),
 OUT/labels/vis/<id>.png overlays, OUT/labels/metrics.json when ground truth exists, and caches
 built-in saliency maps in OUT/saliency/<id>.png (layout.py).
+
+Made elsewhere (external.py): with labels.cams_dir the regions are thresholded from that folder's
+CAMs instead of read from OUT/mine; with labels.dir nothing is built: that folder of pseudo
+labels is checked and scored, and `train` reads it.
 """
 
 from __future__ import annotations
