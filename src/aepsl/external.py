@@ -78,7 +78,10 @@ def _allowed() -> dict[tuple[str, str], Any]:
         ("numpy", "dtype"): np.dtype,
         ("collections", "OrderedDict"): OrderedDict,
     }
-    from numpy._core import multiarray  # numpy 2; numpy 1's pickles name numpy.core
+    try:  # numpy 2 (numpy.core is a deprecated alias there); numpy 1's pickles name numpy.core
+        from numpy._core import multiarray
+    except ImportError:  # numpy 1
+        from numpy.core import multiarray
 
     for module in ("numpy.core.multiarray", "numpy._core.multiarray"):
         allowed[(module, "_reconstruct")] = multiarray._reconstruct
