@@ -176,3 +176,37 @@ def test_full_disk_is_one_line_and_the_run_resumes(folder_dataset, tmp_path):
         assert (out / "report.html").is_file()
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_predict_redoes_what_another_checkpoint_wrote(finished, tmp_path, capsys):
+    """Predictions already in --out count only when this checkpoint and these settings made
+    them; a folder of PNGs aepsl did not write, or the --images folder itself, is refused."""
+    import torch
+
+    root, done = finished
+    model = done / "train" / "model.pt"
+    other = tmp_path / "other.pt"
+    state = torch.load(model, weights_only=True)
+    state["state_dict"]["classifier.bias"] += 1.0
+    torch.save(state, other)
+    out = tmp_path / "pred"
+    base = ["predict", DEMO, f"data.root={root}", *TINY, "--split", "val", "--out", str(out)]
+    assert main([*base, "--checkpoint", str(model)]) == 0
+    assert "wrote 2 predictions" in capsys.readouterr().out
+    assert main([*base, "--checkpoint", str(model)]) == 0
+    assert "wrote 0 predictions" in capsys.readouterr().out  # 2 already there: kept
+    assert main([*base, "--checkpoint", str(other)]) == 0
+    printed = capsys.readouterr().out
+    assert "wrote 2 predictions" in printed and "already there" not in printed
+
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "img6.png").write_bytes((out / "img6.png").read_bytes())
+    argv = ["predict", DEMO, *TINY, "--checkpoint", str(model), "--images", str(root / "images")]
+    assert main([*argv, "--out", str(foreign)]) == 2
+    assert "did not write (no manifest.json)" in _one_error_line(capsys.readouterr().err)
+    images = tmp_path / "images"
+    shutil.copytree(root / "images", images)
+    argv = ["predict", DEMO, *TINY, "--checkpoint", str(model), "--images", str(images)]
+    assert main([*argv, "--out", str(images)]) == 2
+    assert "--out is the --images folder" in _one_error_line(capsys.readouterr().err)

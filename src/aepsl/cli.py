@@ -171,8 +171,10 @@ def cmd_predict(args: argparse.Namespace) -> None:
         predict_samples,
         write_voc_archive,
     )
+    from aepsl.io import file_digest
+    from aepsl.layout import check_out, mark_complete, settings_digest
     from aepsl.models.segnet import load_segnet
-    from aepsl.runtime import is_main, prepare_model, select_device
+    from aepsl.runtime import is_main, on_main, prepare_model, select_device
 
     config = _config(args)
     if (args.split is None) == (args.images is None):
@@ -185,12 +187,24 @@ def cmd_predict(args: argparse.Namespace) -> None:
     else:
         data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
         samples = data.split(args.split)
+    check_out(Path(args.out), config)
+    if args.images and Path(args.out).resolve() == Path(args.images).resolve():
+        raise UserError(f"{args.out}: --out is the --images folder; write predictions elsewhere")
     device = select_device(config)
     model = load_segnet(args.checkpoint, config)  # built as the file says
     model = prepare_model(model, config, device)
     out = _writable_out(args.out)
-    save_config(config, out)
     target = out / VOC_TEST_LAYOUT if voc_test else out
+    # Predictions already in the folder count only if this checkpoint and these settings made
+    # them (the folder's manifest); others are redone.
+    made_by = {
+        "model": file_digest(args.checkpoint),
+        "predict": config.predict.model_dump(),
+        "crf": config.crf.model_dump(exclude={"workers"}) if args.crf else None,
+    }
+    on_main(_claim_predictions, out, target, settings_digest(made_by))
+    save_config(config, out)
+    before = sum((target / f"{s.id}.png").is_file() for s in samples)
     predict_samples(
         model,
         samples,
@@ -200,10 +214,26 @@ def cmd_predict(args: argparse.Namespace) -> None:
         target if args.crf else None,
         sharded=True,
     )
-    print(f"wrote {len(samples)} predictions to {target}")
+    on_main(mark_complete, out, settings_digest(made_by))
+    kept = f" ({before} already there for this checkpoint and settings)" if before else ""
+    print(f"wrote {len(samples) - before} predictions to {target}{kept}")
     if voc_test and is_main():
         archive = write_voc_archive(out, [s.id for s in samples])
         print(f"wrote {archive}: upload it to the VOC evaluation server")
+
+
+def _claim_predictions(out: Path, target: Path, digest: str) -> None:
+    """claim_folder for `predict`'s --out (its manifest beside the results: voc-test's folder
+    holds PNGs only), refusing one whose `target` holds PNGs aepsl did not write (no
+    manifest): they would be taken for predictions, or overwritten."""
+    from aepsl.layout import claim_folder
+
+    if not (out / "manifest.json").is_file() and any(target.glob("*.png")):
+        raise UserError(
+            f"{target}: holds PNG files that `aepsl predict` did not write (no manifest.json); "
+            "choose an empty or new --out"
+        )
+    claim_folder(out, digest)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
