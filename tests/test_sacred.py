@@ -210,3 +210,50 @@ def test_predict_redoes_what_another_checkpoint_wrote(finished, tmp_path, capsys
     argv = ["predict", DEMO, *TINY, "--checkpoint", str(model), "--images", str(images)]
     assert main([*argv, "--out", str(images)]) == 2
     assert "--out is the --images folder" in _one_error_line(capsys.readouterr().err)
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_ctrl_c_during_the_crf_workers_is_one_line(finished, tmp_path):
+    """Ctrl-C reaches the whole process group: the CRF workers leave it to the main process,
+    which prints one line; no traceback per worker."""
+    import os
+    import signal
+    import time
+
+    root, done = finished
+    images = tmp_path / "images"
+    images.mkdir()
+    for k in range(200):  # enough work that the pool is still busy when Ctrl-C comes
+        shutil.copy(root / "images" / "img0.png", images / f"a{k}.png")
+    argv = [sys.executable, "-m", "aepsl", "predict", DEMO, *TINY, "crf.workers=2", "--crf"]
+    argv += ["--checkpoint", str(done / "train" / "model.pt"), "--images", str(images)]
+    process = subprocess.Popen(
+        [*argv, "--out", str(tmp_path / "pred")],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while len(_children(process.pid)) < 2 and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.5)
+    os.killpg(process.pid, signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert err.strip().splitlines()[-1] == (
+        "aepsl predict: interrupted; re-run the same command to resume"
+    )

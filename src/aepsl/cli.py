@@ -394,6 +394,14 @@ def _terminate(signum: int, frame: object) -> None:
     raise Terminated
 
 
+def _close_progress_bars() -> None:
+    """End every open progress bar's line, so an error or interrupt line starts its own."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parse_args(parser, argv)
@@ -401,8 +409,12 @@ def main(argv: list[str] | None = None) -> int:
     warnings.simplefilter("default")
     warnings.formatwarning = lambda message, *_: f"aepsl {args.command}: warning: {message}\n"
     try:
-        args.func(args)
-        sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
+        try:
+            args.func(args)
+            sys.stdout.flush()  # a closed pipe shows here, inside the handlers below
+        except BaseException:
+            _close_progress_bars()
+            raise
     except UserError as exc:
         if args.debug:
             raise

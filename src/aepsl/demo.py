@@ -69,11 +69,11 @@ def summary(mine: dict, labels: dict, val: dict, seconds: float, backbone: str) 
     for s in mine["steps"]:
         step, union = s.get("step_regions") or {}, s.get("union_regions") or {}
 
-        def fmt(x: float | None, width: int) -> str:
-            return f"{x:>{width}.3f}" if isinstance(x, float) else f"{'-':>{width}}"
+        def fmt(x: float | None, width: int, digits: int = 3) -> str:
+            return f"{x:>{width}.{digits}f}" if isinstance(x, float) else f"{'-':>{width}}"
 
         lines.append(
-            f"{s['step']:>5}{s['train_loss']:>8.4f}{fmt(s.get('val_mAP'), 9)}"
+            f"{s['step']:>5}{fmt(s.get('train_loss'), 8, 4)}{fmt(s.get('val_mAP'), 9)}"
             f"{fmt(step.get('precision'), 8)}{fmt(step.get('recall'), 8)}"
             f"{fmt(union.get('precision'), 9)}{fmt(union.get('recall'), 9)}"
         )

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import multiprocessing
+import signal
 from collections.abc import Sequence
 from multiprocessing.pool import Pool
 from typing import TYPE_CHECKING
@@ -127,10 +128,15 @@ def crf_labels_torch(
     return labels
 
 
-def _one_thread() -> None:
-    import torch
+def _worker_setup(backend: str) -> None:
+    """A CRF worker leaves Ctrl-C to the main process, which says it in one line and ends the
+    pool (otherwise every worker printed a KeyboardInterrupt traceback); torch workers use one
+    thread each."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    if backend == "torch":
+        import torch
 
-    torch.set_num_threads(1)
+        torch.set_num_threads(1)
 
 
 def crf_labels_torch_job(job: tuple[np.ndarray, np.ndarray], **params: float) -> np.ndarray:
@@ -141,8 +147,9 @@ def crf_labels_torch_job(job: tuple[np.ndarray, np.ndarray], **params: float) ->
 
 def crf_pool(backend: str, workers: int) -> Pool:
     """A spawn Pool of `workers` CRF processes for `backend` (torch ones use one thread)."""
-    initializer = _one_thread if backend == "torch" else None
-    return multiprocessing.get_context("spawn").Pool(workers, initializer=initializer)
+    return multiprocessing.get_context("spawn").Pool(
+        workers, initializer=_worker_setup, initargs=(backend,)
+    )
 
 
 def crf_job(backend: str, **params: float):

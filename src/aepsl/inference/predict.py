@@ -161,10 +161,10 @@ def predict_samples(
     if crf_dir is not None and not in_process and config.crf.workers > 1:
         pool = crf_pool(backend, config.crf.workers)
     refine = crf_job(backend, **crf_params(config))
+    bar = tqdm(
+        total=len(todo), desc="predict", unit="img", dynamic_ncols=True, disable=not is_main()
+    )
     try:
-        bar = tqdm(
-            total=len(todo), desc="predict", unit="img", dynamic_ncols=True, disable=not is_main()
-        )
         for chunk in _chunks(todo, CHUNK):
             images = [load_image(s) for s in chunk]
             probs = [predict_probs(model, image, config, device) for image in images]
@@ -180,8 +180,12 @@ def predict_samples(
                 for sample, image, labels in zip(chunk, images, refined, strict=True):
                     _write(crf_dir, sample.id, image, labels, config)
             bar.update(len(chunk))
-        bar.close()
+    except BaseException:
+        if pool is not None:  # Ctrl-C or an error: the workers' queued images are dropped
+            pool.terminate()
+        raise
     finally:
+        bar.close()  # before any error line, so it starts a line of its own
         if pool is not None:
             pool.close()
             pool.join()
