@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from aepsl.cli import main
@@ -257,3 +258,14 @@ def test_ctrl_c_during_the_crf_workers_is_one_line(finished, tmp_path):
     assert err.strip().splitlines()[-1] == (
         "aepsl predict: interrupted; re-run the same command to resume"
     )
+
+
+def test_a_wrong_size_mask_is_found_before_any_training(folder_dataset, tmp_path, capsys):
+    from aepsl.io import write_index_png
+
+    write_index_png(folder_dataset / "masks" / "img3.png", np.zeros((40, 32), np.uint8))
+    out = tmp_path / "run"
+    assert main(["mine", DEMO, f"data.root={folder_dataset}", *TINY, "--out", str(out)]) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert "masks/img3.png: mask is 32x40 but its image img3.png is 32x32" in line
+    assert not (out / "mine" / "step1").exists()  # nothing trained first

@@ -15,14 +15,19 @@ import csv
 import io
 import warnings
 import xml.etree.ElementTree as ET
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from aepsl.errors import UserError
 from aepsl.io import read_header, read_image, read_index_png
 from aepsl.labelmap import IGNORE
+
+if TYPE_CHECKING:
+    from aepsl.config import Config
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 MAX_ID_BYTES = 240  # ids name output files (<id>.png, <id>.npz); most file systems allow 255
@@ -117,6 +122,31 @@ def image_size(path: Path) -> tuple[int, int]:
         except Exception as exc:  # a hostile file's EXIF block
             raise UserError(f"{path}: cannot decode image ({_short(str(exc), 200)})") from None
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
+
+
+def check_headers(samples: Iterable[Sample], saliency: bool = False) -> None:
+    """Before a stage spends hours: every image's header decodes (within data.max_pixels) and
+    every mask (and with `saliency`, saliency map) has its image's size. Headers only, one pass;
+    raises UserError naming the first bad file."""
+    for sample in samples:
+        height, width = image_size(sample.image)
+        others = [sample.mask, sample.saliency if saliency else None]
+        for path in (p for p in others if p is not None):
+            with read_header(path) as header:
+                w, h = header.size
+            if (h, w) != (height, width):
+                kind = "mask" if path == sample.mask else "saliency map"
+                raise UserError(
+                    f"{path}: {kind} is {w}x{h} but its image {sample.image.name} is "
+                    f"{width}x{height}"
+                )
+
+
+def check_inputs(dataset: Dataset, config: Config) -> None:
+    """check_headers over the training split and, when there is one, the val split."""
+    for split in (config.data.train_split, config.data.val_split):
+        if dataset.has_split(split):
+            check_headers(dataset.split(split))
 
 
 def validate(dataset: Dataset, split: str) -> None:

@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from aepsl.config import Config
-from aepsl.data.datasets import Dataset, Sample, load_dataset, load_image, load_mask
+from aepsl.data.datasets import Dataset, Sample, check_inputs, load_dataset, load_image, load_mask
 from aepsl.errors import UserError
 from aepsl.evaluation import (
     average_precision,
@@ -78,6 +78,7 @@ def run_mine(config: Config, out: Path) -> dict[str, Any]:
     per_rank_batch(config.mine.batch_size, "mine.batch_size")
     data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
     train = data.split(config.data.train_split)
+    check_inputs(data, config)  # every header and mask size, before hours of training
     run = RunLayout(out, config)
     unused = config.labels.dir or config.labels.cams_dir
     if unused:  # pseudo labels or CAMs made elsewhere: nothing reads what mine would write

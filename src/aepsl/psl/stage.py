@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from aepsl.config import Config
-from aepsl.data.datasets import load_dataset
+from aepsl.data.datasets import check_inputs, load_dataset
 from aepsl.errors import UserError
 from aepsl.external import check_pseudo_labels
 from aepsl.labelmap import IGNORE
@@ -138,6 +138,7 @@ def run_train(config: Config, out: Path) -> SegNet:
     per_rank_batch(cfg.batch_size, "train.batch_size")
     data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
     train = data.split(config.data.train_split)
+    check_inputs(data, config)  # every header and mask size, before hours of training
     run = RunLayout(out, config)
     run.check_input("labels")
     finished = on_main(run.claim, "train", [run.model, run.train_log])
