@@ -92,3 +92,13 @@ def test_registry_entry_builds_at_both_strides_and_is_a_config_choice(name):
     head = spec.seg_head(spec.channels, 12)
     assert head(torch.randn(1, spec.channels, 8, 8)).shape[1] == spec.seg_head_channels
     assert load_config(None, [f"model.backbone={name}"]).model.backbone == name
+
+
+def test_a_wrong_shape_in_a_weights_file_is_one_line_naming_the_key(tmp_path):
+    net, _ = build_backbone("tiny", "none")
+    state = net.state_dict()
+    state["0.0.weight"] = torch.zeros(3, 3)
+    torch.save(state, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match=r"'0\.0\.weight' is \(3, 3\) in the file") as error:
+        build_backbone("tiny", str(tmp_path / "bad.pt"))
+    assert "\n" not in str(error.value)

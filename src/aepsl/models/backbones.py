@@ -351,6 +351,13 @@ def _load_torchvision_layout(name: str, net: nn.Module, weights: str) -> dict[st
         state = whole
         if any(k.startswith(("features.", "layer1.", "conv1.")) for k in whole):
             state = _backbone_keys(name, whole)
+    own = net.state_dict()
+    for key, value in state.items():  # the first wrong shape, named (torch lists them all)
+        if key in own and tuple(value.shape) != tuple(own[key].shape):
+            raise UserError(
+                f"{weights}: weights do not fit backbone '{name}' ('{key}' is "
+                f"{tuple(value.shape)} in the file, {tuple(own[key].shape)} in the network)"
+            )
     missing, unexpected = net.load_state_dict(state, strict=False)
     if missing:
         raise UserError(
