@@ -10,7 +10,9 @@ from aepsl.layout import training_settings
 CONFIGS = Path(__file__).parent.parent / "configs"
 
 
-@pytest.mark.parametrize("name", ["demo.yaml", "demo_tiny.yaml", "voc_vgg16.yaml"])
+@pytest.mark.parametrize(
+    "name", ["demo.yaml", "demo_tiny.yaml", "own_data.yaml", "voc_vgg16.yaml", "coco_vgg16.yaml"]
+)
 def test_presets_load(name):
     config = load_config(CONFIGS / name)
     assert config.mine.steps == 3

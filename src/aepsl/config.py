@@ -147,6 +147,13 @@ class MineConfig(Section):
         default_factory=lambda: [1.0], min_length=1, description="CAM scales, each in (0, 4]"
     )
     cam_flip: bool = False
+    cam_size: Literal["train", "native"] = Field(
+        "train",
+        description="the image size CAMs (and so erasing) are computed at, before cam_scales: "
+        "train, scaled so that sqrt(height x width) = data.image_size, the scale the classifier "
+        "learnt objects at (a 96 px image is enlarged, a 500 px one reduced); native, the "
+        "image's own size",
+    )
     save_cams: bool = False
     cam_format: Literal["npz", "irn"] = Field(
         "npz",
@@ -230,6 +237,14 @@ class TrainConfig(Section):
         True, description="prohibitive segmentation learning; false trains on pseudo labels alone"
     )
     iterations: int = Field(6000, ge=1, description="SGD iterations (paper: about 6-8k)")
+    epochs: float | None = Field(
+        None,
+        gt=0,
+        description="when set, the length in passes over the training images instead: "
+        "iterations = round(epochs x images / batch_size), so it carries over to data sets of "
+        "other sizes (replaces train.iterations; a train.iterations=N on the command line "
+        "replaces a preset's epochs)",
+    )
     psl_warmup: int = Field(
         0,
         ge=0,
@@ -250,6 +265,11 @@ class TrainConfig(Section):
     step_size: int = Field(2000, ge=1, description="step schedule: iterations per decay")
     step_gamma: float = Field(0.1, gt=0, le=1)
     checkpoint_every: int = Field(500, ge=1, description="iterations between checkpoints")
+    upscale_small: bool = Field(
+        True,
+        description="images whose shorter side is below crop_size are enlarged to it for "
+        "training and prediction, so a small image's score map is not a few cells wide",
+    )
 
     @field_validator("scale_range")
     @classmethod
@@ -262,7 +282,13 @@ class TrainConfig(Section):
     @classmethod
     def _warmup_ends(cls, warmup: int, info: ValidationInfo) -> int:
         iterations = info.data.get("iterations")
-        if info.data.get("psl") and iterations is not None and warmup >= iterations:
+        by_epochs = info.data.get("epochs") is not None  # the length is known with the data
+        if (
+            info.data.get("psl")
+            and iterations is not None
+            and not by_epochs
+            and warmup >= iterations
+        ):
             raise PydanticCustomError(
                 "warmup",
                 "must be less than train.iterations ({iterations}), or PSL never starts "
@@ -426,6 +452,10 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
             if not isinstance(node, dict):
                 raise UserError(f"command line: config key '{'.'.join(parts)}' is not a section")
         node[parts[-1]] = value
+    # A length given on the command line replaces the preset's, whichever unit each uses.
+    by_hand = ("train", "iterations") in overridden and ("train", "epochs") not in overridden
+    if by_hand and isinstance(tree.get("train"), dict):
+        tree["train"]["epochs"] = None
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:

@@ -76,13 +76,17 @@ def predict_probs(
     tensor = torch.from_numpy(image).permute(2, 0, 1).float().div(255)  # the network normalises
     batch = to_device(tensor[None], config, device)
     size = image.shape[:2]
+    # A small image is enlarged as in training (model.input_min_side), then by each scale.
+    min_side = getattr(model, "input_min_side", 0)  # SegNet's; other modules: none
+    base = max(1.0, min_side / min(size)) if min_side else 1.0
     probs, nus = 0.0, []
     runs = 0
     for scale in config.predict.scales:
+        factor = base * scale
         scaled = (
             batch
-            if scale == 1
-            else F.interpolate(batch, scale_factor=scale, mode="bilinear", align_corners=False)
+            if factor == 1
+            else F.interpolate(batch, scale_factor=factor, mode="bilinear", align_corners=False)
         )
         for flip in [False, True] if config.predict.flip else [False]:
             with autocast(config, device):

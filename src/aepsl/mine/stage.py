@@ -11,6 +11,7 @@ shared files (checkpoints, JSON, tensorboard).
 from __future__ import annotations
 
 import io
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -324,12 +325,18 @@ def compute_cams(
     images = to_device(images, config, device)
     stride = getattr(getattr(model, "module", model), "output_stride", 8)
     small = (-(-size[0] // stride), -(-size[1] // stride))
+    # At the scale the classifier learnt objects at (mine.cam_size=train): sqrt(h x w) equal
+    # to the training crop's side, then each of mine.cam_scales.
+    base = 1.0
+    if config.mine.cam_size == "train":
+        base = config.data.image_size / math.sqrt(size[0] * size[1])
     total = low = None
     for scale in config.mine.cam_scales:
+        factor = base * scale
         scaled = (
             images
-            if scale == 1
-            else F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+            if factor == 1
+            else F.interpolate(images, scale_factor=factor, mode="bilinear", align_corners=False)
         )
         variants = [scaled, scaled.flip(-1)] if config.mine.cam_flip else [scaled]
         for k, variant in enumerate(variants):

@@ -28,6 +28,8 @@ def model_record(net: nn.Module, kind: str, backbone: str, num_classes: int) -> 
         "output_stride": int(net.output_stride),
         "num_classes": int(num_classes),
     }
+    if kind == "segnet":  # images with a shorter side below it are enlarged to it (0: none)
+        settings["input_min_side"] = int(getattr(net, "input_min_side", 0))
     return {SETTINGS_KEY: settings, "state_dict": net.state_dict()}
 
 

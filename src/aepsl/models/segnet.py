@@ -41,6 +41,7 @@ class SegNet(nn.Module):
         self.output_stride = output_stride
         self.head_pretrained = head_pretrained  # fc6/fc7 from the weights file, not random
         self.normalise = normalise  # images arrive in [0, 1]
+        self.input_min_side = 0  # prediction enlarges images with a shorter side below it
         self.backbone = backbone
         self.head = head
         self.classifier = nn.Conv2d(channels, num_classes + 1, 1)
@@ -110,6 +111,7 @@ def load_segnet(checkpoint: str | os.PathLike, config: Config | None = None) -> 
             )
         backbone, stride = config.model.backbone, config.model.seg_output_stride
         num_classes = state["classifier.weight"].shape[0] - 1
+        min_side = 0  # earlier versions predicted every image at its own size
     else:
         if settings.get("kind") != "segnet":
             raise UserError(
@@ -118,6 +120,7 @@ def load_segnet(checkpoint: str | os.PathLike, config: Config | None = None) -> 
             )
         backbone, stride = settings["backbone"], settings["output_stride"]
         num_classes = settings["num_classes"]
+        min_side = int(settings.get("input_min_side", 0))
         if config is not None:
             given = config.model.model_fields_set
             asked = {
@@ -129,6 +132,7 @@ def load_segnet(checkpoint: str | os.PathLike, config: Config | None = None) -> 
             saved = {"model.backbone": backbone, "model.seg_output_stride": stride}
             agree(checkpoint, saved, {k: v for k, v in asked.items() if k[6:] in given})
     model = build_segnet(backbone, "none", num_classes, stride)
+    model.input_min_side = min_side
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -48,12 +48,14 @@ def draw_crop(
     width: int,
     crop: int,
     scale_range: tuple[float, float],
+    base: float = 1.0,
 ) -> Crop:
-    """A random scale in `scale_range` (the rescaled image is round(scale * height) x
-    round(scale * width)), a crop position uniform over the windows that lie inside the image
-    (image larger than the crop) or hold all of it (smaller), and a fair coin for the flip."""
+    """A random scale in `scale_range`, times `base` (the rescaled image is round(scale *
+    height) x round(scale * width)), a crop position uniform over the windows that lie inside
+    the image (image larger than the crop) or hold all of it (smaller), and a fair coin for
+    the flip."""
     low, high = scale_range
-    scale = low + (high - low) * torch.rand((), generator=generator).item()
+    scale = base * (low + (high - low) * torch.rand((), generator=generator).item())
     size = [max(1, round(scale * height)), max(1, round(scale * width))]
     corner = []
     for side in size:
@@ -106,6 +108,7 @@ class PseudoLabelled(TorchDataset):
         crop: int,
         scale_range: tuple[float, float],
         seed: int,
+        min_side: int = 0,
     ) -> None:
         self.samples = samples
         self.num_classes = num_classes
@@ -114,6 +117,7 @@ class PseudoLabelled(TorchDataset):
         self.epoch = 0
         self.crop = crop
         self.scale_range = scale_range
+        self.min_side = min_side  # a shorter side below it is enlarged to it first (0: off)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -133,7 +137,8 @@ class PseudoLabelled(TorchDataset):
         if label.shape != image.shape[:2]:
             raise UserError(f"{path}: pseudo label size differs from its image")
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
-        crop = draw_crop(generator, *label.shape, self.crop, self.scale_range)
+        base = max(1.0, self.min_side / min(label.shape))
+        crop = draw_crop(generator, *label.shape, self.crop, self.scale_range, base)
         image_t, label_t = rescale(
             torch.from_numpy(image).permute(2, 0, 1),
             torch.from_numpy(label),

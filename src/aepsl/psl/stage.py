@@ -89,6 +89,23 @@ def global_psl_loss(
     return total, dict(zip([*parts, "total"], values.tolist(), strict=True))
 
 
+def with_length(config: Config, images: int) -> Config:
+    """`config` with train.iterations from train.epochs when that is set: round(epochs x
+    images / batch_size), at least 1."""
+    cfg = config.train
+    if cfg.epochs is None:
+        return config
+    iterations = max(1, int(cfg.epochs * images / cfg.batch_size + 0.5))
+    if cfg.psl and cfg.psl_warmup >= iterations:
+        raise UserError(
+            f"train.psl_warmup={cfg.psl_warmup} is not below the {iterations} iterations "
+            f"train.epochs={cfg.epochs} gives for {images} images: PSL would never start"
+        )
+    resolved = config.model_copy(deep=True)
+    resolved.train.iterations = iterations
+    return resolved
+
+
 def segnet_trainer(model: SegNet, config: Config, device: torch.device) -> Trainer:
     """The PSL step: pretrained layers at train.lr, new ones at new_layer_lr_mult x it; the
     prohibitive term from iteration train.psl_warmup on (with train.psl). The batch is
@@ -153,6 +170,9 @@ def run_train(config: Config, out: Path) -> SegNet:
         config,
         device,
     )
+    # Small images are enlarged to the crop size, in training and prediction (the model file
+    # records it, so `aepsl predict` does the same).
+    model.input_min_side = cfg.crop_size if cfg.upscale_small else 0
     if finished:
         print(f"train: finished for these settings in {run.train}; skipped")
         model.load_state_dict(read_model_file(run.model)[1])
@@ -165,13 +185,22 @@ def run_train(config: Config, out: Path) -> SegNet:
         raise UserError(f"{run.labels}: pseudo labels missing; run `aepsl labels` with this --out")
     check_pseudo_labels(source, train, data.num_classes)  # every rank: an error on each
     dataset = PseudoLabelled(
-        train, data.num_classes, source, cfg.crop_size, cfg.scale_range, config.seed
+        train,
+        data.num_classes,
+        source,
+        cfg.crop_size,
+        cfg.scale_range,
+        config.seed,
+        min_side=model.input_min_side,
     )
     if world_size() > 1 and len(dataset) < cfg.batch_size:
         raise UserError(
             f"train.batch_size={cfg.batch_size} is more than the {len(dataset)} training images; "
             "with several processes every global batch must be complete"
         )
+    config = with_length(config, len(dataset))  # train.epochs -> iterations (hashes unchanged)
+    if cfg.epochs is not None:
+        print(f"train: {cfg.epochs} epochs of {len(dataset)} images = {config.train.iterations} it")
     result = fit(segnet_trainer(model, config, device), dataset, segnet_plan(config, run))
 
     def save() -> None:

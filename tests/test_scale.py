@@ -1,0 +1,93 @@
+"""Defaults that carry over to data the presets were not tuned on: CAMs at the scale the
+classifier learnt, small images enlarged for the segmentation network, length in epochs."""
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from aepsl.config import load_config
+from aepsl.inference.predict import predict_probs
+from aepsl.mine.stage import compute_cams
+from aepsl.psl.data import draw_crop
+from aepsl.psl.stage import with_length
+
+
+class SeenSizes(nn.Module):
+    """Records the input sizes it is given; one channel of class maps / scores."""
+
+    def __init__(self, classes: int = 1) -> None:
+        super().__init__()
+        self.seen: list[tuple[int, int]] = []
+        self.output_stride = 8
+        self.input_min_side = 0
+        self.classes = classes
+
+    def class_maps(self, images: torch.Tensor) -> torch.Tensor:
+        self.seen.append(tuple(images.shape[-2:]))
+        return torch.ones(len(images), self.classes, *(s // 8 for s in images.shape[-2:]))
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.seen.append(tuple(images.shape[-2:]))
+        size = [max(1, s // 8) for s in images.shape[-2:]]
+        return torch.zeros(len(images), self.classes + 1, *size), torch.zeros(len(images), 1)
+
+
+@pytest.mark.parametrize(
+    ("side", "cam_size", "seen"),
+    [(64, "train", 128), (256, "train", 128), (128, "train", 128), (64, "native", 64)],
+)
+def test_cams_are_taken_at_the_training_scale(side, cam_size, seen):
+    config = load_config(
+        None, ["data.image_size=128", f"mine.cam_size={cam_size}", "precision=fp32"]
+    )
+    model = SeenSizes()
+    cams = compute_cams(model, torch.rand(1, 3, side, side), config, torch.device("cpu"))
+    assert model.seen == [(seen, seen)]
+    assert cams.shape == (1, 1, side, side)  # back at the image's own size
+
+
+def test_cams_keep_the_aspect_and_apply_cam_scales():
+    config = load_config(None, ["data.image_size=100", "mine.cam_scales=[1.0,0.5]"])
+    model = SeenSizes()
+    compute_cams(model, torch.rand(1, 3, 50, 200), config, torch.device("cpu"))
+    assert model.seen == [(50, 200), (25, 100)]  # sqrt(50 x 200) = 100 already, then x 0.5
+
+
+@pytest.mark.parametrize(("height", "width", "seen"), [(64, 96, (112, 168)), (200, 300, None)])
+def test_small_images_are_enlarged_to_the_crop_for_prediction(height, width, seen):
+    config = load_config(None, ["precision=fp32"])
+    model = SeenSizes()
+    model.input_min_side = 112
+    image = np.zeros((height, width, 3), np.uint8)
+    probs = predict_probs(model, image, config, torch.device("cpu"))
+    assert model.seen == [seen or (height, width)]
+    assert probs.shape == (2, height, width)
+
+
+def test_small_images_are_enlarged_to_the_crop_for_training():
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        crop = draw_crop(generator, 48, 64, 112, (0.7, 1.3), base=112 / 48)
+        assert 0.7 * 112 - 1 <= crop.height <= 1.3 * 112 + 1  # the shorter side at crop scale
+        assert abs(crop.width / crop.height - 64 / 48) < 0.05  # the aspect kept
+
+
+def test_length_in_epochs_scales_with_the_data():
+    config = load_config(None, ["train.epochs=10", "train.batch_size=8"])
+    assert with_length(config, 180).train.iterations == 225
+    assert with_length(config, 1200).train.iterations == 1500
+    assert with_length(config, 3).train.iterations == 4  # round(3.75)
+    assert with_length(load_config(None), 180).train.iterations == 6000  # no epochs: as given
+    demo = load_config("configs/demo.yaml")
+    assert with_length(demo, 180).train.iterations == 400  # the demo's measured length
+    by_hand = load_config("configs/demo.yaml", ["train.iterations=50"])
+    assert by_hand.train.epochs is None and with_length(by_hand, 180).train.iterations == 50
+
+
+def test_a_warmup_longer_than_the_epochs_is_one_line():
+    from aepsl.errors import UserError
+
+    config = load_config(None, ["train.epochs=1", "train.batch_size=8", "train.psl_warmup=50"])
+    with pytest.raises(UserError, match=r"train\.psl_warmup=50 is not below the 23 iterations"):
+        with_length(config, 180)
