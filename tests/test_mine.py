@@ -51,6 +51,7 @@ def test_outputs_exist_and_load_safely(mined):
         "backbone": "tiny",
         "output_stride": 8,
         "num_classes": 2,
+        "cam_head": "conv",
     }
     build_classifier("tiny", "none", 2).load_state_dict(state)
     assert (out / "config.yaml").is_file()

@@ -286,7 +286,13 @@ def _train_step(
         finish,
         step.checkpoint,
         step.classifier,
-        model_record(model, "cam_classifier", config.model.backbone, data.num_classes),
+        model_record(
+            model,
+            "cam_classifier",
+            config.model.backbone,
+            data.num_classes,
+            cam_head=config.model.cam_head,
+        ),
         step.train_log,
         {"train_loss": loss},
     )

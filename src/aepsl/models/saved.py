@@ -2,7 +2,8 @@
 
 Format: `{"aepsl_model": {...settings...}, "state_dict": {...tensors...}}`, plain data and
 tensors only, so `torch.load(weights_only=True)` reads it. The settings are those that build
-the network: kind ("segnet" or "cam_classifier"), backbone, output_stride, num_classes. A file
+the network: kind ("segnet" or "cam_classifier"), backbone, output_stride, num_classes, and
+a segnet's input_min_side or a classifier's cam_head. A file
 of earlier versions is a bare state dict: it loads with the settings of the config, as before.
 """
 
@@ -20,13 +21,17 @@ from aepsl.io import load_checkpoint
 SETTINGS_KEY = "aepsl_model"
 
 
-def model_record(net: nn.Module, kind: str, backbone: str, num_classes: int) -> dict[str, Any]:
-    """What to save for a trained network: its settings and its state dict."""
+def model_record(
+    net: nn.Module, kind: str, backbone: str, num_classes: int, **more: str
+) -> dict[str, Any]:
+    """What to save for a trained network: its settings (`more` ones too, e.g. a classifier's
+    cam_head) and its state dict."""
     settings = {
         "kind": kind,
         "backbone": backbone,
         "output_stride": int(net.output_stride),
         "num_classes": int(num_classes),
+        **more,
     }
     if kind == "segnet":  # images with a shorter side below it are enlarged to it (0: none)
         settings["input_min_side"] = int(getattr(net, "input_min_side", 0))
