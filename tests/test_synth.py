@@ -111,3 +111,132 @@ def test_hidden_object_is_not_labelled() -> None:
     mask = np.where(whole, 2, 0).astype(np.uint8)
     scene = Scene(np.zeros((size, size, 3), np.uint8), mask, (hidden, on_top))
     assert scene.labels == (2,)
+
+
+# ------------------------------------------------------------------ --classes and --objects
+
+
+def _digest(root: Path) -> str:
+    """sha256 over file names and decoded contents (pixels of PNGs, bytes of text files)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            h.update(str(path.relative_to(root)).encode())
+            if path.suffix == ".png":
+                h.update(np.asarray(Image.open(path)).tobytes())
+            else:
+                h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_defaults_give_the_data_of_before_the_options(tmp_path: Path) -> None:
+    # Digest of make_synth(n=8, size=64, seed=0) computed with the code before `classes` and
+    # `objects` existed (commit f46601e): the demo's data must not change.
+    root = make_synth(tmp_path / "d", n=8, size=64, seed=0)
+    assert _digest(root) == "133dd5d223f52de8e85f8148a0e33f6c571556a5a72f617a567e27134d562085"
+    same = make_synth(tmp_path / "five", n=8, size=64, seed=0, classes=5)
+    assert _files(same) == _files(root)
+
+
+def _label_sets(root: Path) -> list[set[str]]:
+    with open(root / "labels.csv", newline="") as f:
+        return [set(names.split()) for _, names in list(csv.reader(f))[1:]]
+
+
+@pytest.mark.parametrize(("classes", "objects"), [(2, 1), (3, 2), (20, 4)])
+def test_classes_and_objects(tmp_path: Path, classes: int, objects: int) -> None:
+    from aepsl.data.synth import synth_classes
+
+    root = make_synth(tmp_path / "d", n=40, size=64, seed=1, classes=classes, objects=objects)
+    names = synth_classes(classes)
+    assert len(names) == len(set(names)) == classes
+    assert names[:5] == SYNTH_CLASSES[: min(5, classes)]
+    assert (root / "classes.txt").read_text().split() == list(names)
+    sets = _label_sets(root)
+    assert all(1 <= len(s) <= objects for s in sets)
+    assert set().union(*sets) <= set(names)
+    if objects == 1:
+        assert all(len(s) == 1 for s in sets)
+    else:
+        assert max(len(s) for s in sets) > 1
+    dataset = load_folder(root)  # labels agree with masks, or loading refuses
+    assert dataset.classes == list(names)
+
+
+def test_twenty_classes_have_distinct_heads_and_all_appear(tmp_path: Path) -> None:
+    from aepsl.data.synth import _looks
+
+    heads = np.array([look.head_rgb for look in _looks(20)], float)
+    distance = np.linalg.norm(heads[:, None] - heads[None], axis=2) + np.eye(20) * 1e9
+    assert distance.min() >= 50
+    root = make_synth(tmp_path / "d", n=60, size=64, seed=0, classes=20, objects=4)
+    assert len(set().union(*_label_sets(root))) == 20
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"classes": 1},
+        {"classes": 21},
+        {"classes": 2.0},
+        {"objects": 0},
+        {"objects": 6},
+        {"classes": 2, "objects": 3},
+    ],
+)
+def test_bad_classes_or_objects(tmp_path: Path, kwargs: dict[str, float]) -> None:
+    with pytest.raises(UserError, match=r"classes|objects"):
+        make_synth(tmp_path / "bad", n=8, **kwargs)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_default_objects_with_two_classes_stays_within_them(tmp_path: Path) -> None:
+    root = make_synth(tmp_path / "d", n=30, size=64, seed=0, classes=2)
+    assert all(1 <= len(s) <= 2 for s in _label_sets(root))
+
+
+def test_cli_classes_and_objects(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from aepsl.cli import main
+
+    root = tmp_path / "cli"
+    assert main(["synth", str(root), "--n", "8", "--size", "64", "--classes", "3"]) == 0
+    assert (root / "classes.txt").read_text().split() == list(SYNTH_CLASSES[:3])
+    assert main(["synth", str(tmp_path / "bad"), "--n", "8", "--objects", "9"]) == 2
+    assert "objects per image must be an integer in 1..classes (5)" in capsys.readouterr().err
+
+
+def _fashion() -> bool:
+    from aepsl.data.real import FASHION_MNIST_DIR
+
+    return FASHION_MNIST_DIR.is_dir()
+
+
+@pytest.mark.skipif(not _fashion(), reason="Debian's dataset-fashion-mnist is not installed")
+@pytest.mark.parametrize(("classes", "objects"), [(2, 1), (10, 3)])
+def test_real_classes_and_objects(tmp_path: Path, classes: int, objects: int) -> None:
+    from aepsl.data.real import FASHION_CLASSES, REAL_CLASSES, make_real
+
+    root = make_real(tmp_path / "d", n=16, size=64, seed=2, classes=classes, objects=objects)
+    names = (root / "classes.txt").read_text().split()
+    assert len(names) == classes
+    assert set(names) <= set(FASHION_CLASSES.values())
+    if classes == 2:
+        assert names == ["trouser", "dress"]
+    else:
+        assert set(names) == set(FASHION_CLASSES.values()) > set(REAL_CLASSES.values())
+    sets = _label_sets(root)
+    assert all(1 <= len(s) <= objects for s in sets)
+    assert load_folder(root).classes == names
+
+
+@pytest.mark.skipif(not _fashion(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_real_defaults_unchanged_and_bad_classes(tmp_path: Path) -> None:
+    from aepsl.data.real import make_real
+
+    default = make_real(tmp_path / "a", n=6, size=64, seed=0)
+    five = make_real(tmp_path / "b", n=6, size=64, seed=0, classes=5)
+    assert _files(default) == _files(five)
+    with pytest.raises(UserError, match=r"classes must be an integer in 2\.\.10"):
+        make_real(tmp_path / "bad", n=6, classes=11)

@@ -68,7 +68,10 @@ def cmd_synth(args: argparse.Namespace) -> None:
             f"{out}: folder is not empty; choose a new one, or --force to write into it"
         )
     make = make_real if args.real else make_synth
-    root = make(args.out, n=args.n, size=args.size, seed=args.seed)
+    counts = {"objects": args.objects}
+    if args.classes is not None:
+        counts["classes"] = args.classes
+    root = make(args.out, n=args.n, size=args.size, seed=args.seed, **counts)
     print(f"wrote a folder dataset to {root}")
 
 
@@ -281,6 +284,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=128, help="image side in pixels (default 128)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--force", action="store_true", help="write into a folder that is not empty")
+    p.add_argument(
+        "--classes",
+        type=int,
+        default=None,
+        help="number of classes: 2..20 (default 5), with --real 2..10 (default 5)",
+    )
+    p.add_argument(
+        "--objects",
+        type=int,
+        default=None,
+        help="at most this many objects per image, 1..N equally likely, N <= classes "
+        "(default: 1 to 3, weighted 40/35/25%%)",
+    )
     p.add_argument(
         "--real",
         action="store_true",

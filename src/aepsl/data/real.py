@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-from aepsl.data.synth import Scene, write_scenes
+from aepsl.data.synth import Scene, check_counts, object_count, write_scenes
 from aepsl.errors import UserError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
@@ -29,6 +29,23 @@ FASHION_IMAGES = "t10k-images-idx3-ubyte.gz"
 FASHION_LABELS = "t10k-labels-idx1-ubyte.gz"
 # Fashion-MNIST label -> our class name: five articles with clearly different shapes.
 REAL_CLASSES: dict[int, str] = {1: "trouser", 3: "dress", 7: "sneaker", 8: "bag", 9: "boot"}
+# All ten articles, for `classes` other than 5: the five above first, then the rest (tops and a
+# sandal, whose shapes are close to each other and to the five). `classes` = K takes the first K.
+FASHION_CLASSES: dict[int, str] = {
+    **REAL_CLASSES,
+    0: "tshirt",
+    2: "pullover",
+    4: "coat",
+    5: "sandal",
+    6: "shirt",
+}
+
+
+def real_class_ids(classes: int = len(REAL_CLASSES)) -> list[int]:
+    """The Fashion-MNIST labels of a `classes`-class dataset, in class order (sorted labels)."""
+    return sorted(list(FASHION_CLASSES)[:classes])
+
+
 # scikit-image's bundled photographs (colour) and textures (grey), all shipped in its wheel.
 BACKGROUNDS = (
     "astronaut",
@@ -60,8 +77,11 @@ def _read_idx(path: Path) -> np.ndarray:
         raise UserError(f"{path}: not a readable idx file ({exc})") from None
 
 
-def load_fashion(source: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(images N x 28 x 28, labels N) of the Fashion-MNIST test set, only REAL_CLASSES kept."""
+def load_fashion(
+    source: Path | None = None, keep_labels: list[int] | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(images N x 28 x 28, labels N) of the Fashion-MNIST test set, only `keep_labels`
+    (default REAL_CLASSES) kept."""
     folder = Path(source) if source else FASHION_MNIST_DIR
     paths = [folder / FASHION_IMAGES, folder / FASHION_LABELS]
     for path in paths:
@@ -71,7 +91,7 @@ def load_fashion(source: Path | None = None) -> tuple[np.ndarray, np.ndarray]:
                 "(Debian/Ubuntu) or pass the folder holding the idx files"
             )
     images, labels = (_read_idx(p if p.is_file() else p.with_suffix("")) for p in paths)
-    keep = np.isin(labels, list(REAL_CLASSES))
+    keep = np.isin(labels, list(REAL_CLASSES) if keep_labels is None else keep_labels)
     return images[keep], labels[keep]
 
 
@@ -113,12 +133,16 @@ def render_real_scene(
     articles: np.ndarray,
     article_labels: np.ndarray,
     photos: list[np.ndarray],
+    class_ids: list[int] | None = None,
+    objects: int | None = None,
 ) -> Scene:
-    """One to three articles of distinct classes over a crop of a real photograph."""
+    """One to three (see `object_count`) articles of distinct classes over a crop of a real
+    photograph; `class_ids`: the Fashion-MNIST labels used, class k is `class_ids[k - 1]`
+    (default: REAL_CLASSES)."""
     image = _crop(rng, photos[int(rng.integers(len(photos)))], size)
     mask = np.zeros((size, size), np.uint8)
-    ids = sorted(REAL_CLASSES)
-    count = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
+    ids = sorted(REAL_CLASSES) if class_ids is None else list(class_ids)
+    count = object_count(rng, len(ids), objects)
     placed: list[tuple[int, int]] = []  # (class index, pixels when pasted)
     for fashion_label in rng.choice(ids, size=count, replace=False):
         label = ids.index(int(fashion_label)) + 1
@@ -151,19 +175,28 @@ def make_real(
     seed: int = 0,
     val_fraction: float = 0.25,
     source: Path | None = None,
+    classes: int = len(REAL_CLASSES),
+    objects: int | None = None,
 ) -> Path:
     """Write `n` real-pixel composites of `size` px to `out` in the `folder` format (layout as
-    `make_synth`). Deterministic for a seed. `source`: folder of the Fashion-MNIST idx files."""
+    `make_synth`). Deterministic for a seed. `source`: folder of the Fashion-MNIST idx files.
+    `classes` (2..10): the first `classes` articles of FASHION_CLASSES; `objects`: at most this
+    many per image, 1..objects equally likely (None: one to three, as the demo)."""
     if not isinstance(n, numbers.Integral) or n < 4:
         raise UserError(f"real-pixel dataset: n must be an integer >= 4, got {n!r}")
     if not isinstance(size, numbers.Integral) or size < 64:
         raise UserError(f"real-pixel dataset: size must be an integer >= 64, got {size!r}")
+    check_counts("real-pixel dataset", classes, len(FASHION_CLASSES), objects)
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise UserError(f"{root}: exists and is not a folder")
-    articles, article_labels = load_fashion(source)
+    ids = real_class_ids(classes)
+    articles, article_labels = load_fashion(source, ids)
     photos = _backgrounds()
     rng = np.random.default_rng(seed)
-    scenes = (render_real_scene(rng, size, articles, article_labels, photos) for _ in range(n))
-    classes = tuple(REAL_CLASSES[k] for k in sorted(REAL_CLASSES))
-    return write_scenes(root, "real", classes, scenes, n, rng, val_fraction)
+    scenes = (
+        render_real_scene(rng, size, articles, article_labels, photos, ids, objects)
+        for _ in range(n)
+    )
+    names = tuple(FASHION_CLASSES[k] for k in ids)
+    return write_scenes(root, "real", names, scenes, n, rng, val_fraction)

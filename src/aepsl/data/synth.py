@@ -58,6 +58,77 @@ _LOOKS = (
     _Look((35, 65, 235), _COOL, 9.0, False),  # elk
     _Look((215, 30, 215), _WARM, 6.5, True),  # fox
 )
+# More classes (`classes` > 5, up to 20): further unique head colours, and body cues from the 12
+# combinations of colour family, stripe period and plaid the first five leave partly unused;
+# from the 13th class on, a body cue repeats, so only the head tells those classes apart.
+_EXTRA_NAMES = (
+    "owl", "pig", "rat", "yak", "emu", "gnu", "hen", "cat", "dog", "bat", "eel", "ape", "ram",
+    "koi", "cod",
+)  # fmt: skip
+_EXTRA_HEADS = (
+    (130, 20, 220),  # violet
+    (150, 235, 20),  # lime
+    (20, 120, 60),  # dark green
+    (120, 10, 10),  # maroon
+    (10, 20, 120),  # navy
+    (240, 120, 170),  # pink
+    (110, 80, 10),  # brown
+    (20, 140, 240),  # sky blue
+    (200, 150, 255),  # lavender
+    (255, 90, 90),  # salmon
+    (100, 10, 100),  # purple
+    (20, 220, 130),  # spring green
+    (180, 180, 20),  # olive
+    (10, 10, 10),  # black
+    (90, 90, 200),  # periwinkle
+)
+_BODY_CUES: tuple[tuple[float, float, bool], ...] = (
+    (_COOL, 6.5, True),
+    (_WARM, 6.5, False),
+    (_COOL, 6.5, False),
+    (_WARM, 4.5, True),
+    (_COOL, 4.5, True),
+    (_WARM, 9.0, True),
+    (_COOL, 9.0, True),
+    *((look.body_hue, look.period, look.plaid) for look in _LOOKS),
+)
+MAX_SYNTH_CLASSES = len(_LOOKS) + len(_EXTRA_NAMES)
+
+
+def synth_classes(classes: int = len(SYNTH_CLASSES)) -> tuple[str, ...]:
+    """The class names of a `classes`-class synthetic dataset (the first five: SYNTH_CLASSES)."""
+    return (SYNTH_CLASSES + _EXTRA_NAMES)[:classes]
+
+
+def _looks(classes: int) -> tuple[_Look, ...]:
+    extra = tuple(
+        _Look(head, *_BODY_CUES[j % len(_BODY_CUES)])
+        for j, head in enumerate(_EXTRA_HEADS[: max(0, classes - len(_LOOKS))])
+    )
+    return (_LOOKS + extra)[:classes]
+
+
+def object_count(rng: np.random.Generator, classes: int, objects: int | None) -> int:
+    """How many objects (of distinct classes) an image gets: `objects` None, the demo's mix of
+    1 (40%), 2 (35%) or 3 (25%), at most `classes`; else 1..`objects`, equally likely."""
+    if objects is None:
+        return min(int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25])), classes)
+    return int(rng.integers(1, objects + 1))
+
+
+def check_counts(what: str, classes: int, max_classes: int, objects: int | None) -> None:
+    """One-line errors for a bad number of classes or of objects per image."""
+    if not isinstance(classes, numbers.Integral) or not 2 <= classes <= max_classes:
+        raise UserError(f"{what}: classes must be an integer in 2..{max_classes}, got {classes!r}")
+    if objects is not None and (
+        not isinstance(objects, numbers.Integral) or not 1 <= objects <= classes
+    ):
+        raise UserError(
+            f"{what}: objects per image must be an integer in 1..classes ({classes}), "
+            f"got {objects!r}"
+        )
+
+
 # Background discs the size of a head, in colours no head uses, so a classifier cannot learn
 # "small saturated disc" as a shortcut for "object".
 _DISTRACTOR_RGB = ((20, 205, 205), (250, 145, 10), (235, 235, 235))
@@ -204,8 +275,14 @@ def _place_object(
     return SynthObject(label, body & ~head, head), u, v
 
 
-def render_scene(rng: np.random.Generator, size: int) -> Scene:
-    """Draw one image of one to three objects of distinct classes over a cluttered background.
+def render_scene(
+    rng: np.random.Generator,
+    size: int,
+    classes: int = len(SYNTH_CLASSES),
+    objects: int | None = None,
+) -> Scene:
+    """Draw one image of one to three (see `object_count`) objects of distinct classes out of
+    `classes` over a cluttered background.
 
     Later objects are drawn on top. A placement that would leave an earlier object less than
     `_MIN_VISIBLE` visible is retried, and the object is dropped if no try fits, so no label
@@ -217,22 +294,22 @@ def render_scene(rng: np.random.Generator, size: int) -> Scene:
     yy, xx = np.mgrid[:size, :size].astype(np.float64)
     image = _background(rng, yy, xx, scale)
     mask = np.zeros((size, size), np.uint8)
-    count = int(rng.choice([1, 2, 3], p=[0.4, 0.35, 0.25]))
-    classes = rng.choice(len(SYNTH_CLASSES), size=count, replace=False) + 1
-    objects: list[SynthObject] = []
-    for label in classes:
+    looks = _looks(classes)
+    count = object_count(rng, classes, objects)
+    drawn: list[SynthObject] = []
+    for label in rng.choice(classes, size=count, replace=False) + 1:
         for _ in range(_PLACEMENT_TRIES):
             obj, u, v = _place_object(rng, size, int(label), yy, xx)
             region = obj.body | obj.head
             if all(
                 ((mask == prev.label) & ~region).sum()
                 >= _MIN_VISIBLE * (prev.body | prev.head).sum()
-                for prev in objects
+                for prev in drawn
             ):
                 break
         else:
             continue
-        look = _LOOKS[obj.label - 1]
+        look = looks[obj.label - 1]
         hue = look.body_hue + rng.uniform(-0.03, 0.03)
         rgb = _rgb(hue, rng.uniform(0.35, 0.6), rng.uniform(0.7, 0.9))
         period = look.period * scale * rng.uniform(0.9, 1.1)
@@ -240,9 +317,9 @@ def render_scene(rng: np.random.Generator, size: int) -> Scene:
         head_rgb = np.array(look.head_rgb, float) + rng.normal(0.0, 8.0, 3)
         image[obj.head] = head_rgb + rng.normal(0.0, 4.0, (int(obj.head.sum()), 3))
         mask[region] = obj.label
-        objects.append(obj)
+        drawn.append(obj)
     image += rng.normal(0.0, 4.0, image.shape)
-    return Scene(np.clip(image + 0.5, 0, 255).astype(np.uint8), mask, tuple(objects))
+    return Scene(np.clip(image + 0.5, 0, 255).astype(np.uint8), mask, tuple(drawn))
 
 
 def make_synth(
@@ -251,8 +328,14 @@ def make_synth(
     size: int = 128,
     seed: int = 0,
     val_fraction: float = 0.25,
+    classes: int = len(SYNTH_CLASSES),
+    objects: int | None = None,
 ) -> Path:
     """Write `n` synthetic images of `size` x `size` px to `out` in the `folder` format.
+
+    `classes` (2..20): how many classes (SYNTH_CLASSES, then more; see `synth_classes`);
+    `objects`: at most this many objects per image, 1..objects equally likely (None: the demo's
+    mix of one to three). The defaults give the demo's data, byte for byte.
 
     Layout: images/<id>.png, masks/<id>.png (0 background, k class k), classes.txt,
     labels.csv (image,labels), splits/train.txt and splits/val.txt. The same arguments give
@@ -264,12 +347,13 @@ def make_synth(
         raise UserError(f"synthetic dataset: size must be an integer >= 48, got {size!r}")
     if not 0 < val_fraction < 1:
         raise UserError(f"synthetic dataset: val_fraction must be in (0, 1), got {val_fraction!r}")
+    check_counts("synthetic dataset", classes, MAX_SYNTH_CLASSES, objects)
     root = Path(out)
     if root.exists() and not root.is_dir():
         raise UserError(f"{root}: exists and is not a folder")
     rng = np.random.default_rng(seed)
-    scenes = (render_scene(rng, size) for _ in range(n))
-    return write_scenes(root, "synth", SYNTH_CLASSES, scenes, n, rng, val_fraction)
+    scenes = (render_scene(rng, size, classes, objects) for _ in range(n))
+    return write_scenes(root, "synth", synth_classes(classes), scenes, n, rng, val_fraction)
 
 
 def write_scenes(

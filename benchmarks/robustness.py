@@ -1,0 +1,411 @@
+"""Robustness: the whole method with the own-data preset (configs/own_data.yaml) on a grid of
+generated data sets (image side, number of classes, objects per image, `synth` or `synth
+--real`), over seeds, with the old defaults ("before") beside the current ones ("after").
+
+    python benchmarks/robustness.py --out runs/robustness --quick      # smoke, about a minute
+    python benchmarks/robustness.py --out runs/robustness    # the grid of docs/robustness.md
+    python benchmarks/robustness.py --out runs/rob --sides 64,128,320 --classes 2,5,20 \\
+        --objects 1,4 --kinds synth,real --seeds 0,1 --n 120 --epochs-scale 0.5
+
+A cell is (side, classes, objects, kind); per seed it generates its data (the seed is the data's
+and the method's) and runs `aepsl run` into OUT/<cell>/seed<s>/<variant>:
+
+- after:  the preset as it is, plus `mine.save_cams=true` (for the threshold sweep);
+- before: the old defaults, `mine.cam_size=native train.upscale_small=false` and the training
+  length fixed at `train.iterations=400` (the demo's) instead of `train.epochs`;
+- nopsl:  (--psl-baseline) `after` with `train.psl=false`: the segmentation network trained on
+  the pseudo labels alone; it reuses after's mine/ and labels/ (copied), so only training runs.
+
+`--epochs-scale F` multiplies mine.epochs (rounded, at least 1), train.epochs and before's 400
+iterations. Each run folder skips its finished stages, so a re-run prints the table without
+recomputing finished cells; wall time is that of the run that computed it (OUT/.../time.json).
+
+Per cell and variant the table gives step-1 and union region precision / recall (train split),
+the pseudo labels' mIoU, val mIoU without / with CRF and wall time, as mean ± half the
+difference of two seeds (mean ± half the range with more). Below it, per cell, in words:
+
+- erasing vs one threshold: the step-1 CAMs (saved by `after`) are thresholded at 0.9 ... 0.1
+  (relative, `aepsl.mine.sweep`); the recall that curve reaches at the union's final precision
+  (linear between neighbouring thresholds) is compared with the union's recall. Erasing beat
+  the threshold when the union's recall is higher in every seed.
+- PSL vs pseudo labels alone (with --psl-baseline): val mIoU with CRF of `after` vs `nopsl`.
+- collapse: a run whose val mIoU without CRF is at most the all-background score + 0.01 (every
+  pixel predicted background, scored the same way), or whose stages left health warnings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import aepsl
+from aepsl.config import load_config
+from aepsl.data.datasets import load_dataset
+from aepsl.data.real import make_real
+from aepsl.data.synth import make_synth
+from aepsl.io import read_index_png
+from aepsl.mine.sweep import sweep_step_cams, union_points
+
+PRESET = Path(aepsl.__file__).parent / "configs" / "own_data.yaml"
+THRESHOLDS = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
+OLD_ITERATIONS = 400
+# (side, classes, objects, kind): the grid of docs/robustness.md
+DEFAULT_CELLS = "128x5x2:synth,64x5x2:synth,96x10x3:real,128x2x1:synth,128x20x4:synth,320x5x2:synth"
+QUICK = {"cells": "64x3x2:synth", "seeds": "0", "n": 24, "epochs_scale": 0.05}
+COLLAPSE_MARGIN = 0.01
+
+
+@dataclass(frozen=True)
+class Cell:
+    side: int
+    classes: int
+    objects: int
+    kind: str
+
+    @property
+    def name(self) -> str:
+        return f"{self.kind}_{self.side}px_{self.classes}cls_{self.objects}obj"
+
+
+def parse_cells(text: str) -> list[Cell]:
+    cells = []
+    for item in text.split(","):
+        try:
+            dims, kind = item.strip().split(":")
+            side, classes, objects = (int(v) for v in dims.split("x"))
+        except ValueError:
+            raise SystemExit(f"--cells: '{item}' is not SIDExCLASSESxOBJECTS:KIND") from None
+        if kind not in ("synth", "real"):
+            raise SystemExit(f"--cells: kind must be synth or real, got '{kind}'")
+        cells.append(Cell(side, classes, objects, kind))
+    return cells
+
+
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",")]
+
+
+def variant_overrides(variant: str, scale: float, mine_epochs: int, train_epochs: float) -> list:
+    common = [f"mine.epochs={max(1, round(mine_epochs * scale))}", "mine.save_cams=true"]
+    if variant == "before":
+        return [
+            *common,
+            "mine.cam_size=native",
+            "train.upscale_small=false",
+            f"train.iterations={max(1, round(OLD_ITERATIONS * scale))}",
+        ]
+    after = [*common, f"train.epochs={train_epochs * scale:g}"]
+    return after + (["train.psl=false"] if variant == "nopsl" else [])
+
+
+def make_data(cell: Cell, seed: int, n: int, root: Path) -> Path:
+    if not (root / "splits" / "val.txt").is_file():
+        make = make_real if cell.kind == "real" else make_synth
+        make(root, n=n, size=cell.side, seed=seed, classes=cell.classes, objects=cell.objects)
+    return root
+
+
+def run_variant(run: Path, data: Path, overrides: list[str], threads: int | None) -> float | None:
+    """`aepsl run` into `run` (skips finished stages); the wall time of the run that computed
+    it, None when it failed."""
+    timing = run / "time.json"
+    done = (run / "train" / "metrics.json").is_file() and timing.is_file()
+    if done:
+        return json.loads(timing.read_text())["seconds"]
+    run.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "aepsl", "run", str(PRESET), "--out", str(run)]
+    cmd += [f"data.root={data}", *overrides]
+    env = None
+    if threads:
+        import os
+
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    start = time.perf_counter()
+    with open(run.parent / f"{run.name}.log", "a") as log:
+        code = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    seconds = time.perf_counter() - start
+    if code != 0:
+        print(f"  {run}: aepsl run failed (exit {code}); see {run.parent / (run.name + '.log')}")
+        return None
+    previous = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0
+    timing.write_text(json.dumps({"seconds": round(previous + seconds, 1)}) + "\n")
+    return previous + seconds
+
+
+def copy_stages(src: Path, dst: Path) -> None:
+    """nopsl starts from after's mine/ and labels/ (same settings hash: skipped)."""
+    for stage in ("mine", "labels"):
+        if (src / stage).is_dir() and not (dst / stage).exists():
+            shutil.copytree(src / stage, dst / stage)
+
+
+def all_background_miou(data_root: Path) -> float:
+    """val mIoU of predicting background everywhere: background IoU is its pixel share, every
+    class present in the val masks scores 0 (classes absent from both are not counted)."""
+    names = (data_root / "splits" / "val.txt").read_text().split()
+    background = total = 0
+    present: set[int] = set()
+    for image_id in names:
+        mask = read_index_png(data_root / "masks" / f"{image_id}.png")
+        valid = mask != 255
+        background += int((mask[valid] == 0).sum())
+        total += int(valid.sum())
+        present |= {int(v) for v in np.unique(mask[valid]) if v}
+    return background / total / (1 + len(present))
+
+
+def read(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def run_scores(run: Path, seconds: float | None, floor: float) -> dict[str, Any] | None:
+    train = read(run / "train" / "metrics.json")
+    if not train or seconds is None:
+        return None
+    steps = read(run / "mine" / "metrics.json").get("steps", [])
+    labels = read(run / "labels" / "metrics.json")
+    first = steps[0]
+    last = [s for s in steps if s.get("union_regions")][-1]
+    warnings = [
+        w
+        for stage in ("mine", "labels", "train")
+        for w in read(run / stage / "metrics.json").get("warnings") or []
+    ]
+    val = train["without_crf"]["mIoU"]
+    return {
+        "s1P": first["step_regions"]["precision"],
+        "s1R": first["step_regions"]["recall"],
+        "uP": last["union_regions"]["precision"],
+        "uR": last["union_regions"]["recall"],
+        "pseudo": labels.get("mIoU"),
+        "val": val,
+        "crf": (train.get("with_crf") or {}).get("mIoU"),
+        "time": seconds,
+        "collapsed": val is None or val <= floor + COLLAPSE_MARGIN or bool(warnings),
+        "floor": floor,
+        "warnings": warnings,
+    }
+
+
+def sweep_gain(run: Path, data_root: Path) -> float | None:
+    """Union recall minus the step-1 threshold curve's recall at the union's final precision
+    (None: the curve never reaches that precision)."""
+    config = load_config(PRESET, [f"data.root={data_root}"])
+    data = load_dataset("folder", data_root, config.data.empty_labels)
+    cams = run / "mine" / "step1" / "cams"
+    if not cams.is_dir():
+        return None
+    cache = run / "sweep.json"
+    if cache.is_file():
+        curve = json.loads(cache.read_text())
+    else:
+        curve = sweep_step_cams(data, config.data.train_split, cams, THRESHOLDS)
+        cache.write_text(json.dumps(curve) + "\n")
+    union = union_points(run / "mine" / "metrics.json")[-1]
+    target = union["precision"]
+    best = None
+    for hi, lo in itertools.pairwise(curve):  # precision falls as the threshold falls
+        for point in (hi, lo):
+            if point["precision"] >= target:
+                best = max(best or 0.0, point["recall"])
+        if (hi["precision"] - target) * (lo["precision"] - target) < 0:
+            w = (hi["precision"] - target) / (hi["precision"] - lo["precision"])
+            best = max(best or 0.0, hi["recall"] + w * (lo["recall"] - hi["recall"]))
+    return None if best is None else union["recall"] - best
+
+
+def spread(values: list[float | None], digits: int = 3) -> str:
+    got = [v for v in values if v is not None]
+    if not got:
+        return "-"
+    mean = sum(got) / len(got)
+    half = (max(got) - min(got)) / 2
+    if digits == 0:
+        return f"{mean:.0f}±{half:.0f}" if len(got) > 1 else f"{mean:.0f}"
+    return f"{mean:.{digits}f}±{half:.{digits}f}" if len(got) > 1 else f"{mean:.{digits}f}"
+
+
+def pair(rows: list[dict], p: str, r: str) -> str:
+    ps, rs = [x[p] for x in rows], [x[r] for x in rows]
+    return f"{spread(ps, 2)} / {spread(rs, 2)}"
+
+
+COLUMNS = (
+    ("variant", 8),
+    ("step-1 P / R", 24),
+    ("union P / R", 24),
+    ("pseudo", 12),
+    ("val", 12),
+    ("val+CRF", 12),
+    ("time s", 10),
+    ("collapsed", 10),
+)
+
+
+def print_table(results: dict[Cell, dict[str, list]], seeds: list[int]) -> None:
+    header = "".join(f"{name:>{width}}" for name, width in COLUMNS)
+    print(f"\nvalues: mean ± half the difference over seeds {seeds}; P / R of regions (train)")
+    for cell, variants in results.items():
+        print(f"\n{cell.name}")
+        print(header)
+        for variant, rows in variants.items():
+            if variant == "gain":
+                continue
+            ok = [row for row in rows if row]
+            if not ok:
+                print(f"{variant:>8}  not finished")
+                continue
+            collapsed = sum(row["collapsed"] for row in ok)
+            cells = (
+                variant,
+                pair(ok, "s1P", "s1R"),
+                pair(ok, "uP", "uR"),
+                spread([r["pseudo"] for r in ok]),
+                spread([r["val"] for r in ok]),
+                spread([r["crf"] for r in ok]),
+                spread([r["time"] for r in ok], 0),
+                f"{collapsed}/{len(ok)}",
+            )
+            print(
+                "".join(f"{text:>{width}}" for text, (_, width) in zip(cells, COLUMNS, strict=True))
+            )
+
+
+def verdicts(results: dict[Cell, dict[str, list]]) -> None:
+    print("\nin words (a difference within the seed spread is not a finding):")
+    for cell, variants in results.items():
+        lines = []
+        for variant in ("before", "after", "nopsl"):
+            rows = [r for r in variants.get(variant, []) if r]
+            bad = [(i, r) for i, r in enumerate(variants.get(variant, [])) if r and r["collapsed"]]
+            for i, row in bad:
+                why = []
+                if row["val"] is None or row["val"] <= row["floor"] + COLLAPSE_MARGIN:
+                    why.append(f"val mIoU {row['val']} at the all-background {row['floor']:.3f}")
+                if row["warnings"]:
+                    why.append(f"{len(row['warnings'])} health warning(s)")
+                lines.append(f"{variant} seed #{i + 1} COLLAPSED ({'; '.join(why)})")
+            if rows and not bad:
+                lines.append(f"{variant}: no collapse")
+        gains = variants.get("gain", [])
+        got = [g for g in gains if g is not None]
+        if got:
+            word = (
+                "erasing BEAT"
+                if min(got) > 0
+                else ("erasing LOST to" if max(got) < 0 else "no clear difference to")
+            )
+            values = ", ".join(f"{g:+.3f}" for g in got)
+            lines.append(
+                f"{word} the best single step-1 threshold at equal precision "
+                f"(union recall minus threshold recall: {values})"
+            )
+        elif gains:
+            lines.append("erasing vs threshold: no threshold reaches the union's precision")
+        after = [r for r in variants.get("after", []) if r]
+        nopsl = [r for r in variants.get("nopsl", []) if r]
+        if after and nopsl and len(after) == len(nopsl):
+            diffs = [a["crf"] - b["crf"] for a, b in zip(after, nopsl, strict=True)]
+            word = (
+                "PSL BEAT"
+                if min(diffs) > 0
+                else ("PSL LOST to" if max(diffs) < 0 else "no clear difference between PSL and")
+            )
+            values = ", ".join(f"{d:+.3f}" for d in diffs)
+            lines.append(f"{word} the pseudo labels alone (val mIoU with CRF: {values})")
+        print(f"{cell.name}:")
+        for line in lines:
+            print(f"  {line}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", required=True, type=Path)
+    parser.add_argument("--cells", help=f"SIDExCLASSESxOBJECTS:KIND,... (default {DEFAULT_CELLS})")
+    parser.add_argument("--sides", help="a product grid instead of --cells: e.g. 64,128,320")
+    parser.add_argument("--classes", help="product grid: e.g. 2,5,20 (default 5)")
+    parser.add_argument("--objects", help="product grid: at most N per image, e.g. 1,4 (default 2)")
+    parser.add_argument("--kinds", help="product grid: synth,real (default synth)")
+    parser.add_argument("--seeds", default="0,1")
+    parser.add_argument("--n", type=int, default=120, help="images per data set (1/4 val)")
+    parser.add_argument("--epochs-scale", type=float, default=1.0)
+    parser.add_argument(
+        "--psl-baseline",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="also train on the pseudo labels alone (train.psl=false): one more training per run",
+    )
+    parser.add_argument("--no-before", action="store_true", help="skip the old defaults")
+    parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each run")
+    parser.add_argument("--table-only", action="store_true", help="print finished cells only")
+    parser.add_argument("--quick", action="store_true", help=f"smoke setting: {QUICK}")
+    args = parser.parse_args()
+    if args.quick:
+        args.cells, args.seeds, args.n, args.epochs_scale = QUICK.values()
+    if any((args.sides, args.classes, args.objects, args.kinds)):
+        cells = [
+            Cell(side, classes, objects, kind)
+            for kind in (args.kinds or "synth").split(",")
+            for side in ints(args.sides or "128")
+            for classes in ints(args.classes or "5")
+            for objects in ints(args.objects or "2")
+        ]
+    else:
+        cells = parse_cells(args.cells or DEFAULT_CELLS)
+    seeds = ints(args.seeds)
+    preset = load_config(PRESET, ["data.root=."])
+    mine_epochs, train_epochs = preset.mine.epochs, preset.train.epochs
+    variants = ["after"] + ([] if args.no_before else ["before"])
+    variants += ["nopsl"] if args.psl_baseline else []
+    print(
+        f"preset {PRESET.name}; {len(cells)} cell(s) x seeds {seeds} x {variants}; "
+        f"n={args.n}; epochs scale {args.epochs_scale:g} (mine.epochs "
+        f"{max(1, round(mine_epochs * args.epochs_scale))}, train.epochs "
+        f"{train_epochs * args.epochs_scale:g}, before: train.iterations "
+        f"{max(1, round(OLD_ITERATIONS * args.epochs_scale))})"
+    )
+    results: dict[Cell, dict[str, list]] = {}
+    for cell in cells:
+        results[cell] = {v: [] for v in variants} | {"gain": []}
+        for seed in seeds:
+            base = args.out / cell.name / f"seed{seed}"
+            data = make_data(cell, seed, args.n, base / "data")
+            floor = all_background_miou(data)
+            for variant in variants:
+                run = base / variant
+                if variant == "nopsl":
+                    copy_stages(base / "after", run)
+                overrides = [f"seed={seed}"]
+                overrides += variant_overrides(
+                    variant, args.epochs_scale, mine_epochs, train_epochs
+                )
+                if args.table_only:
+                    timing = run / "time.json"
+                    seconds = (
+                        json.loads(timing.read_text())["seconds"] if timing.is_file() else None
+                    )
+                else:
+                    print(f"{cell.name} seed {seed} {variant} ...", flush=True)
+                    seconds = run_variant(run, data, overrides, args.threads)
+                results[cell][variant].append(run_scores(run, seconds, floor))
+            after = base / "after"
+            if (after / "train" / "metrics.json").is_file():
+                results[cell]["gain"].append(sweep_gain(after, data))
+    print_table(results, seeds)
+    verdicts(results)
+
+
+if __name__ == "__main__":
+    main()
