@@ -26,6 +26,7 @@ from aepsl.config import Config
 from aepsl.data.datasets import Dataset, Sample, check_inputs, load_dataset, load_image, load_mask
 from aepsl.errors import UserError
 from aepsl.evaluation import (
+    SEED_THRESHOLDS,
     average_precision,
     region_scores,
     seed_confusions,
@@ -551,9 +552,6 @@ def _write_union(run: RunLayout, train: list[Sample], steps: list[int]) -> None:
         mine, desc="union", unit="img", dynamic_ncols=True, leave=False, disable=not is_main()
     ):
         write_index_png(run.union_region(sample.id), union_of_steps(run, sample.id, steps))
-
-
-SEED_THRESHOLDS = tuple(round(0.05 * k, 2) for k in range(1, 20))  # 0.05 .. 0.95
 
 
 @torch.no_grad()
