@@ -423,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(parser, argv)
     signal.signal(signal.SIGTERM, _terminate)
     warnings.simplefilter("default")
+    # A file left open by an interrupted read is no news to a user (it printed after the
+    # one line of a SIGTERM): interpreter diagnostics stay out of the command's output.
+    warnings.filterwarnings("ignore", category=ResourceWarning)
     warnings.formatwarning = lambda message, *_: f"aepsl {args.command}: warning: {message}\n"
     try:
         try:
