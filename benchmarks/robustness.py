@@ -281,7 +281,7 @@ def print_table(results: dict[Cell, dict[str, list]], seeds: list[int]) -> None:
             )
 
 
-def verdicts(results: dict[Cell, dict[str, list]]) -> None:
+def verdicts(results: dict[Cell, dict[str, list]], seeds: list[int]) -> None:
     print("\nin words (a difference within the seed spread is not a finding):")
     for cell, variants in results.items():
         lines = []
@@ -294,7 +294,7 @@ def verdicts(results: dict[Cell, dict[str, list]]) -> None:
                     why.append(f"val mIoU {row['val']} at the all-background {row['floor']:.3f}")
                 if row["warnings"]:
                     why.append(f"{len(row['warnings'])} health warning(s)")
-                lines.append(f"{variant} seed #{i + 1} COLLAPSED ({'; '.join(why)})")
+                lines.append(f"{variant} seed {seeds[i]} COLLAPSED ({'; '.join(why)})")
             if rows and not bad:
                 lines.append(f"{variant}: no collapse")
         gains = variants.get("gain", [])
@@ -381,6 +381,8 @@ def main() -> None:
         results[cell] = {v: [] for v in variants} | {"gain": []}
         for seed in seeds:
             base = args.out / cell.name / f"seed{seed}"
+            if args.table_only and not (base / "data" / "splits" / "val.txt").is_file():
+                continue
             data = make_data(cell, seed, args.n, base / "data")
             floor = all_background_miou(data)
             for variant in variants:
@@ -404,7 +406,7 @@ def main() -> None:
             if (after / "train" / "metrics.json").is_file():
                 results[cell]["gain"].append(sweep_gain(after, data))
     print_table(results, seeds)
-    verdicts(results)
+    verdicts(results, seeds)
 
 
 if __name__ == "__main__":
