@@ -305,10 +305,11 @@ def verdicts(results: dict[Cell, dict[str, list]], seeds: list[int]) -> None:
                 if min(got) > 0
                 else ("erasing LOST to" if max(got) < 0 else "no clear difference to")
             )
-            values = ", ".join(f"{g:+.3f}" for g in got)
+            values = ", ".join("n/a" if g is None else f"{g:+.3f}" for g in gains)
             lines.append(
                 f"{word} the best single step-1 threshold at equal precision "
-                f"(union recall minus threshold recall: {values})"
+                f"(union recall minus threshold recall per seed: {values}; n/a: no threshold "
+                "reaches the union's precision)"
             )
         elif gains:
             lines.append("erasing vs threshold: no threshold reaches the union's precision")
