@@ -80,7 +80,6 @@ def run_mine(config: Config, out: Path) -> dict[str, Any]:
     per_rank_batch(config.mine.batch_size, "mine.batch_size")
     data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
     train = data.split(config.data.train_split)
-    check_inputs(data, config)  # every header and mask size, before hours of training
     run = RunLayout(out, config)
     unused = config.labels.dir or config.labels.cams_dir
     if unused:  # pseudo labels or CAMs made elsewhere: nothing reads what mine would write
@@ -92,6 +91,7 @@ def run_mine(config: Config, out: Path) -> dict[str, Any]:
     if on_main(run.claim, "mine", required):
         print(f"mine: finished for these settings in {run.mine}; skipped")
         return read_json(run.mine_metrics, run.redo("mine"))
+    check_inputs(data, config)  # every header and mask size, before hours of training
     fill = on_main(_mean_pixel, run, train)
     steps: list[dict[str, Any]] = []
     first_loss = None

@@ -155,7 +155,6 @@ def run_train(config: Config, out: Path) -> SegNet:
     per_rank_batch(cfg.batch_size, "train.batch_size")
     data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
     train = data.split(config.data.train_split)
-    check_inputs(data, config)  # every header and mask size, before hours of training
     run = RunLayout(out, config)
     run.check_input("labels")
     finished = on_main(run.claim, "train", [run.model, run.train_log])
@@ -177,6 +176,7 @@ def run_train(config: Config, out: Path) -> SegNet:
         print(f"train: finished for these settings in {run.train}; skipped")
         model.load_state_dict(read_model_file(run.model)[1])
         return model
+    check_inputs(data, config)  # every header and mask size, before hours of training
 
     # labels.dir: pseudo labels made elsewhere (their files' names, sizes and mtimes are in
     # the settings hash, layout.stage_digests), checked as ours are
