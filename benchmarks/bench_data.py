@@ -76,7 +76,7 @@ def mine_loaders(config: Config, root: Path, work: Path, erase_steps: int, devic
     dataset = ErasedImages(
         train, data.num_classes, previous, mean_pixel(train), crop=config.data.image_size
     )
-    plan = classifier_plan(config, step, run, len(dataset))
+    plan = classifier_plan(config, step, run, len(dataset), config.mine.epochs)
     return dataset, lambda epoch: epoch_loader(dataset, plan, epoch, 0, config, device)
 
 

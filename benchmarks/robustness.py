@@ -16,9 +16,10 @@ and the method's) and runs `aepsl run` into OUT/<cell>/seed<s>/<variant>:
 - nopsl:  (--psl-baseline) `after` with `train.psl=false`: the segmentation network trained on
   the pseudo labels alone; it reuses after's mine/ and labels/ (copied), so only training runs.
 
-`--epochs-scale F` multiplies mine.epochs (rounded, at least 1), train.epochs and before's 400
-iterations. Each run folder skips its finished stages, so a re-run prints the table without
-recomputing finished cells; wall time is that of the run that computed it (OUT/.../time.json).
+`--epochs-scale F` multiplies mine.epochs (rounded, at least 1), train.epochs, the preset's
+mine.min_positives and train.min_iterations, and before's 400 iterations. Each run folder skips
+its finished stages, so a re-run prints the table without recomputing finished cells; wall time
+is that of the run that computed it (OUT/.../time.json).
 
 Per cell and variant the table gives step-1 and union region precision / recall (train split),
 the pseudo labels' mIoU, val mIoU without / with CRF and wall time, as mean ± half the
@@ -49,7 +50,7 @@ from typing import Any
 import numpy as np
 
 import aepsl
-from aepsl.config import load_config
+from aepsl.config import Config, load_config
 from aepsl.data.datasets import load_dataset
 from aepsl.data.real import make_real
 from aepsl.data.synth import make_synth
@@ -61,7 +62,13 @@ THRESHOLDS = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
 OLD_ITERATIONS = 400
 # (side, classes, objects, kind): the grid of docs/robustness.md
 DEFAULT_CELLS = "128x5x2:synth,64x5x2:synth,96x10x3:real,128x2x1:synth,128x20x4:synth,320x5x2:synth"
-QUICK = {"cells": "64x3x2:synth", "seeds": "0", "n": 24, "epochs_scale": 0.05}
+QUICK = {
+    "cells": "64x3x2:synth",
+    "seeds": "0",
+    "n": 24,
+    "epochs_scale": 0.05,
+    "images_per_class": 8,
+}
 COLLAPSE_MARGIN = 0.01
 
 
@@ -95,16 +102,24 @@ def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
 
 
-def variant_overrides(variant: str, scale: float, mine_epochs: int, train_epochs: float) -> list:
-    common = [f"mine.epochs={max(1, round(mine_epochs * scale))}", "mine.save_cams=true"]
+def variant_overrides(variant: str, scale: float, preset: Config) -> list:
+    """`aepsl run` overrides of a variant, lengths multiplied by `scale`."""
+    mine, train = preset.mine, preset.train
+    common = [f"mine.epochs={max(1, round(mine.epochs * scale))}", "mine.save_cams=true"]
     if variant == "before":
         return [
             *common,
+            "mine.min_positives=0",
             "mine.cam_size=native",
             "train.upscale_small=false",
             f"train.iterations={max(1, round(OLD_ITERATIONS * scale))}",
         ]
-    after = [*common, f"train.epochs={train_epochs * scale:g}"]
+    after = [
+        *common,
+        f"mine.min_positives={round(mine.min_positives * scale)}",
+        f"train.epochs={train.epochs * scale:g}",
+        f"train.min_iterations={round(train.min_iterations * scale)}",
+    ]
     return after + (["train.psl=false"] if variant == "nopsl" else [])
 
 
@@ -341,6 +356,12 @@ def main() -> None:
     parser.add_argument("--kinds", help="product grid: synth,real (default synth)")
     parser.add_argument("--seeds", default="0,1")
     parser.add_argument("--n", type=int, default=120, help="images per data set (1/4 val)")
+    parser.add_argument(
+        "--images-per-class",
+        type=int,
+        default=24,
+        help="at least this many images per class: a cell of C classes gets max(n, this x C)",
+    )
     parser.add_argument("--epochs-scale", type=float, default=1.0)
     parser.add_argument(
         "--psl-baseline",
@@ -354,7 +375,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help=f"smoke setting: {QUICK}")
     args = parser.parse_args()
     if args.quick:
-        args.cells, args.seeds, args.n, args.epochs_scale = QUICK.values()
+        args.cells, args.seeds, args.n, args.epochs_scale, args.images_per_class = QUICK.values()
     if any((args.sides, args.classes, args.objects, args.kinds)):
         cells = [
             Cell(side, classes, objects, kind)
@@ -367,15 +388,19 @@ def main() -> None:
         cells = parse_cells(args.cells or DEFAULT_CELLS)
     seeds = ints(args.seeds)
     preset = load_config(PRESET, ["data.root=."])
-    mine_epochs, train_epochs = preset.mine.epochs, preset.train.epochs
     variants = ["after"] + ([] if args.no_before else ["before"])
+
+    def lengths(variant: str) -> str:
+        overrides = variant_overrides(variant, args.epochs_scale, preset)
+        return " ".join(
+            o for o in overrides if any(k in o for k in ("epochs", "iterations", "positives"))
+        )
+
     variants += ["nopsl"] if args.psl_baseline else []
     print(
         f"preset {PRESET.name}; {len(cells)} cell(s) x seeds {seeds} x {variants}; "
-        f"n={args.n}; epochs scale {args.epochs_scale:g} (mine.epochs "
-        f"{max(1, round(mine_epochs * args.epochs_scale))}, train.epochs "
-        f"{train_epochs * args.epochs_scale:g}, before: train.iterations "
-        f"{max(1, round(OLD_ITERATIONS * args.epochs_scale))})"
+        f"n=max({args.n}, {args.images_per_class} x classes); lengths x{args.epochs_scale:g}: "
+        f"after {lengths('after')}; before {lengths('before')}"
     )
     results: dict[Cell, dict[str, list]] = {}
     for cell in cells:
@@ -384,16 +409,16 @@ def main() -> None:
             base = args.out / cell.name / f"seed{seed}"
             if args.table_only and not (base / "data" / "splits" / "val.txt").is_file():
                 continue
-            data = make_data(cell, seed, args.n, base / "data")
+            data = make_data(
+                cell, seed, max(args.n, args.images_per_class * cell.classes), base / "data"
+            )
             floor = all_background_miou(data)
             for variant in variants:
                 run = base / variant
                 if variant == "nopsl":
                     copy_stages(base / "after", run)
                 overrides = [f"seed={seed}"]
-                overrides += variant_overrides(
-                    variant, args.epochs_scale, mine_epochs, train_epochs
-                )
+                overrides += variant_overrides(variant, args.epochs_scale, preset)
                 if args.table_only:
                     timing = run / "time.json"
                     seconds = (

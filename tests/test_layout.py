@@ -33,6 +33,8 @@ def test_paths_are_the_documented_ones(tmp_path):
         ("saliency.max_side=100", {"labels", "train"}),
         ("labels.bg_threshold=0.3", {"labels", "train"}),
         ("train.iterations=10", {"train"}),
+        ("mine.min_positives=100", {"mine", "labels", "train"}),
+        ("train.min_iterations=100", {"train"}),
         ("mine.visualise=0", set()),
         ("mine.checkpoint_every=3", set()),
         ("train.checkpoint_every=7", set()),

@@ -1,6 +1,8 @@
 """Defaults that carry over to data the presets were not tuned on: CAMs at the scale the
 classifier learnt, small images enlarged for the segmentation network, length in epochs."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,7 +10,7 @@ from torch import nn
 
 from aepsl.config import load_config
 from aepsl.inference.predict import predict_probs
-from aepsl.mine.stage import compute_cams
+from aepsl.mine.stage import compute_cams, step_epochs
 from aepsl.psl.data import draw_crop
 from aepsl.psl.stage import with_length
 
@@ -83,6 +85,29 @@ def test_length_in_epochs_scales_with_the_data():
     assert with_length(demo, 180).train.iterations == 400  # the demo's measured length
     by_hand = load_config("configs/demo.yaml", ["train.iterations=50"])
     assert by_hand.train.epochs is None and with_length(by_hand, 180).train.iterations == 50
+
+
+def test_a_small_data_set_trains_at_least_min_iterations():
+    config = load_config(
+        None, ["train.epochs=10", "train.batch_size=8", "train.min_iterations=400"]
+    )
+    assert with_length(config, 90).train.iterations == 400  # 10 x 90 / 8 = 112 is raised
+    assert with_length(config, 1200).train.iterations == 1500  # the epochs give more: kept
+
+
+def test_a_small_data_set_shows_each_class_min_positives_times():
+    from aepsl.data.datasets import Sample
+
+    def split(images: int, labels: tuple[int, ...]) -> list:
+        return [Sample(str(i), Path(f"{i}.png"), labels) for i in range(images)]
+
+    cfg = load_config(None, ["mine.epochs=5", "mine.min_positives=400"]).mine
+    assert step_epochs(cfg, split(90, (1, 2)), 5) == 12  # 36 positives a class an epoch
+    assert step_epochs(cfg, split(90, (1, 2)), 20) == 45  # 9 a class: more classes, more
+    assert step_epochs(cfg, split(2000, (1,)), 5) == 5  # 400 an epoch already
+    assert step_epochs(cfg, split(90, ()), 5) == 5  # no labels (an unlabelled split): as given
+    unset = load_config(None, ["mine.epochs=5"]).mine
+    assert step_epochs(unset, split(90, (1, 2)), 20) == 5  # 0: as given
 
 
 def test_a_warmup_longer_than_the_epochs_is_one_line():

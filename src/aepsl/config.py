@@ -128,6 +128,15 @@ class ModelConfig(Section):
 class MineConfig(Section):
     steps: int = Field(3, ge=1, le=10, description="adversarial erasing steps K (paper: 3)")
     epochs: int = Field(15, ge=1, description="classifier training epochs per step")
+    min_positives: int = Field(
+        0,
+        ge=0,
+        description="at least this many positive examples per class, on average, in each "
+        "step: on a small data set, or one with many classes, mine.epochs is raised to "
+        "ceil(min_positives x classes / image-level labels of the train split), since a "
+        "classifier needs to see each class a number of times to localise it whatever the "
+        "number of images (0: mine.epochs as given)",
+    )
     batch_size: int = Field(16, ge=1)
     lr: float = Field(0.01, gt=0, description="SGD learning rate of the new layers")
     backbone_lr_mult: float = Field(
@@ -244,6 +253,12 @@ class TrainConfig(Section):
         "iterations = round(epochs x images / batch_size), so it carries over to data sets of "
         "other sizes (replaces train.iterations; a train.iterations=N on the command line "
         "replaces a preset's epochs)",
+    )
+    min_iterations: int = Field(
+        0,
+        ge=0,
+        description="with train.epochs, at least this many iterations, so a small data set "
+        "still gets the updates the network needs (0: the epochs alone)",
     )
     psl_warmup: int = Field(
         0,

@@ -74,6 +74,7 @@ def stage_digests(config: Config) -> dict[str, str]:
 
     # Settings added later leave the hashes of earlier runs as they were while at their default.
     new = {"visualise", "checkpoint_every", "step1_cams", "cam_format"}
+    new |= set() if config.mine.min_positives else {"min_positives"}  # in the hash when set
     mine_settings = training_settings(config, "mine", new)
     if config.mine.cam_format != "npz":
         mine_settings["mine"]["cam_format"] = config.mine.cam_format
@@ -98,7 +99,8 @@ def stage_digests(config: Config) -> dict[str, str]:
         labels = settings_digest(
             {"mine": mine, "saliency": config.saliency.model_dump(), "labels": labels_settings}
         )
-    train = training_settings(config, "train", {"checkpoint_every"})
+    later = set() if config.train.min_iterations else {"min_iterations"}
+    train = training_settings(config, "train", {"checkpoint_every"} | later)
     train["labels"] = labels
     return {"mine": mine, "labels": labels, "train": settings_digest(train)}
 

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from aepsl.config import Config
+from aepsl.config import Config, MineConfig
 from aepsl.data.datasets import Dataset, Sample, check_inputs, load_dataset, load_image, load_mask
 from aepsl.errors import UserError
 from aepsl.evaluation import (
@@ -92,6 +92,13 @@ def run_mine(config: Config, out: Path) -> dict[str, Any]:
         print(f"mine: finished for these settings in {run.mine}; skipped")
         return read_json(run.mine_metrics, run.redo("mine"))
     check_inputs(data, config)  # every header and mask size, before hours of training
+    epochs = step_epochs(config.mine, train, data.num_classes)
+    if epochs > config.mine.epochs:
+        print(
+            f"mine: {epochs} epochs per step instead of mine.epochs={config.mine.epochs}, so "
+            f"that each of the {data.num_classes} classes is seen about "
+            f"mine.min_positives={config.mine.min_positives} times"
+        )
     fill = on_main(_mean_pixel, run, train)
     steps: list[dict[str, Any]] = []
     first_loss = None
@@ -226,14 +233,25 @@ def _base_seed(config: Config, step: MineStep) -> int:
     return config.seed * 1_000_003 + step.number * 1009
 
 
-def classifier_plan(config: Config, step: MineStep, run: RunLayout, images: int) -> Plan:
-    """mine.epochs epochs over `images` training images, checkpointed every
+def step_epochs(cfg: MineConfig, train: list[Sample], classes: int) -> int:
+    """mine.epochs, raised when needed so that each step shows every class, on average, at
+    least mine.min_positives times as a positive."""
+    labels = sum(len(sample.labels) for sample in train)
+    if not labels:
+        return cfg.epochs
+    return max(cfg.epochs, math.ceil(cfg.min_positives * classes / labels))
+
+
+def classifier_plan(
+    config: Config, step: MineStep, run: RunLayout, images: int, epochs: int
+) -> Plan:
+    """`epochs` epochs over `images` training images, checkpointed every
     mine.checkpoint_every epochs."""
     cfg = config.mine
     per_epoch = max(1, images // cfg.batch_size)
     return Plan(
         name=f"step {step.number}",
-        iterations=per_epoch * cfg.epochs,
+        iterations=per_epoch * epochs,
         batch_size=cfg.batch_size,
         epoch_seed=lambda epoch: _base_seed(config, step) + epoch,
         checkpoint=step.checkpoint,
@@ -278,9 +296,10 @@ def _train_step(
             "with several processes every global batch must be complete"
         )
     # The decay spans ceil(n / batch) steps an epoch, as the loop of earlier versions counted.
-    schedule = -(-len(dataset) // cfg.batch_size) * cfg.epochs
+    epochs = step_epochs(cfg, train, data.num_classes)
+    schedule = -(-len(dataset) // cfg.batch_size) * epochs
     trainer = classifier_trainer(model, config, device, schedule)
-    plan = classifier_plan(config, step, run, len(dataset))
+    plan = classifier_plan(config, step, run, len(dataset), epochs)
     result = fit(trainer, dataset, plan)
     loss = round(result.epoch_mean, 6)
     on_main(

@@ -89,13 +89,18 @@ def global_psl_loss(
     return total, dict(zip([*parts, "total"], values.tolist(), strict=True))
 
 
+def epoch_iterations(epochs: float, images: int, batch_size: int) -> int:
+    """round(epochs x images / batch_size)."""
+    return int(epochs * images / batch_size + 0.5)
+
+
 def with_length(config: Config, images: int) -> Config:
     """`config` with train.iterations from train.epochs when that is set: round(epochs x
-    images / batch_size), at least 1."""
+    images / batch_size), at least train.min_iterations and 1."""
     cfg = config.train
     if cfg.epochs is None:
         return config
-    iterations = max(1, int(cfg.epochs * images / cfg.batch_size + 0.5))
+    iterations = max(1, cfg.min_iterations, epoch_iterations(cfg.epochs, images, cfg.batch_size))
     if cfg.psl and cfg.psl_warmup >= iterations:
         raise UserError(
             f"train.psl_warmup={cfg.psl_warmup} is not below the {iterations} iterations "
@@ -200,7 +205,12 @@ def run_train(config: Config, out: Path) -> SegNet:
         )
     config = with_length(config, len(dataset))  # train.epochs -> iterations (hashes unchanged)
     if cfg.epochs is not None:
-        print(f"train: {cfg.epochs} epochs of {len(dataset)} images = {config.train.iterations} it")
+        short = epoch_iterations(cfg.epochs, len(dataset), cfg.batch_size) < cfg.min_iterations
+        floor = f" (raised to train.min_iterations={cfg.min_iterations})" if short else ""
+        print(
+            f"train: {cfg.epochs} epochs of {len(dataset)} images = "
+            f"{config.train.iterations} it{floor}"
+        )
     result = fit(segnet_trainer(model, config, device), dataset, segnet_plan(config, run))
 
     def save() -> None:
