@@ -22,12 +22,13 @@ DOMINANT_SHARE = 0.95  # one class on this share of the pixels is a collapse, no
 
 CAUSES = {
     "mine": "the classifiers never localised them: too few images of the class, or objects too "
-    "small for the CAM resolution (try more mine.epochs, mine.cam_scales, "
-    "model.cam_output_stride=8)",
+    "small for the CAM resolution (try more mine.epochs or mine.min_positives, "
+    "mine.cam_scales, model.cam_output_stride=8)",
     "labels": "nothing was mined for them, or the background rule took their pixels "
     "(labels.bg_threshold, labels.low_saliency)",
     "predictions": "too little training, or objects too small for the network's resolution "
-    "(train.iterations, train.crop_size, model.seg_output_stride=8), or pseudo labels without "
+    "(train.epochs or train.iterations, train.min_iterations, train.crop_size, "
+    "model.seg_output_stride=8), or pseudo labels without "
     "them (see the labels warnings)",
 }
 
