@@ -26,6 +26,8 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
+import re
+import zipfile
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
@@ -35,7 +37,7 @@ import numpy as np
 
 from aepsl.data.datasets import Sample, image_size
 from aepsl.errors import UserError
-from aepsl.io import atomic_path, read_index_png
+from aepsl.io import _TORCH_ADVICE, _code_in_pickle, atomic_path, read_index_png
 from aepsl.labelmap import IGNORE
 
 CAM_SUFFIXES = (".npy", ".npz")
@@ -66,10 +68,26 @@ def folder_digest(folder: str | Path, suffixes: Iterable[str]) -> str:
 
 
 def _load_storage(data: bytes) -> Any:
-    """torch.storage._load_from_bytes, through torch's weights-only loader."""
+    """torch.storage._load_from_bytes, through torch's weights-only loader. What it refuses is
+    said in our words: torch's message advises loading with weights_only=False (running the
+    file's code)."""
     import torch
 
-    return torch.load(io.BytesIO(data), weights_only=True)
+    try:
+        return torch.load(io.BytesIO(data), weights_only=True)
+    except Exception as exc:
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch colours its message
+        needs = _code_in_pickle(text) if isinstance(exc, pickle.UnpicklingError) else None
+        if needs:
+            raise _Refused(needs) from None
+        detail = text.split("WeightsUnpickler error:", 1)[-1]
+        lines = [
+            line.strip()
+            for line in detail.strip().splitlines()
+            if line.strip() and not any(advice in line for advice in _TORCH_ADVICE)
+        ]
+        reason = lines[0] if lines else type(exc).__name__
+        raise ValueError(f"a tensor's storage is not readable: {reason}") from None
 
 
 def _allowed() -> dict[tuple[str, str], Any]:
@@ -147,7 +165,7 @@ def safe_load_npy(path: Path) -> Any:
     return value
 
 
-def _one_line(exc: BaseException, limit: int = 160) -> str:
+def _one_line(exc: BaseException | str, limit: int = 160) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
@@ -175,6 +193,8 @@ def read_cam_file(path: Path, num_classes: int) -> tuple[list[int], np.ndarray]:
     the module docstring. Keys outside 1..C, or a count of maps that differs from the keys, is
     a one-line error."""
     if path.suffix == ".npz":
+        if not zipfile.is_zipfile(path):  # else numpy advises allow_pickle=True for it
+            raise UserError(f"{path}: not a CAM .npz with keys and cams (not a zip archive)")
         try:
             with np.load(path, allow_pickle=False) as stored:
                 keys = stored["keys"].astype(np.int64).ravel().tolist()
@@ -267,8 +287,9 @@ def check_pseudo_labels(
     folder: str | Path, samples: list[Sample], num_classes: int, examples: int = 3
 ) -> None:
     """Every training image has `folder/<id>.png`, of its image's size, with values 0..C and
-    255. Faults are gathered over the whole folder and raised as one UserError with one line
-    per kind of fault, each naming how many and up to `examples` ids."""
+    255. Faults are gathered over the whole folder and raised as one UserError of one line,
+    a part per kind of fault (separated by "; "), each naming how many and up to `examples`
+    ids."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"{folder}: pseudo-label folder not found")
@@ -284,7 +305,8 @@ def check_pseudo_labels(
         try:
             labels = read_index_png(path)
         except UserError as exc:
-            unreadable.append(f"'{sample.id}' ({_one_line(exc, 80)})")
+            reason = str(exc).removeprefix(f"{path}: ")  # the id names the file
+            unreadable.append(f"'{sample.id}' ({_one_line(reason, 80)})")
             continue
         height, width = image_size(sample.image)
         if labels.shape != (height, width):
@@ -295,7 +317,7 @@ def check_pseudo_labels(
         bad = (labels > num_classes) & (labels != IGNORE)
         if bad.any():
             valued.append(f"'{sample.id}' ({int(labels[bad].max())})")
-    lines = []
+    parts = []
     for found, what in (
         (missing, "missing"),
         (unreadable, "unreadable"),
@@ -305,6 +327,6 @@ def check_pseudo_labels(
         if found:
             noun = "pseudo label" if len(found) == 1 else "pseudo labels"
             listed = ", ".join(found[:examples])
-            lines.append(f"{folder}: {len(found)} {noun} {what}, e.g. {listed}")
-    if lines:
-        raise UserError("\n".join(lines))
+            parts.append(f"{len(found)} {noun} {what}, e.g. {listed}")
+    if parts:
+        raise UserError(f"{folder}: {'; '.join(parts)}")
