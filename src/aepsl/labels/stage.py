@@ -109,7 +109,7 @@ def run_labels(config: Config, out: Path) -> dict[str, Any]:
 def _external_labels(
     config: Config, data: Dataset, train: list[Sample], run: RunLayout
 ) -> dict[str, Any]:
-    """labels.dir: check the folder as train will read it (one line per kind of fault), score
+    """labels.dir: check the folder as train will read it (one line for all its faults), score
     it when the split has masks, and say in one line that nothing was built."""
     folder = Path(config.labels.dir)
     if run.claim("labels", [run.labels_metrics]):
