@@ -1277,18 +1277,17 @@ def test_npz_cam_file(capsys, tmp_path, data, write, problem):
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf], ids=["nan", "inf"])
-def test_non_finite_cams_are_not_an_error(capsys, tmp_path, data, value):
-    """Read as aepsl's own CAMs are cleaned (np.nan_to_num, then each map over its peak): a map
-    of nan mines nothing, a map of inf the whole image."""
+def test_non_finite_cams_are_refused(capsys, tmp_path, data, value):
+    """Cleaning them would mine nothing (nan) or the whole image (inf) without a word."""
     cams = irn_cams(tmp_path / "cams")
-    np.save(cams / "img0.npy", {"keys": np.array([0]), "high_res": np.full_like(ZEROS, value)})
-    out = tmp_path / "run"
-    argv = ["labels", DEMO, f"data.root={data}", f"labels.cams_dir={cams}", "--out", str(out)]
-    assert main(argv) == 0
-    square = read_index_png(out / "labels" / "img0.png") == 1
-    assert square.any() == (value == np.inf)
-    err = capsys.readouterr().err
-    assert "error" not in err and "warning" not in err
+    broken = np.zeros_like(ZEROS)
+    broken[0, 2:4, 5] = value
+    np.save(cams / "img0.npy", {"keys": np.array([0]), "high_res": broken})
+    message = external(capsys, tmp_path, data, f"labels.cams_dir={cams}")
+    assert message == (
+        f"{cams / 'img0.npy'}: the CAM of class 0 has 2 NaN or infinite values (did the "
+        "network that made it diverge?)"
+    )
 
 
 def _pseudo_labels(data: Path, folder: Path) -> Path:

@@ -260,7 +260,14 @@ def image_cams(
     out = np.zeros((len(sample.labels), *shape), np.float32)
     for row, label in enumerate(sample.labels):
         if label in keys:
-            cam = np.maximum(np.nan_to_num(cams[keys.index(label)]), 0)
+            cam = np.asarray(cams[keys.index(label)], np.float32)
+            broken = int(np.count_nonzero(~np.isfinite(cam)))
+            if broken:  # NaN would mine nothing and inf the whole image, silently
+                raise UserError(
+                    f"{path}: the CAM of class {label - (path.suffix == '.npy')} has {broken} "
+                    "NaN or infinite values (did the network that made it diverge?)"
+                )
+            cam = np.maximum(cam, 0)
             peak = cam.max()
             out[row] = cam / max(peak, 1e-5)
     return out
