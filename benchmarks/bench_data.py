@@ -54,7 +54,7 @@ from aepsl.data.datasets import load_dataset
 from aepsl.data.synth import make_synth
 from aepsl.layout import RunLayout
 from aepsl.mine.data import ErasedImages, mean_pixel
-from aepsl.mine.stage import classifier_plan
+from aepsl.mine.stage import classifier_plan, step_epochs
 from aepsl.psl.data import PseudoLabelled
 from aepsl.psl.stage import segnet_plan
 from aepsl.runtime import select_device
@@ -76,7 +76,7 @@ def mine_loaders(config: Config, root: Path, work: Path, erase_steps: int, devic
     dataset = ErasedImages(
         train, data.num_classes, previous, mean_pixel(train), crop=config.data.image_size
     )
-    plan = classifier_plan(config, step, run, len(dataset), config.mine.epochs)
+    plan = classifier_plan(config, step, run, len(dataset), step_epochs(config.mine, train))
     return dataset, lambda epoch: epoch_loader(dataset, plan, epoch, 0, config, device)
 
 

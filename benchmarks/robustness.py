@@ -55,6 +55,7 @@ from aepsl.data.datasets import load_dataset
 from aepsl.data.real import make_real
 from aepsl.data.synth import make_synth
 from aepsl.io import read_index_png
+from aepsl.layout import stage_digests
 from aepsl.mine.sweep import sweep_step_cams, union_points
 
 PRESET = Path(aepsl.__file__).parent / "configs" / "own_data.yaml"
@@ -110,6 +111,7 @@ def variant_overrides(variant: str, scale: float, preset: Config) -> list:
         return [
             *common,
             "mine.min_positives=0",
+            "train.min_iterations=0",
             "mine.cam_size=native",
             "train.upscale_small=false",
             f"train.iterations={max(1, round(OLD_ITERATIONS * scale))}",
@@ -124,19 +126,37 @@ def variant_overrides(variant: str, scale: float, preset: Config) -> list:
 
 
 def make_data(cell: Cell, seed: int, n: int, root: Path) -> Path:
-    if not (root / "splits" / "val.txt").is_file():
+    """The cell's data set for `seed` in `root`, generated unless it is there with n images."""
+    splits = root / "splits"
+    if not (splits / "val.txt").is_file():
         make = make_real if cell.kind == "real" else make_synth
         make(root, n=n, size=cell.side, seed=seed, classes=cell.classes, objects=cell.objects)
+    held = sum(len((splits / f"{s}.txt").read_text().split()) for s in ("train", "val"))
+    if held != n:
+        raise SystemExit(f"{root}: holds {held} images, not {n}; delete it or give the same --n")
     return root
+
+
+def finished_seconds(run: Path, data: Path, overrides: list[str]) -> float | None:
+    """The wall time of `run` when it finished with exactly these settings (its train stage's
+    settings hash, which chains mine's and labels'), else None."""
+    timing, manifest = run / "time.json", run / "train" / "manifest.json"
+    if not (timing.is_file() and manifest.is_file()):
+        return None
+    record = json.loads(manifest.read_text())
+    expected = stage_digests(load_config(PRESET, [f"data.root={data}", *overrides]))["train"]
+    if not record.get("complete") or record.get("settings_hash") != expected:
+        return None
+    return json.loads(timing.read_text())["seconds"]
 
 
 def run_variant(run: Path, data: Path, overrides: list[str], threads: int | None) -> float | None:
     """`aepsl run` into `run` (skips finished stages); the wall time of the run that computed
     it, None when it failed."""
+    done = finished_seconds(run, data, overrides)
+    if done is not None:
+        return done
     timing = run / "time.json"
-    done = (run / "train" / "metrics.json").is_file() and timing.is_file()
-    if done:
-        return json.loads(timing.read_text())["seconds"]
     run.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "aepsl", "run", str(PRESET), "--out", str(run)]
     cmd += [f"data.root={data}", *overrides]
@@ -152,8 +172,11 @@ def run_variant(run: Path, data: Path, overrides: list[str], threads: int | None
     if code != 0:
         print(f"  {run}: aepsl run failed (exit {code}); see {run.parent / (run.name + '.log')}")
         return None
-    previous = json.loads(timing.read_text())["seconds"] if timing.is_file() else 0.0
-    timing.write_text(json.dumps({"seconds": round(previous + seconds, 1)}) + "\n")
+    # an interrupted run's earlier time counts; a run made with other settings' does not
+    earlier = json.loads(timing.read_text()) if timing.is_file() else {}
+    previous = earlier["seconds"] if earlier.get("overrides") == overrides else 0.0
+    record = {"seconds": round(previous + seconds, 1), "overrides": overrides}
+    timing.write_text(json.dumps(record) + "\n")
     return previous + seconds
 
 
@@ -420,10 +443,7 @@ def main() -> None:
                 overrides = [f"seed={seed}"]
                 overrides += variant_overrides(variant, args.epochs_scale, preset)
                 if args.table_only:
-                    timing = run / "time.json"
-                    seconds = (
-                        json.loads(timing.read_text())["seconds"] if timing.is_file() else None
-                    )
+                    seconds = finished_seconds(run, data, overrides)
                 else:
                     print(f"{cell.name} seed {seed} {variant} ...", flush=True)
                     seconds = run_variant(run, data, overrides, args.threads)

@@ -34,7 +34,8 @@ def test_paths_are_the_documented_ones(tmp_path):
         ("labels.bg_threshold=0.3", {"labels", "train"}),
         ("train.iterations=10", {"train"}),
         ("mine.min_positives=100", {"mine", "labels", "train"}),
-        ("train.min_iterations=100", {"train"}),
+        ("train.min_iterations=100", set()),  # no train.epochs: nothing for it to raise
+        ("train.epochs=10", {"train"}),
         ("mine.visualise=0", set()),
         ("mine.checkpoint_every=3", set()),
         ("train.checkpoint_every=7", set()),
@@ -62,3 +63,23 @@ def test_claim_resumes_skips_or_starts_again(tmp_path, capsys):
     assert changed.claim("labels") is False
     assert not (run.labels / "partial.png").exists()  # other settings: started again
     assert "settings changed" in capsys.readouterr().out
+
+
+def test_settings_added_later_keep_the_hashes_of_earlier_runs_at_their_defaults():
+    """Pinned before mine.min_positives and train.min_iterations existed: a run folder made
+    then is still finished for the same settings."""
+    assert stage_digests(load_config(None, ["precision=fp32"])) == {
+        "mine": "7c8835860f331c5a",
+        "labels": "a9d3572ddaa3de5c",
+        "train": "e6a29a6dad59a63c",
+    }
+    demo = load_config("configs/demo.yaml", ["data.root=/x", "precision=fp32"])
+    assert stage_digests(demo) == {
+        "mine": "85c831da31b4a3fe",
+        "labels": "623e725d18c5e87f",
+        "train": "565fe812b5809969",
+    }
+    floor = load_config(
+        "configs/demo.yaml", ["data.root=/x", "precision=fp32", "train.min_iterations=500"]
+    )
+    assert stage_digests(floor)["train"] != stage_digests(demo)["train"]  # demo has epochs

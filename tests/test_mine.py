@@ -170,3 +170,21 @@ def test_step_line_when_nothing_was_mined():
     empty = {"precision": None, "recall": 0.0}
     record = {"step": 1, "train_loss": 0.69, "step_regions": empty, "union_regions": empty}
     assert _step_line(record) == "step 1: loss 0.6900, step P - R 0.000, union P - R 0.000"
+
+
+def test_min_positives_raises_the_epochs_it_trains(folder_dataset, tmp_path, capsys):
+    """The floor reaches the plan: the step trains and records the raised length."""
+    from aepsl.data.datasets import load_dataset
+    from aepsl.mine.stage import step_epochs
+
+    config = _config(folder_dataset, "mine.steps=1", "mine.min_positives=30")
+    train = load_dataset("folder", folder_dataset).split("train")
+    epochs = step_epochs(config.mine, train)
+    assert epochs > 2  # raised above mine.epochs=2
+    run_mine(config, tmp_path / "run")
+    record = json.loads((tmp_path / "run" / "mine" / "step1" / "train.json").read_text())
+    assert record["epochs"] == epochs
+    assert record["iterations"] == epochs * (len(train) // 4)
+    assert f"mine: {epochs} epochs ({record['iterations']} iterations) per step" in (
+        capsys.readouterr().out
+    )

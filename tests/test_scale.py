@@ -98,16 +98,21 @@ def test_a_small_data_set_trains_at_least_min_iterations():
 def test_a_small_data_set_shows_each_class_min_positives_times():
     from aepsl.data.datasets import Sample
 
-    def split(images: int, labels: tuple[int, ...]) -> list:
-        return [Sample(str(i), Path(f"{i}.png"), labels) for i in range(images)]
+    def split(images: int, classes: int, per_image: int = 2) -> list:
+        """`images` samples, each with `per_image` of `classes` classes, in turn."""
+        return [
+            Sample(str(i), Path(f"{i}.png"), tuple(1 + (i + k) % classes for k in range(per_image)))
+            for i in range(images)
+        ]
 
     cfg = load_config(None, ["mine.epochs=5", "mine.min_positives=400"]).mine
-    assert step_epochs(cfg, split(90, (1, 2)), 5) == 12  # 36 positives a class an epoch
-    assert step_epochs(cfg, split(90, (1, 2)), 20) == 45  # 9 a class: more classes, more
-    assert step_epochs(cfg, split(2000, (1,)), 5) == 5  # 400 an epoch already
-    assert step_epochs(cfg, split(90, ()), 5) == 5  # no labels (an unlabelled split): as given
+    assert step_epochs(cfg, split(90, 5)) == 12  # 180 labels: 36 positives a class an epoch
+    assert step_epochs(cfg, split(90, 20)) == 45  # 9 a class: more classes, more epochs
+    assert step_epochs(cfg, split(2000, 5, 1)) == 5  # 400 an epoch already
+    # classes.txt may list more than the split holds: only the split's classes count
+    assert step_epochs(cfg, split(90, 2)) == 5  # ceil(400 x 2 / 180) = 5
     unset = load_config(None, ["mine.epochs=5"]).mine
-    assert step_epochs(unset, split(90, (1, 2)), 20) == 5  # 0: as given
+    assert step_epochs(unset, split(90, 20)) == 5  # 0: as given
 
 
 def test_a_warmup_longer_than_the_epochs_is_one_line():
@@ -116,3 +121,9 @@ def test_a_warmup_longer_than_the_epochs_is_one_line():
     config = load_config(None, ["train.epochs=1", "train.batch_size=8", "train.psl_warmup=50"])
     with pytest.raises(UserError, match=r"train\.psl_warmup=50 is not below the 23 iterations"):
         with_length(config, 180)
+    floor = load_config(
+        None,
+        ["train.epochs=1", "train.batch_size=8", "train.psl_warmup=50", "train.min_iterations=40"],
+    )
+    with pytest.raises(UserError, match=r"40 iterations train\.min_iterations=40 sets: PSL"):
+        with_length(floor, 180)

@@ -99,7 +99,9 @@ def stage_digests(config: Config) -> dict[str, str]:
         labels = settings_digest(
             {"mine": mine, "saliency": config.saliency.model_dump(), "labels": labels_settings}
         )
-    later = set() if config.train.min_iterations else {"min_iterations"}
+    # min_iterations acts only on a length in epochs; in the hash only where it can act
+    acts = config.train.min_iterations and config.train.epochs is not None
+    later = set() if acts else {"min_iterations"}
     train = training_settings(config, "train", {"checkpoint_every"} | later)
     train["labels"] = labels
     return {"mine": mine, "labels": labels, "train": settings_digest(train)}

@@ -92,12 +92,16 @@ def run_mine(config: Config, out: Path) -> dict[str, Any]:
         print(f"mine: finished for these settings in {run.mine}; skipped")
         return read_json(run.mine_metrics, run.redo("mine"))
     check_inputs(data, config)  # every header and mask size, before hours of training
-    epochs = step_epochs(config.mine, train, data.num_classes)
-    if epochs > config.mine.epochs:
+    epochs = step_epochs(config.mine, train)
+    trains = config.mine.steps > (1 if config.mine.step1_cams else 0)  # a classifier at all
+    if trains and epochs > config.mine.epochs:
+        classes = len({label for sample in train for label in sample.labels})
+        per_epoch = max(1, len(train) // config.mine.batch_size)
         print(
-            f"mine: {epochs} epochs per step instead of mine.epochs={config.mine.epochs}, so "
-            f"that each of the {data.num_classes} classes is seen about "
-            f"mine.min_positives={config.mine.min_positives} times"
+            f"mine: {epochs} epochs ({epochs * per_epoch} iterations) per step instead of "
+            f"mine.epochs={config.mine.epochs}, so that the {classes} classes of the train "
+            f"split are seen on average about mine.min_positives={config.mine.min_positives} "
+            "times each"
         )
     fill = on_main(_mean_pixel, run, train)
     steps: list[dict[str, Any]] = []
@@ -233,10 +237,12 @@ def _base_seed(config: Config, step: MineStep) -> int:
     return config.seed * 1_000_003 + step.number * 1009
 
 
-def step_epochs(cfg: MineConfig, train: list[Sample], classes: int) -> int:
-    """mine.epochs, raised when needed so that each step shows every class, on average, at
-    least mine.min_positives times as a positive."""
+def step_epochs(cfg: MineConfig, train: list[Sample]) -> int:
+    """mine.epochs, raised when needed so that each step shows the classes of the train split,
+    on average, at least mine.min_positives times as positives (counting every image once an
+    epoch; an incomplete last batch, which is dropped, makes it a little fewer)."""
     labels = sum(len(sample.labels) for sample in train)
+    classes = len({label for sample in train for label in sample.labels})
     if not labels:
         return cfg.epochs
     return max(cfg.epochs, math.ceil(cfg.min_positives * classes / labels))
@@ -296,7 +302,7 @@ def _train_step(
             "with several processes every global batch must be complete"
         )
     # The decay spans ceil(n / batch) steps an epoch, as the loop of earlier versions counted.
-    epochs = step_epochs(cfg, train, data.num_classes)
+    epochs = step_epochs(cfg, train)
     schedule = -(-len(dataset) // cfg.batch_size) * epochs
     trainer = classifier_trainer(model, config, device, schedule)
     plan = classifier_plan(config, step, run, len(dataset), epochs)
@@ -314,7 +320,7 @@ def _train_step(
             cam_head=config.model.cam_head,
         ),
         step.train_log,
-        {"train_loss": loss},
+        {"train_loss": loss, "epochs": epochs, "iterations": plan.iterations},
     )
     return model, loss
 

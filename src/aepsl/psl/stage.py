@@ -100,11 +100,17 @@ def with_length(config: Config, images: int) -> Config:
     cfg = config.train
     if cfg.epochs is None:
         return config
-    iterations = max(1, cfg.min_iterations, epoch_iterations(cfg.epochs, images, cfg.batch_size))
+    by_epochs = epoch_iterations(cfg.epochs, images, cfg.batch_size)
+    iterations = max(1, cfg.min_iterations, by_epochs)
     if cfg.psl and cfg.psl_warmup >= iterations:
+        length = (
+            f"train.min_iterations={cfg.min_iterations} sets"
+            if cfg.min_iterations > by_epochs
+            else f"train.epochs={cfg.epochs} gives for {images} images"
+        )
         raise UserError(
             f"train.psl_warmup={cfg.psl_warmup} is not below the {iterations} iterations "
-            f"train.epochs={cfg.epochs} gives for {images} images: PSL would never start"
+            f"{length}: PSL would never start"
         )
     resolved = config.model_copy(deep=True)
     resolved.train.iterations = iterations
