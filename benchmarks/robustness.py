@@ -28,8 +28,10 @@ difference of two seeds (mean ± half the range with more). Below it, per cell, 
 - erasing vs one threshold: the step-1 CAMs (saved by `after`) are thresholded at 0.9 ... 0.1
   (relative, `aepsl.mine.sweep`); the recall that curve reaches at the union's final precision
   (linear between neighbouring thresholds) is compared with the union's recall. Erasing beat
-  the threshold when the union's recall is higher in every seed.
-- PSL vs pseudo labels alone (with --psl-baseline): val mIoU with CRF of `after` vs `nopsl`.
+  the threshold when the union's recall is higher in every seed and by a point (0.01) or more
+  on average; lost, the reverse; else no clear difference.
+- PSL vs pseudo labels alone (with --psl-baseline): val mIoU with CRF of `after` minus that of
+  `nopsl`, per seed, called the same way.
 - collapse: a run whose val mIoU without CRF is at most the all-background score + 0.01 (every
   pixel predicted background, scored the same way), or whose stages left health warnings.
 """
@@ -71,6 +73,7 @@ QUICK = {
     "images_per_class": 8,
 }
 COLLAPSE_MARGIN = 0.01
+MIN_DIFFERENCE = 0.01  # a paired difference smaller than a point is not called a finding
 
 
 @dataclass(frozen=True)
@@ -319,6 +322,17 @@ def print_table(results: dict[Cell, dict[str, list]], seeds: list[int]) -> None:
             )
 
 
+def paired(differences: list[float], beat: str, lost: str, neither: str) -> str:
+    """A per-seed difference is a finding when it has the same sign in every seed and its mean
+    is at least MIN_DIFFERENCE (one point)."""
+    mean = sum(differences) / len(differences)
+    if min(differences) > 0 and mean >= MIN_DIFFERENCE:
+        return beat
+    if max(differences) < 0 and mean <= -MIN_DIFFERENCE:
+        return lost
+    return neither
+
+
 def verdicts(results: dict[Cell, dict[str, list]], seeds: list[int]) -> None:
     print("\nin words (a difference within the seed spread is not a finding):")
     for cell, variants in results.items():
@@ -338,16 +352,12 @@ def verdicts(results: dict[Cell, dict[str, list]], seeds: list[int]) -> None:
         gains = variants.get("gain", [])
         got = [g for g in gains if g is not None]
         if got:
-            word = (
-                "erasing BEAT"
-                if min(got) > 0
-                else ("erasing LOST to" if max(got) < 0 else "no clear difference to")
-            )
+            word = paired(got, "erasing BEAT", "erasing LOST to", "no clear difference to")
             values = ", ".join("n/a" if g is None else f"{g:+.3f}" for g in gains)
+            note = "; n/a: no threshold reaches the union's precision" if None in gains else ""
             lines.append(
                 f"{word} the best single step-1 threshold at equal precision "
-                f"(union recall minus threshold recall per seed: {values}; n/a: no threshold "
-                "reaches the union's precision)"
+                f"(union recall minus threshold recall per seed: {values}{note})"
             )
         elif gains:
             lines.append("erasing vs threshold: no threshold reaches the union's precision")
@@ -355,11 +365,7 @@ def verdicts(results: dict[Cell, dict[str, list]], seeds: list[int]) -> None:
         nopsl = [r for r in variants.get("nopsl", []) if r]
         if after and nopsl and len(after) == len(nopsl):
             diffs = [a["crf"] - b["crf"] for a, b in zip(after, nopsl, strict=True)]
-            word = (
-                "PSL BEAT"
-                if min(diffs) > 0
-                else ("PSL LOST to" if max(diffs) < 0 else "no clear difference between PSL and")
-            )
+            word = paired(diffs, "PSL BEAT", "PSL LOST to", "no clear difference between PSL and")
             values = ", ".join(f"{d:+.3f}" for d in diffs)
             lines.append(f"{word} the pseudo labels alone (val mIoU with CRF: {values})")
         print(f"{cell.name}:")
