@@ -26,7 +26,6 @@ from __future__ import annotations
 import hashlib
 import io
 import pickle
-import re
 import zipfile
 from collections import OrderedDict
 from collections.abc import Iterable
@@ -37,7 +36,7 @@ import numpy as np
 
 from aepsl.data.datasets import Sample, image_size
 from aepsl.errors import UserError
-from aepsl.io import _TORCH_ADVICE, _code_in_pickle, atomic_path, read_index_png
+from aepsl.io import atomic_path, read_index_png, torch_load_failure
 from aepsl.labelmap import IGNORE
 
 CAM_SUFFIXES = (".npy", ".npz")
@@ -76,17 +75,9 @@ def _load_storage(data: bytes) -> Any:
     try:
         return torch.load(io.BytesIO(data), weights_only=True)
     except Exception as exc:
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch colours its message
-        needs = _code_in_pickle(text) if isinstance(exc, pickle.UnpicklingError) else None
+        needs, reason = torch_load_failure(exc)
         if needs:
             raise _Refused(needs) from None
-        detail = text.split("WeightsUnpickler error:", 1)[-1]
-        lines = [
-            line.strip()
-            for line in detail.strip().splitlines()
-            if line.strip() and not any(advice in line for advice in _TORCH_ADVICE)
-        ]
-        reason = lines[0] if lines else type(exc).__name__
         raise ValueError(f"a tensor's storage is not readable: {reason}") from None
 
 

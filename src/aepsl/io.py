@@ -135,24 +135,13 @@ def load_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
             warnings.filterwarnings("ignore", message="Detected pickle protocol")
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle refusal, truncation, foreign formats
-        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch colours its message
-        needs = _code_in_pickle(text) if isinstance(exc, pickle.UnpicklingError) else None
+        needs, reason = torch_load_failure(exc)
         if needs or (needs := _disallowed_global(path)):
             raise UserError(
                 f"{path}: refused: loading it would run Python code ({needs}); "
                 "aepsl checkpoints hold tensors only"
             ) from None
-        detail = text.split("WeightsUnpickler error:", 1)[-1]
-        # Never pass on torch's advice to load with weights_only=False (it runs the file's code).
-        lines = [
-            line.strip()
-            for line in detail.strip().splitlines()
-            if line.strip() and not any(advice in line for advice in _TORCH_ADVICE)
-        ]
-        raise UserError(
-            f"{path}: not a readable PyTorch checkpoint "
-            f"({_clip(lines[0]) if lines else type(exc).__name__})"
-        ) from None
+        raise UserError(f"{path}: not a readable PyTorch checkpoint ({_clip(reason)})") from None
     if not isinstance(state, dict):
         raise UserError(f"{path}: checkpoint is not a dictionary of tensors")
     return state
@@ -172,6 +161,21 @@ _NEEDS_CODE = (
     r"Can only create new object for .*? but got (.+)$",
     r"Can only build .*?, but got (.+)$",
 )
+
+
+def torch_load_failure(exc: BaseException) -> tuple[str | None, str]:
+    """What a failed weights-only torch.load says, in our words: (the callable or class the
+    pickle asks for, None when it is not a refusal of code; the first line of the reason, never
+    torch's advice to load with weights_only=False, which runs the file's code)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))  # torch colours its message
+    needs = _code_in_pickle(text) if isinstance(exc, pickle.UnpicklingError) else None
+    detail = text.split("WeightsUnpickler error:", 1)[-1]
+    lines = [
+        line.strip()
+        for line in detail.strip().splitlines()
+        if line.strip() and not any(advice in line for advice in _TORCH_ADVICE)
+    ]
+    return needs, lines[0] if lines else type(exc).__name__
 
 
 def _code_in_pickle(text: str) -> str | None:
