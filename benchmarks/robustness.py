@@ -11,8 +11,9 @@ A cell is (side, classes, objects, kind); per seed it generates its data (the se
 and the method's) and runs `aepsl run` into OUT/<cell>/seed<s>/<variant>:
 
 - after:  the preset as it is, plus `mine.save_cams=true` (for the threshold sweep);
-- before: the old defaults, `mine.cam_size=native train.upscale_small=false` and the training
-  length fixed at `train.iterations=400` (the demo's) instead of `train.epochs`;
+- before: the old defaults, `mine.cam_size=native train.upscale_small=false
+  train.image_size=null` and the training length fixed at `train.iterations=400` (the
+  demo's) instead of `train.epochs`;
 - nopsl:  (--psl-baseline) `after` with `train.psl=false`: the segmentation network trained on
   the pseudo labels alone; it reuses after's mine/ and labels/ (copied), so only training runs.
 
@@ -117,6 +118,7 @@ def variant_overrides(variant: str, scale: float, preset: Config) -> list:
             "train.min_iterations=0",
             "mine.cam_size=native",
             "train.upscale_small=false",
+            "train.image_size=null",
             f"train.iterations={max(1, round(OLD_ITERATIONS * scale))}",
         ]
     after = [

@@ -11,6 +11,7 @@ from torch import nn
 from aepsl.config import load_config
 from aepsl.inference.predict import predict_probs
 from aepsl.mine.stage import compute_cams, step_epochs
+from aepsl.models.segnet import input_scale
 from aepsl.psl.data import draw_crop
 from aepsl.psl.stage import with_length
 
@@ -22,6 +23,7 @@ class SeenSizes(nn.Module):
         super().__init__()
         self.seen: list[tuple[int, int]] = []
         self.output_stride = 8
+        self.input_size = 0
         self.input_min_side = 0
         self.classes = classes
 
@@ -73,6 +75,64 @@ def test_small_images_are_enlarged_to_the_crop_for_training():
         crop = draw_crop(generator, 48, 64, 112, (0.7, 1.3), base=112 / 48)
         assert 0.7 * 112 - 1 <= crop.height <= 1.3 * 112 + 1  # the shorter side at crop scale
         assert abs(crop.width / crop.height - 64 / 48) < 0.05  # the aspect kept
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "size", "min_side", "scale"),
+    [
+        (320, 320, 128, 0, 0.4),  # a large image reduced to the working size
+        (50, 200, 128, 0, 1.28),  # sqrt(50 x 200) = 100: the aspect kept
+        (64, 64, 128, 112, 2.0),  # enlarged to the working size, above the crop already
+        (40, 400, 128, 112, 2.8),  # thin: sqrt gives 1.01, the shorter side asks for 2.8
+        (300, 300, 0, 112, 1.0),  # no working size: its own size
+        (64, 96, 0, 112, 1.75),  # only the shorter side's minimum
+        (64, 96, 0, 0, 1.0),
+    ],
+)
+def test_input_scale(height, width, size, min_side, scale):
+    assert input_scale(height, width, size, min_side) == pytest.approx(scale)
+
+
+def test_large_images_are_predicted_at_the_working_size():
+    config = load_config(None, ["precision=fp32"])
+    model = SeenSizes()
+    model.input_size, model.input_min_side = 128, 112
+    probs = predict_probs(model, np.zeros((256, 256, 3), np.uint8), config, torch.device("cpu"))
+    assert model.seen == [(128, 128)]
+    assert probs.shape == (2, 256, 256)  # back at the image's own size
+
+
+def test_large_images_are_trained_at_the_working_size(tmp_path):
+    from PIL import Image
+
+    from aepsl.data.datasets import Sample
+    from aepsl.psl.data import PseudoLabelled
+
+    label = np.zeros((320, 320), np.uint8)
+    label[:, :160] = 1  # the left half is class 1
+    (tmp_path / "labels").mkdir()
+    Image.fromarray(label).save(tmp_path / "labels" / "a.png")
+    Image.fromarray(np.zeros((320, 320, 3), np.uint8)).save(tmp_path / "a.png")
+    sample = Sample("a", tmp_path / "a.png", (1,))
+    data = PseudoLabelled([sample], 1, tmp_path / "labels", 112, (1.0, 1.0), 0, 128, 112)
+    for epoch in range(5):
+        data.set_epoch(epoch)
+        crop = data[0][1]
+        # a 112 px crop of the image at 128 px shows 77% of it, so always both halves (a crop
+        # of the 320 px image, 12% of it, may show one); each column is one class
+        share = (crop[0] == 1).float().mean().item()
+        assert crop.shape == (112, 112) and 0.4 <= share <= 0.6
+
+
+def test_the_working_size_is_saved_with_the_model(tmp_path):
+    from aepsl.models.saved import model_record
+    from aepsl.models.segnet import build_segnet, load_segnet
+
+    net = build_segnet("tiny", "none", 2)
+    net.input_size, net.input_min_side = 128, 112
+    torch.save(model_record(net, "segnet", "tiny", 2), tmp_path / "model.pt")
+    loaded = load_segnet(tmp_path / "model.pt")
+    assert (loaded.input_size, loaded.input_min_side) == (128, 112)
 
 
 def test_length_in_epochs_scales_with_the_data():

@@ -280,6 +280,14 @@ class TrainConfig(Section):
     step_size: int = Field(2000, ge=1, description="step schedule: iterations per decay")
     step_gamma: float = Field(0.1, gt=0, le=1)
     checkpoint_every: int = Field(500, ge=1, description="iterations between checkpoints")
+    image_size: int | None = Field(
+        None,
+        ge=16,
+        description="the working size of the segmentation network: each image is scaled so "
+        "that sqrt(height x width) equals it, for training (before scale_range) and "
+        "prediction, so a crop shows as much of a large image as of a small one (null: images "
+        "at their own size, as in the paper)",
+    )
     upscale_small: bool = Field(
         True,
         description="images whose shorter side is below crop_size are enlarged to it for "

@@ -102,6 +102,7 @@ def stage_digests(config: Config) -> dict[str, str]:
     # min_iterations acts only on a length in epochs; in the hash only where it can act
     acts = config.train.min_iterations and config.train.epochs is not None
     later = set() if acts else {"min_iterations"}
+    later |= set() if config.train.image_size else {"image_size"}  # in the hash when set
     train = training_settings(config, "train", {"checkpoint_every"} | later)
     train["labels"] = labels
     return {"mine": mine, "labels": labels, "train": settings_digest(train)}

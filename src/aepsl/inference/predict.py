@@ -42,7 +42,7 @@ from aepsl.io import (
 )
 from aepsl.labelmap import colourise
 from aepsl.layout import RunLayout, claim_folder, mark_complete, settings_digest
-from aepsl.models.segnet import SegNet
+from aepsl.models.segnet import SegNet, input_scale
 from aepsl.runtime import autocast, barrier, is_main, on_main, rank, to_device, world_size
 
 # The VOC evaluation server's layout of segmentation results (comp6: trained on data other
@@ -76,9 +76,10 @@ def predict_probs(
     tensor = torch.from_numpy(image).permute(2, 0, 1).float().div(255)  # the network normalises
     batch = to_device(tensor[None], config, device)
     size = image.shape[:2]
-    # A small image is enlarged as in training (model.input_min_side), then by each scale.
-    min_side = getattr(model, "input_min_side", 0)  # SegNet's; other modules: none
-    base = max(1.0, min_side / min(size)) if min_side else 1.0
+    # The image is scaled as in training (the model file records how), then by each scale.
+    base = input_scale(
+        *size, getattr(model, "input_size", 0), getattr(model, "input_min_side", 0)
+    )  # SegNet's; other modules: none
     probs, nus = 0.0, []
     runs = 0
     for scale in config.predict.scales:

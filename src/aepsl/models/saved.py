@@ -33,7 +33,8 @@ def model_record(
         "num_classes": int(num_classes),
         **more,
     }
-    if kind == "segnet":  # images with a shorter side below it are enlarged to it (0: none)
+    if kind == "segnet":  # the scale images are seen at (segnet.input_scale)
+        settings["input_size"] = int(getattr(net, "input_size", 0))
         settings["input_min_side"] = int(getattr(net, "input_min_side", 0))
     return {SETTINGS_KEY: settings, "state_dict": net.state_dict()}
 

@@ -15,6 +15,7 @@ classification branch are new layers.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -41,7 +42,8 @@ class SegNet(nn.Module):
         self.output_stride = output_stride
         self.head_pretrained = head_pretrained  # fc6/fc7 from the weights file, not random
         self.normalise = normalise  # images arrive in [0, 1]
-        self.input_min_side = 0  # prediction enlarges images with a shorter side below it
+        self.input_size = 0  # images are scaled to sqrt(h x w) = it (0: their own size)
+        self.input_min_side = 0  # ... and enlarged when their shorter side is below it
         self.backbone = backbone
         self.head = head
         self.classifier = nn.Conv2d(channels, num_classes + 1, 1)
@@ -63,6 +65,16 @@ class SegNet(nn.Module):
         """Per-pixel logits (N, C+1, h, w) at the output stride, and class logits (N, C)."""
         features = self.head(self.backbone(self.normalise(images)))
         return self.classifier(features), self.class_branch(features.mean(dim=(2, 3)))
+
+
+def input_scale(height: int, width: int, size: int = 0, min_side: int = 0) -> float:
+    """The factor an image of height x width is scaled by before the segmentation network, in
+    training and prediction alike: to sqrt(height x width) = `size` (0: its own size), then up
+    so that its shorter side is at least `min_side` (0: no minimum)."""
+    scale = size / math.sqrt(height * width) if size else 1.0
+    if min_side:
+        scale = max(scale, min_side / min(height, width))
+    return scale
 
 
 FC6_DILATION_AT_STRIDE_8 = 12  # LargeFOV's; scaled with the stride to keep the field of view
@@ -111,7 +123,7 @@ def load_segnet(checkpoint: str | os.PathLike, config: Config | None = None) -> 
             )
         backbone, stride = config.model.backbone, config.model.seg_output_stride
         num_classes = state["classifier.weight"].shape[0] - 1
-        min_side = 0  # earlier versions predicted every image at its own size
+        size = min_side = 0  # earlier versions predicted every image at its own size
     else:
         if settings.get("kind") != "segnet":
             raise UserError(
@@ -120,6 +132,7 @@ def load_segnet(checkpoint: str | os.PathLike, config: Config | None = None) -> 
             )
         backbone, stride = settings["backbone"], settings["output_stride"]
         num_classes = settings["num_classes"]
+        size = int(settings.get("input_size", 0))
         min_side = int(settings.get("input_min_side", 0))
         if config is not None:
             given = config.model.model_fields_set
@@ -132,7 +145,7 @@ def load_segnet(checkpoint: str | os.PathLike, config: Config | None = None) -> 
             saved = {"model.backbone": backbone, "model.seg_output_stride": stride}
             agree(checkpoint, saved, {k: v for k, v in asked.items() if k[6:] in given})
     model = build_segnet(backbone, "none", num_classes, stride)
-    model.input_min_side = min_side
+    model.input_size, model.input_min_side = size, min_side
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -26,6 +26,7 @@ from aepsl.errors import UserError
 from aepsl.io import read_index_png
 from aepsl.labelmap import IGNORE
 from aepsl.models.backbones import IMAGENET_MEAN
+from aepsl.models.segnet import input_scale
 
 MEAN_RGB = [round(255 * m) for m in IMAGENET_MEAN]
 
@@ -108,6 +109,7 @@ class PseudoLabelled(TorchDataset):
         crop: int,
         scale_range: tuple[float, float],
         seed: int,
+        input_size: int = 0,
         min_side: int = 0,
     ) -> None:
         self.samples = samples
@@ -117,7 +119,8 @@ class PseudoLabelled(TorchDataset):
         self.epoch = 0
         self.crop = crop
         self.scale_range = scale_range
-        self.min_side = min_side  # a shorter side below it is enlarged to it first (0: off)
+        self.input_size = input_size  # images first scaled to sqrt(h x w) = it (0: off)
+        self.min_side = min_side  # ... then a shorter side below it enlarged to it (0: off)
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -137,7 +140,7 @@ class PseudoLabelled(TorchDataset):
         if label.shape != image.shape[:2]:
             raise UserError(f"{path}: pseudo label size differs from its image")
         generator = torch.Generator().manual_seed(hash((self.seed, self.epoch, index)) % 2**63)
-        base = max(1.0, self.min_side / min(label.shape))
+        base = input_scale(*label.shape, self.input_size, self.min_side)
         crop = draw_crop(generator, *label.shape, self.crop, self.scale_range, base)
         image_t, label_t = rescale(
             torch.from_numpy(image).permute(2, 0, 1),

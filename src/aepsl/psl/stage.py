@@ -180,8 +180,9 @@ def run_train(config: Config, out: Path) -> SegNet:
         config,
         device,
     )
-    # Small images are enlarged to the crop size, in training and prediction (the model file
-    # records it, so `aepsl predict` does the same).
+    # Images are scaled to train.image_size and small ones enlarged to the crop size, in
+    # training and prediction (the model file records both, so `aepsl predict` does the same).
+    model.input_size = cfg.image_size or 0
     model.input_min_side = cfg.crop_size if cfg.upscale_small else 0
     if finished:
         print(f"train: finished for these settings in {run.train}; skipped")
@@ -202,6 +203,7 @@ def run_train(config: Config, out: Path) -> SegNet:
         cfg.crop_size,
         cfg.scale_range,
         config.seed,
+        input_size=model.input_size,
         min_side=model.input_min_side,
     )
     if world_size() > 1 and len(dataset) < cfg.batch_size:
