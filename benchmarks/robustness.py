@@ -20,7 +20,9 @@ and the method's) and runs `aepsl run` into OUT/<cell>/seed<s>/<variant>:
 `--epochs-scale F` multiplies mine.epochs (rounded, at least 1), train.epochs, the preset's
 mine.min_positives and train.min_iterations, and before's 400 iterations. Each run folder skips
 its finished stages, so a re-run prints the table without recomputing finished cells; wall time
-is that of the run that computed it (OUT/.../time.json).
+is that of the run that computed it (OUT/.../time.json), marked * when that run reused mine/ and
+labels/ finished earlier with the same settings (nopsl always does): then it is train and
+predict only.
 
 Per cell and variant the table gives step-1 and union region precision / recall (train split),
 the pseudo labels' mIoU, val mIoU without / with CRF and wall time, as mean ± half the
@@ -142,27 +144,46 @@ def make_data(cell: Cell, seed: int, n: int, root: Path) -> Path:
     return root
 
 
-def finished_seconds(run: Path, data: Path, overrides: list[str]) -> float | None:
-    """The wall time of `run` when it finished with exactly these settings (its train stage's
+def expected_digests(data: Path, overrides: list[str]) -> dict[str, str]:
+    return stage_digests(load_config(PRESET, [f"data.root={data}", *overrides]))
+
+
+def finished_timing(run: Path, data: Path, overrides: list[str]) -> dict[str, Any] | None:
+    """The time.json of `run` when it finished with exactly these settings (its train stage's
     settings hash, which chains mine's and labels'), else None."""
     timing, manifest = run / "time.json", run / "train" / "manifest.json"
     if not (timing.is_file() and manifest.is_file()):
         return None
     record = json.loads(manifest.read_text())
-    expected = stage_digests(load_config(PRESET, [f"data.root={data}", *overrides]))["train"]
+    expected = expected_digests(data, overrides)["train"]
     if not record.get("complete") or record.get("settings_hash") != expected:
         return None
-    return json.loads(timing.read_text())["seconds"]
+    return json.loads(timing.read_text())
 
 
-def run_variant(run: Path, data: Path, overrides: list[str], threads: int | None) -> float | None:
-    """`aepsl run` into `run` (skips finished stages); the wall time of the run that computed
-    it, None when it failed."""
-    done = finished_seconds(run, data, overrides)
+def reused_stages(run: Path, digests: dict[str, str]) -> list[str]:
+    """The stages an `aepsl run` into `run` will skip: finished with the same settings."""
+    reused = []
+    for stage in ("mine", "labels"):
+        manifest = read(run / stage / "manifest.json")
+        if manifest.get("complete") and manifest.get("settings_hash") == digests[stage]:
+            reused.append(stage)
+    return reused
+
+
+def run_variant(
+    run: Path, data: Path, overrides: list[str], threads: int | None
+) -> dict[str, Any] | None:
+    """`aepsl run` into `run` (skips finished stages); its time.json: the wall time of the run
+    that computed it and the stages it reused from an earlier run (not in that time), None when
+    it failed."""
+    done = finished_timing(run, data, overrides)
     if done is not None:
         return done
     timing = run / "time.json"
     run.mkdir(parents=True, exist_ok=True)
+    digests = expected_digests(data, overrides)
+    reused = reused_stages(run, digests)
     cmd = [sys.executable, "-m", "aepsl", "run", str(PRESET), "--out", str(run)]
     cmd += [f"data.root={data}", *overrides]
     env = None
@@ -178,11 +199,18 @@ def run_variant(run: Path, data: Path, overrides: list[str], threads: int | None
         print(f"  {run}: aepsl run failed (exit {code}); see {run.parent / (run.name + '.log')}")
         return None
     # an interrupted run's earlier time counts; a run made with other settings' does not
-    earlier = json.loads(timing.read_text()) if timing.is_file() else {}
-    previous = earlier["seconds"] if earlier.get("overrides") == overrides else 0.0
-    record = {"seconds": round(previous + seconds, 1), "overrides": overrides}
+    earlier = read(timing)
+    if earlier.get("train_hash") == digests["train"]:
+        seconds += earlier["seconds"]
+        reused = earlier.get("reused", [])
+    record = {
+        "seconds": round(seconds, 1),
+        "reused": reused,
+        "overrides": overrides,
+        "train_hash": digests["train"],
+    }
     timing.write_text(json.dumps(record) + "\n")
-    return previous + seconds
+    return record
 
 
 def copy_stages(src: Path, dst: Path) -> None:
@@ -211,9 +239,9 @@ def read(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def run_scores(run: Path, seconds: float | None, floor: float) -> dict[str, Any] | None:
+def run_scores(run: Path, timing: dict[str, Any] | None, floor: float) -> dict[str, Any] | None:
     train = read(run / "train" / "metrics.json")
-    if not train or seconds is None:
+    if not train or timing is None:
         return None
     steps = read(run / "mine" / "metrics.json").get("steps", [])
     labels = read(run / "labels" / "metrics.json")
@@ -233,7 +261,8 @@ def run_scores(run: Path, seconds: float | None, floor: float) -> dict[str, Any]
         "pseudo": labels.get("mIoU"),
         "val": val,
         "crf": (train.get("with_crf") or {}).get("mIoU"),
-        "time": seconds,
+        "time": timing["seconds"],
+        "reused": bool(timing.get("reused")),
         "collapsed": val is None or val <= floor + COLLAPSE_MARGIN or bool(warnings),
         "floor": floor,
         "warnings": warnings,
@@ -298,6 +327,7 @@ COLUMNS = (
 def print_table(results: dict[Cell, dict[str, list]], seeds: list[int]) -> None:
     header = "".join(f"{name:>{width}}" for name, width in COLUMNS)
     print(f"\nvalues: mean ± half the difference over seeds {seeds}; P / R of regions (train)")
+    print("time s*: mine and labels reused from an earlier run (same settings): not in the time")
     for cell, variants in results.items():
         print(f"\n{cell.name}")
         print(header)
@@ -316,7 +346,7 @@ def print_table(results: dict[Cell, dict[str, list]], seeds: list[int]) -> None:
                 spread([r["pseudo"] for r in ok]),
                 spread([r["val"] for r in ok]),
                 spread([r["crf"] for r in ok]),
-                spread([r["time"] for r in ok], 0),
+                spread([r["time"] for r in ok], 0) + ("*" if any(r["reused"] for r in ok) else ""),
                 f"{collapsed}/{len(ok)}",
             )
             print(
@@ -451,11 +481,11 @@ def main() -> None:
                 overrides = [f"seed={seed}"]
                 overrides += variant_overrides(variant, args.epochs_scale, preset)
                 if args.table_only:
-                    seconds = finished_seconds(run, data, overrides)
+                    timing = finished_timing(run, data, overrides)
                 else:
                     print(f"{cell.name} seed {seed} {variant} ...", flush=True)
-                    seconds = run_variant(run, data, overrides, args.threads)
-                results[cell][variant].append(run_scores(run, seconds, floor))
+                    timing = run_variant(run, data, overrides, args.threads)
+                results[cell][variant].append(run_scores(run, timing, floor))
             after = base / "after"
             if (after / "train" / "metrics.json").is_file():
                 results[cell]["gain"].append(sweep_gain(after, data))
