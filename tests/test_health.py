@@ -29,7 +29,8 @@ def test_one_class_on_nearly_every_pixel_is_a_collapse():
         "train: 99.0% of the pixels of the val predictions are background: a collapse to one "
         "class; likely cause: too little training, or objects too small for the network's "
         "resolution (train.epochs or train.iterations, train.min_iterations, train.crop_size, "
-        "model.seg_output_stride=8), or pseudo labels without them (see the labels warnings)"
+        "model.seg_output_stride=8), or training crops that show a small part of large images "
+        "(train.image_size), or pseudo labels without them (see the labels warnings)"
     ]
     assert collapse_warnings(counts, {1}, NAMES, "mine", "regions", check_dominant=False) == []
 

@@ -28,8 +28,8 @@ CAUSES = {
     "(labels.bg_threshold, labels.low_saliency)",
     "predictions": "too little training, or objects too small for the network's resolution "
     "(train.epochs or train.iterations, train.min_iterations, train.crop_size, "
-    "model.seg_output_stride=8), or pseudo labels without "
-    "them (see the labels warnings)",
+    "model.seg_output_stride=8), or training crops that show a small part of large images "
+    "(train.image_size), or pseudo labels without them (see the labels warnings)",
 }
 
 
