@@ -59,23 +59,13 @@ from aepsl.config import CrfConfig
 from aepsl.inference.crf import (
     crf_job,
     crf_labels_torch,
+    crf_params,
     crf_pool,
     dense_crf,
     dense_crf_torch,
 )
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
-
-
-def crf_params(config: CrfConfig) -> dict[str, float]:
-    return {
-        "iterations": config.iterations,
-        "bi_w": config.bilateral_weight,
-        "bi_xy": config.bilateral_xy_std,
-        "bi_rgb": config.bilateral_rgb_std,
-        "pos_w": config.gaussian_weight,
-        "pos_xy": config.gaussian_xy_std,
-    }
 
 
 def photographs(n: int, width: int, height: int) -> list[np.ndarray]:

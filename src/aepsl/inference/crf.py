@@ -29,9 +29,23 @@ from aepsl.errors import UserError
 if TYPE_CHECKING:
     import torch
 
+    from aepsl.config import CrfConfig
+
 BACKENDS = ("auto", "pydensecrf", "torch")
 # what `auto` takes on the CPU (on a GPU it takes torch), from benchmarks/bench_crf.py
 AUTO_CPU = "torch"
+
+
+def crf_params(config: CrfConfig) -> dict[str, float]:
+    """The keyword arguments of every CRF function here, from the `crf` config section."""
+    return {
+        "iterations": config.iterations,
+        "bi_w": config.bilateral_weight,
+        "bi_xy": config.bilateral_xy_std,
+        "bi_rgb": config.bilateral_rgb_std,
+        "pos_w": config.gaussian_weight,
+        "pos_xy": config.gaussian_xy_std,
+    }
 
 
 def pydensecrf_installed() -> bool:

@@ -27,6 +27,7 @@ from aepsl.health import check_folder
 from aepsl.inference.crf import (
     crf_job,
     crf_labels_torch,
+    crf_params,
     crf_pool,
     dense_crf,
     pydensecrf_installed,
@@ -116,18 +117,6 @@ def _chunks(samples: list[Sample], size: int) -> Iterator[list[Sample]]:
         yield samples[start : start + size]
 
 
-def crf_params(config: Config) -> dict[str, float]:
-    c = config.crf
-    return {
-        "iterations": c.iterations,
-        "bi_w": c.bilateral_weight,
-        "bi_xy": c.bilateral_xy_std,
-        "bi_rgb": c.bilateral_rgb_std,
-        "pos_w": c.gaussian_weight,
-        "pos_xy": c.gaussian_xy_std,
-    }
-
-
 def crf_available(config: Config | None = None) -> bool:
     """Whether the CRF can run with `crf.backend` (default auto): the torch backend always can,
     pydensecrf needs the 'crf' extra."""
@@ -165,7 +154,7 @@ def predict_samples(
     in_process = backend == "torch" and (device.type != "cpu" or config.crf.workers == 1)
     if crf_dir is not None and not in_process and config.crf.workers > 1:
         pool = crf_pool(backend, config.crf.workers)
-    refine = crf_job(backend, **crf_params(config))
+    refine = crf_job(backend, **crf_params(config.crf))
     bar = tqdm(
         total=len(todo), desc="predict", unit="img", dynamic_ncols=True, disable=not is_main()
     )
@@ -177,7 +166,7 @@ def predict_samples(
                 for sample, image, prob in zip(chunk, images, probs, strict=True):
                     _write(plain_dir, sample.id, image, prob.argmax(0).astype(np.uint8), config)
             if crf_dir is not None and in_process:  # GPU (batched), or crf.workers=1
-                refined = crf_labels_torch(images, probs, device, **crf_params(config))
+                refined = crf_labels_torch(images, probs, device, **crf_params(config.crf))
             elif crf_dir is not None:
                 jobs = list(zip(images, probs, strict=True))
                 refined = pool.map(refine, jobs) if pool else [refine(job) for job in jobs]
