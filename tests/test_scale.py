@@ -81,9 +81,11 @@ def test_small_images_are_enlarged_to_the_crop_for_training():
     ("height", "width", "size", "min_side", "scale"),
     [
         (320, 320, 128, 0, 0.4),  # a large image reduced to the working size
-        (50, 200, 128, 0, 1.28),  # sqrt(50 x 200) = 100: the aspect kept
-        (64, 64, 128, 112, 2.0),  # enlarged to the working size, above the crop already
-        (40, 400, 128, 112, 2.8),  # thin: sqrt gives 1.01, the shorter side asks for 2.8
+        (200, 800, 200, 0, 0.5),  # sqrt(200 x 800) = 400: the aspect kept
+        (50, 200, 128, 0, 1.0),  # sqrt = 100: smaller than the working size, never enlarged
+        (64, 64, 128, 112, 1.75),  # ... except to the crop size (upscale_small)
+        (40, 400, 128, 112, 2.8),  # thin: the shorter side asks for 2.8
+        (400, 400, 128, 112, 0.32),  # reduced, and then above the crop already
         (300, 300, 0, 112, 1.0),  # no working size: its own size
         (64, 96, 0, 112, 1.75),  # only the shorter side's minimum
         (64, 96, 0, 0, 1.0),

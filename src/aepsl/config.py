@@ -283,10 +283,10 @@ class TrainConfig(Section):
     image_size: int | None = Field(
         None,
         ge=16,
-        description="the working size of the segmentation network: each image is scaled so "
-        "that sqrt(height x width) equals it, for training (before scale_range) and "
-        "prediction, so a crop shows as much of a large image as of a small one (null: images "
-        "at their own size, as in the paper)",
+        description="the largest size the segmentation network sees images at: a larger "
+        "image is reduced so that sqrt(height x width) equals it, for training (before "
+        "scale_range) and prediction, so a training crop shows most of it (null: images at "
+        "their own size, as in the paper)",
     )
     upscale_small: bool = Field(
         True,

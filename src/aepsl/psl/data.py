@@ -119,7 +119,7 @@ class PseudoLabelled(TorchDataset):
         self.epoch = 0
         self.crop = crop
         self.scale_range = scale_range
-        self.input_size = input_size  # images first scaled to sqrt(h x w) = it (0: off)
+        self.input_size = input_size  # larger images reduced to sqrt(h x w) = it (0: off)
         self.min_side = min_side  # ... then a shorter side below it enlarged to it (0: off)
 
     def __len__(self) -> int:

@@ -180,7 +180,7 @@ def run_train(config: Config, out: Path) -> SegNet:
         config,
         device,
     )
-    # Images are scaled to train.image_size and small ones enlarged to the crop size, in
+    # Large images are reduced to train.image_size and small ones enlarged to the crop size, in
     # training and prediction (the model file records both, so `aepsl predict` does the same).
     model.input_size = cfg.image_size or 0
     model.input_min_side = cfg.crop_size if cfg.upscale_small else 0
