@@ -245,6 +245,8 @@ def test_ctrl_c_during_the_crf_workers_is_one_line(finished, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        # a shell's background job inherits SIGINT ignored, and Python then keeps ignoring it
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     deadline = time.monotonic() + 60
     while len(_children(process.pid)) < 2 and process.poll() is None:
