@@ -148,15 +148,14 @@ def expected_digests(data: Path, overrides: list[str]) -> dict[str, str]:
     return stage_digests(load_config(PRESET, [f"data.root={data}", *overrides]))
 
 
-def finished_timing(run: Path, data: Path, overrides: list[str]) -> dict[str, Any] | None:
-    """The time.json of `run` when it finished with exactly these settings (its train stage's
-    settings hash, which chains mine's and labels'), else None."""
+def finished_timing(run: Path, train_hash: str) -> dict[str, Any] | None:
+    """The time.json of `run` when its train stage finished with the settings hash
+    `train_hash` (which chains mine's and labels'), else None."""
     timing, manifest = run / "time.json", run / "train" / "manifest.json"
     if not (timing.is_file() and manifest.is_file()):
         return None
     record = json.loads(manifest.read_text())
-    expected = expected_digests(data, overrides)["train"]
-    if not record.get("complete") or record.get("settings_hash") != expected:
+    if not record.get("complete") or record.get("settings_hash") != train_hash:
         return None
     return json.loads(timing.read_text())
 
@@ -177,12 +176,12 @@ def run_variant(
     """`aepsl run` into `run` (skips finished stages); its time.json: the wall time of the run
     that computed it and the stages it reused from an earlier run (not in that time), None when
     it failed."""
-    done = finished_timing(run, data, overrides)
+    digests = expected_digests(data, overrides)
+    done = finished_timing(run, digests["train"])
     if done is not None:
         return done
     timing = run / "time.json"
     run.mkdir(parents=True, exist_ok=True)
-    digests = expected_digests(data, overrides)
     reused = reused_stages(run, digests)
     cmd = [sys.executable, "-m", "aepsl", "run", str(PRESET), "--out", str(run)]
     cmd += [f"data.root={data}", *overrides]
@@ -481,7 +480,7 @@ def main() -> None:
                 overrides = [f"seed={seed}"]
                 overrides += variant_overrides(variant, args.epochs_scale, preset)
                 if args.table_only:
-                    timing = finished_timing(run, data, overrides)
+                    timing = finished_timing(run, expected_digests(data, overrides)["train"])
                 else:
                     print(f"{cell.name} seed {seed} {variant} ...", flush=True)
                     timing = run_variant(run, data, overrides, args.threads)

@@ -77,10 +77,10 @@ def predict_probs(
     tensor = torch.from_numpy(image).permute(2, 0, 1).float().div(255)  # the network normalises
     batch = to_device(tensor[None], config, device)
     size = image.shape[:2]
-    # The image is scaled as in training (the model file records how), then by each scale.
-    base = input_scale(
-        *size, getattr(model, "input_size", 0), getattr(model, "input_min_side", 0)
-    )  # SegNet's; other modules: none
+    # The image is scaled as in training (the model file records how; other modules than
+    # SegNet: not at all), then by each scale.
+    size_limits = getattr(model, "input_size", 0), getattr(model, "input_min_side", 0)
+    base = input_scale(*size, *size_limits)
     probs, nus = 0.0, []
     runs = 0
     for scale in config.predict.scales:
@@ -154,7 +154,8 @@ def predict_samples(
     in_process = backend == "torch" and (device.type != "cpu" or config.crf.workers == 1)
     if crf_dir is not None and not in_process and config.crf.workers > 1:
         pool = crf_pool(backend, config.crf.workers)
-    refine = crf_job(backend, **crf_params(config.crf))
+    params = crf_params(config.crf)
+    refine = crf_job(backend, **params)
     bar = tqdm(
         total=len(todo), desc="predict", unit="img", dynamic_ncols=True, disable=not is_main()
     )
@@ -166,7 +167,7 @@ def predict_samples(
                 for sample, image, prob in zip(chunk, images, probs, strict=True):
                     _write(plain_dir, sample.id, image, prob.argmax(0).astype(np.uint8), config)
             if crf_dir is not None and in_process:  # GPU (batched), or crf.workers=1
-                refined = crf_labels_torch(images, probs, device, **crf_params(config.crf))
+                refined = crf_labels_torch(images, probs, device, **params)
             elif crf_dir is not None:
                 jobs = list(zip(images, probs, strict=True))
                 refined = pool.map(refine, jobs) if pool else [refine(job) for job in jobs]
