@@ -168,11 +168,13 @@ def test_a_small_data_set_shows_each_class_min_positives_times():
         ]
 
     cfg = load_config(None, ["mine.epochs=5", "mine.min_positives=400"]).mine
-    assert step_epochs(cfg, split(90, 5)) == 12  # 180 labels: 36 positives a class an epoch
-    assert step_epochs(cfg, split(90, 20)) == 45  # 9 a class: more classes, more epochs
-    assert step_epochs(cfg, split(2000, 5, 1)) == 5  # 400 an epoch already
+    # 90 images in batches of 16: an epoch shows 80 of them, 160 labels, 32 a class
+    assert step_epochs(cfg, split(90, 5)) == 13  # ceil(400 / 32)
+    assert step_epochs(cfg, split(90, 20)) == 50  # 8 a class: more classes, more epochs
+    assert step_epochs(cfg, split(2000, 5, 1)) == 5  # about 400 an epoch already
     # classes.txt may list more than the split holds: only the split's classes count
-    assert step_epochs(cfg, split(90, 2)) == 5  # ceil(400 x 2 / 180) = 5
+    assert step_epochs(cfg, split(90, 2)) == 5  # ceil(400 x 2 / 160) = 5
+    assert step_epochs(cfg, split(10, 5)) == 100  # fewer than a batch: all shown, 4 a class
     unset = load_config(None, ["mine.epochs=5"]).mine
     assert step_epochs(unset, split(90, 20)) == 5  # 0: as given
 

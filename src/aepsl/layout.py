@@ -76,6 +76,8 @@ def stage_digests(config: Config) -> dict[str, str]:
     new = {"visualise", "checkpoint_every", "step1_cams", "cam_format"}
     new |= set() if config.mine.min_positives else {"min_positives"}  # in the hash when set
     mine_settings = training_settings(config, "mine", new)
+    if config.mine.min_positives:  # the floor now counts whole batches only: other epochs
+        mine_settings["mine"]["floor"] = "whole batches"
     if config.mine.cam_format != "npz":
         mine_settings["mine"]["cam_format"] = config.mine.cam_format
     if config.mine.step1_cams:  # CAMs made elsewhere: their files' names, sizes and mtimes

@@ -239,13 +239,19 @@ def _base_seed(config: Config, step: MineStep) -> int:
 
 def step_epochs(cfg: MineConfig, train: list[Sample]) -> int:
     """mine.epochs, raised when needed so that each step shows the classes of the train split,
-    on average, at least mine.min_positives times as positives (counting every image once an
-    epoch; an incomplete last batch, which is dropped, makes it a little fewer)."""
+    on average, at least mine.min_positives times as positives."""
     labels = sum(len(sample.labels) for sample in train)
     classes = len({label for sample in train for label in sample.labels})
     if not labels:
         return cfg.epochs
-    return max(cfg.epochs, math.ceil(cfg.min_positives * classes / labels))
+    # an epoch shows whole batches only (the incomplete last one is dropped)
+    shown = (
+        len(train) // cfg.batch_size * cfg.batch_size
+        if len(train) >= cfg.batch_size
+        else len(train)
+    )
+    labels_an_epoch = labels * shown / len(train)
+    return max(cfg.epochs, math.ceil(cfg.min_positives * classes / labels_an_epoch))
 
 
 def classifier_plan(
