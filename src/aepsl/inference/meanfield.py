@@ -113,7 +113,7 @@ def _refine(
     images: Sequence[np.ndarray | Tensor] | Tensor,
     probs: Sequence[np.ndarray | Tensor] | Tensor,
     iterations: int,
-    params: dict[str, float],
+    kernels: dict[str, float],
     device: torch.device | str | None,
 ) -> tuple[Tensor, list[tuple[int, int]]]:
     """The (P, K) marginals of all the pixels, image after image, and the images' sizes."""
@@ -127,7 +127,7 @@ def _refine(
     for im, p in zip(images_t, probs_t, strict=True):
         if p.shape[0] != classes or p.shape[1:] != im.shape[:2] or im.shape[2:] != (3,):
             raise ValueError(f"image {tuple(im.shape)} does not fit probabilities {tuple(p.shape)}")
-    message = crf_operator(images_t, **params)
+    message = crf_operator(images_t, **kernels)
     # -U = log p, clipped as pydensecrf (on the (K, H*W) layout, then one transposition to
     # (P, K): a row per pixel, images one after the other). Softmax is shift invariant per row:
     # shifted so that the most likely class has -U = 0, -U + message lies in
@@ -149,18 +149,14 @@ def mean_field(
     images: Sequence[np.ndarray | Tensor] | Tensor,
     probs: Sequence[np.ndarray | Tensor] | Tensor,
     iterations: int = 10,
-    bi_w: float = 4,
-    bi_xy: float = 121,
-    bi_rgb: float = 5,
-    pos_w: float = 3,
-    pos_xy: float = 3,
     device: torch.device | str | None = None,
+    **kernels: float,
 ) -> list[Tensor]:
     """Refined (K, H, W) float32 marginals of each (H, W, 3) uint8 image with its (K, H, W)
     class probabilities (a list, or batched tensors (B, H, W, 3), (B, K, H, W)); all images in
-    one mean field, on `device` (default: the device of the probabilities, else the CPU)."""
-    params = {"bi_w": bi_w, "bi_xy": bi_xy, "bi_rgb": bi_rgb, "pos_w": pos_w, "pos_xy": pos_xy}
-    q, sizes = _refine(images, probs, iterations, params, device)
+    one mean field, on `device` (default: the device of the probabilities, else the CPU);
+    `kernels`: `crf_operator`'s weights and widths (default DeepLab-LargeFOV's)."""
+    q, sizes = _refine(images, probs, iterations, kernels, device)
     out, start = [], 0
     for height, width in sizes:
         marginals = q[start : start + height * width].t()
@@ -173,16 +169,11 @@ def mean_field_labels(
     images: Sequence[np.ndarray | Tensor] | Tensor,
     probs: Sequence[np.ndarray | Tensor] | Tensor,
     iterations: int = 10,
-    bi_w: float = 4,
-    bi_xy: float = 121,
-    bi_rgb: float = 5,
-    pos_w: float = 3,
-    pos_xy: float = 3,
     device: torch.device | str | None = None,
+    **kernels: float,
 ) -> list[Tensor]:
     """The (H, W) uint8 argmax of `mean_field` (classes < 256), without its transposition."""
-    params = {"bi_w": bi_w, "bi_xy": bi_xy, "bi_rgb": bi_rgb, "pos_w": pos_w, "pos_xy": pos_xy}
-    q, sizes = _refine(images, probs, iterations, params, device)
+    q, sizes = _refine(images, probs, iterations, kernels, device)
     labels = q.max(1).indices.to(torch.uint8)  # the first maximum, as argmax; twice as fast
     out, start = [], 0
     for height, width in sizes:
