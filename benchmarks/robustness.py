@@ -36,7 +36,10 @@ difference of two seeds (mean ± half the range with more). Below it, per cell, 
 - PSL vs pseudo labels alone (with --psl-baseline): val mIoU with CRF of `after` minus that of
   `nopsl`, per seed, called the same way.
 - collapse: a run whose val mIoU without CRF is at most the all-background score + 0.01 (every
-  pixel predicted background, scored the same way), or whose stages left health warnings.
+  pixel predicted background, scored the same way), or whose val predictions give one class
+  95% of the pixels (the health warning of that name).
+- warned: a run whose stages left any health warning (also a class never mined, labelled or
+  predicted): not healthy, though not necessarily collapsed.
 """
 
 from __future__ import annotations
@@ -59,6 +62,7 @@ from aepsl.config import Config, load_config
 from aepsl.data.datasets import load_dataset
 from aepsl.data.real import make_real
 from aepsl.data.synth import make_synth
+from aepsl.health import ONE_CLASS
 from aepsl.io import read_index_png
 from aepsl.layout import stage_digests
 from aepsl.mine.sweep import sweep_step_cams, union_points
@@ -252,6 +256,7 @@ def run_scores(run: Path, timing: dict[str, Any] | None, floor: float) -> dict[s
         for w in read(run / stage / "metrics.json").get("warnings") or []
     ]
     val = train["without_crf"]["mIoU"]
+    one_class = any(ONE_CLASS in w for w in train.get("warnings") or [])
     return {
         "s1P": first["step_regions"]["precision"],
         "s1R": first["step_regions"]["recall"],
@@ -262,7 +267,8 @@ def run_scores(run: Path, timing: dict[str, Any] | None, floor: float) -> dict[s
         "crf": (train.get("with_crf") or {}).get("mIoU"),
         "time": timing["seconds"],
         "reused": bool(timing.get("reused")),
-        "collapsed": val is None or val <= floor + COLLAPSE_MARGIN or bool(warnings),
+        "collapsed": val is None or val <= floor + COLLAPSE_MARGIN or one_class,
+        "one_class": one_class,
         "floor": floor,
         "warnings": warnings,
     }
@@ -320,6 +326,7 @@ COLUMNS = (
     ("val+CRF", 12),
     ("time s", 10),
     ("collapsed", 10),
+    ("warned", 8),
 )
 
 
@@ -338,6 +345,7 @@ def print_table(results: dict[Cell, dict[str, list]], seeds: list[int]) -> None:
                 print(f"{variant:>8}  not finished")
                 continue
             collapsed = sum(row["collapsed"] for row in ok)
+            warned = sum(bool(row["warnings"]) for row in ok)
             cells = (
                 variant,
                 pair(ok, "s1P", "s1R"),
@@ -347,6 +355,7 @@ def print_table(results: dict[Cell, dict[str, list]], seeds: list[int]) -> None:
                 spread([r["crf"] for r in ok]),
                 spread([r["time"] for r in ok], 0) + ("*" if any(r["reused"] for r in ok) else ""),
                 f"{collapsed}/{len(ok)}",
+                f"{warned}/{len(ok)}",
             )
             print(
                 "".join(f"{text:>{width}}" for text, (_, width) in zip(cells, COLUMNS, strict=True))
@@ -370,16 +379,23 @@ def verdicts(results: dict[Cell, dict[str, list]], seeds: list[int]) -> None:
         lines = []
         for variant in ("before", "after", "nopsl"):
             rows = [r for r in variants.get(variant, []) if r]
-            bad = [(i, r) for i, r in enumerate(variants.get(variant, [])) if r and r["collapsed"]]
+            bad = [
+                (i, r)
+                for i, r in enumerate(variants.get(variant, []))
+                if r and (r["collapsed"] or r["warnings"])
+            ]
             for i, row in bad:
                 why = []
                 if row["val"] is None or row["val"] <= row["floor"] + COLLAPSE_MARGIN:
                     why.append(f"val mIoU {row['val']} at the all-background {row['floor']:.3f}")
+                if row["one_class"]:
+                    why.append("one class on 95% of the val pixels")
                 if row["warnings"]:
                     why.append(f"{len(row['warnings'])} health warning(s)")
-                lines.append(f"{variant} seed {seeds[i]} COLLAPSED ({'; '.join(why)})")
+                word = "COLLAPSED" if row["collapsed"] else "not healthy"
+                lines.append(f"{variant} seed {seeds[i]} {word} ({'; '.join(why)})")
             if rows and not bad:
-                lines.append(f"{variant}: no collapse")
+                lines.append(f"{variant}: healthy")
         gains = variants.get("gain", [])
         got = [g for g in gains if g is not None]
         if got:

@@ -19,6 +19,7 @@ from aepsl.data.datasets import Sample
 from aepsl.io import read_index_png
 
 DOMINANT_SHARE = 0.95  # one class on this share of the pixels is a collapse, not a scene
+ONE_CLASS = "a collapse to one class"  # the words of that warning, which benchmarks look for
 
 CAUSES = {
     "mine": "the classifiers never localised them: too few images of the class, or objects too "
@@ -70,8 +71,8 @@ def collapse_warnings(
         if share >= DOMINANT_SHARE:
             name = "background" if top == 0 else f"'{names[top - 1]}'"
             found.append(
-                f"{stage}: {share:.1%} of the pixels of the {what} are {name}: a collapse to "
-                f"one class; likely cause: {CAUSES[_cause(stage)]}"
+                f"{stage}: {share:.1%} of the pixels of the {what} are {name}: {ONE_CLASS}; "
+                f"likely cause: {CAUSES[_cause(stage)]}"
             )
     return found
 
