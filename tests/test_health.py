@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from aepsl.cli import main
-from aepsl.health import collapse_warnings, verdict
+from aepsl.health import PSL_CAUSE, collapse_warnings, verdict
 
 DEMO = str(Path(__file__).parent.parent / "configs" / "demo_tiny.yaml")
 NAMES = ["cat", "dog", "cow"]
@@ -33,6 +33,8 @@ def test_one_class_on_nearly_every_pixel_is_a_collapse():
         "(train.image_size), or pseudo labels without them (see the labels warnings)"
     ]
     assert collapse_warnings(counts, {1}, NAMES, "mine", "regions", check_dominant=False) == []
+    with_psl = collapse_warnings(counts, {1}, NAMES, "train", "val predictions", also=PSL_CAUSE)
+    assert with_psl == [f"{found[0]}; {PSL_CAUSE}"]
 
 
 def test_healthy_output_has_no_warning():
@@ -71,6 +73,7 @@ def test_a_run_that_cannot_learn_says_so(folder_dataset, tmp_path, capsys, recwa
     val = json.loads((out / "train" / "metrics.json").read_text())["warnings"]
     assert any("never appear in the pseudo labels" in line for line in labels)
     assert any("of the pixels of the val predictions are background" in line for line in val)
+    assert all(line.endswith(PSL_CAUSE) for line in val)  # trained with PSL: it may be the cause
     warned = [str(w.message) for w in recwarn]  # printed as `aepsl run: warning: ...` lines
     for line in [*labels, *val]:
         assert line in warned and "\n" not in line

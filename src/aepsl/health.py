@@ -32,6 +32,13 @@ CAUSES = {
     "model.seg_output_stride=8), or training crops that show a small part of large images "
     "(train.image_size), or pseudo labels without them (see the labels warnings)",
 }
+# added to the predictions' cause when the network was trained with PSL: where it does not fit
+# the pseudo labels, its own argmax (the prohibitive mask) pulls object pixels to background
+PSL_CAUSE = (
+    "or, with PSL, the prohibitive mask of a network that does not yet fit its pseudo labels "
+    "teaching background (train.psl=false trains on the pseudo labels alone; "
+    "docs/robustness.md)"
+)
 
 
 def label_counts(folder: Path, ids: Iterable[str], num_labels: int) -> np.ndarray:
@@ -53,16 +60,19 @@ def collapse_warnings(
     stage: str,
     what: str,
     check_dominant: bool = True,
+    also: str = "",
 ) -> list[str]:
     """The warnings for per-label pixel `counts` (index 0 = background, k = names[k - 1]) of a
-    stage's output, given the classes `present` in the image labels it was made for."""
+    stage's output, given the classes `present` in the image labels it was made for; `also`
+    adds a cause to the stage's."""
+    cause = CAUSES[_cause(stage)] + (f"; {also}" if also else "")
     found: list[str] = []
     missing = sorted(k for k in set(present) if counts[k] == 0)
     if missing:
         listed = ", ".join(f"'{names[k - 1]}'" for k in missing)
         found.append(
             f"{stage}: {len(missing)} class(es) present in the image labels never appear in "
-            f"the {what}: {listed}; likely cause: {CAUSES[_cause(stage)]}"
+            f"the {what}: {listed}; likely cause: {cause}"
         )
     total = int(counts.sum())
     if check_dominant and total:
@@ -72,7 +82,7 @@ def collapse_warnings(
             name = "background" if top == 0 else f"'{names[top - 1]}'"
             found.append(
                 f"{stage}: {share:.1%} of the pixels of the {what} are {name}: {ONE_CLASS}; "
-                f"likely cause: {CAUSES[_cause(stage)]}"
+                f"likely cause: {cause}"
             )
     return found
 
@@ -92,10 +102,12 @@ def check_folder(
     stage: str,
     what: str,
     check_dominant: bool = True,
+    also: str = "",
 ) -> list[str]:
     """Count `folder`'s label maps of `samples`, warn (stderr) and return the warnings."""
     counts = label_counts(folder, [s.id for s in samples], len(names) + 1)
-    found = collapse_warnings(counts, present_classes(samples), names, stage, what, check_dominant)
+    present = present_classes(samples)
+    found = collapse_warnings(counts, present, names, stage, what, check_dominant, also)
     for line in found:
         warnings.warn(line, stacklevel=2)
     return found

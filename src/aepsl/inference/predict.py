@@ -23,7 +23,7 @@ from aepsl.config import Config
 from aepsl.data.datasets import IMAGE_EXTENSIONS, Sample, check_id, load_dataset, load_image
 from aepsl.errors import UserError
 from aepsl.evaluation import evaluate_folder
-from aepsl.health import check_folder
+from aepsl.health import PSL_CAUSE, check_folder
 from aepsl.inference.crf import (
     crf_job,
     crf_labels_torch,
@@ -257,8 +257,9 @@ def evaluate_trained(config: Config, out: Path, model: SegNet, device: torch.dev
         model, samples, config, device, plain, refined if use_crf else None, sharded=True
     )
     share = samples[rank() :: world_size()]
+    also = PSL_CAUSE if config.train.psl else ""
     result["warnings"] = on_main(
-        check_folder, plain, samples, data.classes, "train", "val predictions"
+        check_folder, plain, samples, data.classes, "train", "val predictions", True, also
     )
     result["without_crf"] = evaluate_folder(plain, share, data.classes, sharded=True)
     if use_crf:
