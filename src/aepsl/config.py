@@ -133,7 +133,7 @@ class MineConfig(Section):
         ge=0,
         description="at least this many positive examples per class, on average, in each "
         "step: on a small data set, or one with many classes, mine.epochs is raised to "
-        "ceil(min_positives x classes / image-level labels of the train split), since a "
+        "ceil(min_positives x classes / image-level labels an epoch shows), since a "
         "classifier needs to see each class a number of times to localise it whatever the "
         "number of images (0: mine.epochs as given)",
     )
