@@ -35,9 +35,9 @@ CAUSES = {
 # added to the predictions' cause when the network was trained with PSL: where it does not fit
 # the pseudo labels, its own argmax (the prohibitive mask) pulls object pixels to background
 PSL_CAUSE = (
-    "or, with PSL, the prohibitive mask of a network that does not yet fit its pseudo labels "
-    "teaching background (train.psl=false trains on the pseudo labels alone; "
-    "docs/robustness.md)"
+    "or, with PSL, the prohibitive mask of a network that does not fit its pseudo labels "
+    "teaching background (train.psl=false trains on the pseudo labels alone; `aepsl run` "
+    "with it re-runs the train stage only; docs/robustness.md)"
 )
 
 
