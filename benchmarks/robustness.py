@@ -217,7 +217,10 @@ def run_variant(
 
 
 def copy_stages(src: Path, dst: Path) -> None:
-    """nopsl starts from after's mine/ and labels/ (same settings hash: skipped)."""
+    """nopsl starts from after's mine/ and labels/ (same settings hash: skipped), once after
+    has finished: a copy of stages still being written would resume them in nopsl."""
+    if not (src / "train" / "metrics.json").is_file():
+        return
     for stage in ("mine", "labels"):
         if (src / stage).is_dir() and not (dst / stage).exists():
             shutil.copytree(src / stage, dst / stage)
@@ -491,7 +494,7 @@ def main() -> None:
             floor = all_background_miou(data)
             for variant in variants:
                 run = base / variant
-                if variant == "nopsl":
+                if variant == "nopsl" and not args.table_only:  # --table-only writes nothing
                     copy_stages(base / "after", run)
                 overrides = [f"seed={seed}"]
                 overrides += variant_overrides(variant, args.epochs_scale, preset)
