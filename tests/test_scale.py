@@ -175,6 +175,12 @@ def test_a_small_data_set_shows_each_class_min_positives_times():
     # classes.txt may list more than the split holds: only the split's classes count
     assert step_epochs(cfg, split(90, 2)) == 5  # ceil(400 x 2 / 160) = 5
     assert step_epochs(cfg, split(10, 5)) == 100  # fewer than a batch: all shown, 4 a class
+    # 84 images, 90 labels of 3 classes: exactly 400 x 3 x 84 / (90 x 80) = 14 epochs
+    uneven = [
+        Sample(str(i), Path(f"{i}.png"), (1 + i % 3, 1 + (i + 1) % 3) if i < 6 else (1 + i % 3,))
+        for i in range(84)
+    ]
+    assert step_epochs(cfg, uneven) == 14
     unset = load_config(None, ["mine.epochs=5"]).mine
     assert step_epochs(unset, split(90, 20)) == 5  # 0: as given
 

@@ -244,14 +244,12 @@ def step_epochs(cfg: MineConfig, train: list[Sample]) -> int:
     classes = len({label for sample in train for label in sample.labels})
     if not labels:
         return cfg.epochs
-    # an epoch shows whole batches only (the incomplete last one is dropped)
-    shown = (
-        len(train) // cfg.batch_size * cfg.batch_size
-        if len(train) >= cfg.batch_size
-        else len(train)
-    )
-    labels_an_epoch = labels * shown / len(train)
-    return max(cfg.epochs, math.ceil(cfg.min_positives * classes / labels_an_epoch))
+    # an epoch shows whole batches only (the incomplete last one is dropped), so about
+    # labels x shown / images labels an epoch; in integers, so a whole quotient stays whole
+    images = len(train)
+    shown = images // cfg.batch_size * cfg.batch_size if images >= cfg.batch_size else images
+    needed = -(-cfg.min_positives * classes * images // (labels * shown))  # ceil
+    return max(cfg.epochs, needed)
 
 
 def classifier_plan(
