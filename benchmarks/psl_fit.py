@@ -13,6 +13,9 @@ For each run, over its train images (the network at one scale, no flip, no ν we
 - median ratio: the median of f_c / (f_c + f_0) on those pixels.
 
     python benchmarks/psl_fit.py runs/rob3/real_96px_10cls_3obj/seed0/{after,nopsl}
+
+Run it from the folder the runs were made in: a relative data.root in a run's config.yaml is
+read from there. --limit N looks at the first N train images only (for large data sets).
 """
 
 from __future__ import annotations
@@ -31,13 +34,17 @@ from aepsl.models.segnet import input_scale, load_segnet
 from aepsl.psl.loss import prohibitive_mask
 
 
-def fit(run: Path) -> dict[str, float]:
-    saved = yaml.safe_load((run / "config.yaml").read_text())["data"]
-    data = load_dataset(saved["format"], saved["root"], saved["empty_labels"])
+def fit(run: Path, limit: int | None = None) -> dict[str, float]:
+    saved_config = yaml.safe_load((run / "config.yaml").read_text())
+    saved = saved_config["data"]
+    data = load_dataset(
+        saved["format"], saved["root"], saved["empty_labels"], saved.get("mask_cache")
+    )
+    pseudo_labels = Path(saved_config.get("labels", {}).get("dir") or run / "labels")
     model = load_segnet(run / "train" / "model.pt").eval()
     nu_present, nu_absent, ratios = [], [], []
     above = picked = labelled = 0
-    for sample in data.split(saved["train_split"]):
+    for sample in data.split(saved["train_split"])[:limit]:
         image = torch.from_numpy(read_image(sample.image).copy()).permute(2, 0, 1).float() / 255
         size = tuple(image.shape[1:])
         # the image at the size the network trained at, as `aepsl predict` scales it
@@ -56,7 +63,7 @@ def fit(run: Path) -> dict[str, float]:
         nu_present += nu[present].tolist()
         nu_absent += nu[~present].tolist()
         mask = prohibitive_mask(scores, nu[None], present[None])[0]
-        pseudo = torch.from_numpy(read_index_png(run / "labels" / f"{sample.id}.png").astype(int))
+        pseudo = torch.from_numpy(read_index_png(pseudo_labels / f"{sample.id}.png").astype(int))
         for k in sample.labels:
             where = pseudo == k
             if not where.any():
@@ -66,6 +73,8 @@ def fit(run: Path) -> dict[str, float]:
             above += int((f_c > f_0).sum())
             picked += int((mask[where] == k).sum())
             ratios.append((f_c / (f_c + f_0).clamp(min=1e-12)).numpy())
+    if not nu_present:
+        raise SystemExit(f"{run}: no labelled train image to look at")
     return {
         "nu+": float(np.mean(nu_present)),
         "nu+ q10": float(np.quantile(nu_present, 0.1)),
@@ -79,12 +88,13 @@ def fit(run: Path) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="finished `aepsl run` folders")
+    parser.add_argument("--limit", type=int, help="the first N train images only")
     args = parser.parse_args()
     torch.set_num_threads(1)
     names = ("nu+", "nu+ q10", "nu-", "f_c > f_0", "S_hat = c", "median ratio")
     print(f"{'run':<60}" + "".join(f"{n:>14}" for n in names))
     for run in args.runs:
-        row = fit(run)
+        row = fit(run, args.limit)
         print(f"{run!s:<60}" + "".join(f"{row[n]:>14.3f}" for n in names))
 
 
