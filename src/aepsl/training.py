@@ -209,6 +209,12 @@ def epoch_loader(
     )
 
 
+def batches_per_epoch(images: int, batch_size: int) -> int:
+    """Batches an epoch of `images` makes: the incomplete last one is dropped, unless it is the
+    only one (fewer images than a batch)."""
+    return max(1, images // batch_size)
+
+
 def fit(trainer: Trainer, dataset: EpochDataset, plan: Plan) -> FitResult:
     """Train `plan.iterations` steps on `dataset` (resuming from `plan.checkpoint`)."""
     config, device = trainer.config, trainer.device
@@ -216,7 +222,7 @@ def fit(trainer: Trainer, dataset: EpochDataset, plan: Plan) -> FitResult:
     if on_main(plan.checkpoint.is_file):
         iteration = trainer.load_state_dict(load_checkpoint(plan.checkpoint))
         print(f"{plan.name}: resuming at iteration {iteration}/{plan.iterations}")
-    per_epoch = max(1, len(dataset) // plan.batch_size)
+    per_epoch = batches_per_epoch(len(dataset), plan.batch_size)
     writer = summary_writer(str(plan.tensorboard))
     bar = tqdm(
         total=plan.iterations,

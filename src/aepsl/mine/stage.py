@@ -70,7 +70,7 @@ from aepsl.runtime import (
     to_device,
     world_size,
 )
-from aepsl.training import Plan, Trainer, finish, fit, poly, sgd
+from aepsl.training import Plan, Trainer, batches_per_epoch, finish, fit, poly, sgd
 
 
 def run_mine(config: Config, out: Path) -> dict[str, Any]:
@@ -96,7 +96,7 @@ def run_mine(config: Config, out: Path) -> dict[str, Any]:
     trains = config.mine.steps > (1 if config.mine.step1_cams else 0)  # a classifier at all
     if trains and epochs > config.mine.epochs:
         classes = len({label for sample in train for label in sample.labels})
-        per_epoch = max(1, len(train) // config.mine.batch_size)
+        per_epoch = batches_per_epoch(len(train), config.mine.batch_size)
         print(
             f"mine: {epochs} epochs ({epochs * per_epoch} iterations) per step instead of "
             f"mine.epochs={config.mine.epochs}, so that the {classes} classes of the train "
@@ -244,10 +244,10 @@ def step_epochs(cfg: MineConfig, train: list[Sample]) -> int:
     classes = len({label for sample in train for label in sample.labels})
     if not labels:
         return cfg.epochs
-    # an epoch shows whole batches only (the incomplete last one is dropped), so about
-    # labels x shown / images labels an epoch; in integers, so a whole quotient stays whole
+    # an epoch shows whole batches only, so about labels x shown / images labels an epoch; in
+    # integers, so a whole quotient stays whole
     images = len(train)
-    shown = images // cfg.batch_size * cfg.batch_size if images >= cfg.batch_size else images
+    shown = min(images, batches_per_epoch(images, cfg.batch_size) * cfg.batch_size)
     needed = -(-cfg.min_positives * classes * images // (labels * shown))  # ceil
     return max(cfg.epochs, needed)
 
@@ -258,7 +258,7 @@ def classifier_plan(
     """`epochs` epochs over `images` training images, checkpointed every
     mine.checkpoint_every epochs."""
     cfg = config.mine
-    per_epoch = max(1, images // cfg.batch_size)
+    per_epoch = batches_per_epoch(images, cfg.batch_size)
     return Plan(
         name=f"step {step.number}",
         iterations=per_epoch * epochs,
