@@ -14,15 +14,17 @@ and the method's) and runs `aepsl run` into OUT/<cell>/seed<s>/<variant>:
 - before: the old defaults, `mine.cam_size=native train.upscale_small=false
   train.image_size=null` and the training length fixed at `train.iterations=400` (the
   demo's) instead of `train.epochs`;
-- nopsl:  (--psl-baseline) `after` with `train.psl=false`: the segmentation network trained on
-  the pseudo labels alone; it reuses after's mine/ and labels/ (copied), so only training runs.
+- psl / nopsl: (--psl-ablation) `after` with `train.psl` the other way round: `psl` (PSL on)
+  when the preset trains on the pseudo labels alone, as own_data.yaml does, `nopsl` (the pseudo
+  labels alone) when it trains with PSL; it reuses after's mine/ and labels/ (copied), so only
+  training runs.
 
 `--epochs-scale F` multiplies mine.epochs (rounded, at least 1), train.epochs, the preset's
 mine.min_positives and train.min_iterations, and before's 400 iterations. Each run folder skips
 its finished stages, so a re-run prints the table without recomputing finished cells; wall time
 is that of the run that computed it (OUT/.../time.json), marked * when that run reused mine/ and
-labels/ finished earlier with the same settings (nopsl always does): then it is train and
-predict only.
+labels/ finished earlier with the same settings (the PSL ablation always does): then it is
+train and predict only.
 
 Per cell and variant the table gives step-1 and union region precision / recall (train split),
 the pseudo labels' mIoU, val mIoU without / with CRF and wall time, as mean ± half the
@@ -33,8 +35,8 @@ difference of two seeds (mean ± half the range with more). Below it, per cell, 
   (linear between neighbouring thresholds) is compared with the union's recall. Erasing beat
   the threshold when the union's recall is higher in every seed and by a point (0.01) or more
   on average; lost, the reverse; else no clear difference.
-- PSL vs pseudo labels alone (with --psl-baseline): val mIoU with CRF of `after` minus that of
-  `nopsl`, per seed, called the same way.
+- PSL vs pseudo labels alone (with --psl-ablation): val mIoU with CRF of the run with PSL minus
+  that of the run without, per seed, called the same way.
 - collapse: a run whose val mIoU without CRF is at most the all-background score + 0.01 (every
   pixel predicted background, scored the same way), or whose val predictions give one class
   95% of the pixels (the health warning of that name).
@@ -113,6 +115,9 @@ def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
 
 
+PSL_RUNS = ("psl", "nopsl")  # the PSL ablation's run, named after its train.psl
+
+
 def variant_overrides(variant: str, scale: float, preset: Config) -> list:
     """`aepsl run` overrides of a variant, lengths multiplied by `scale`."""
     mine, train = preset.mine, preset.train
@@ -133,7 +138,7 @@ def variant_overrides(variant: str, scale: float, preset: Config) -> list:
         f"train.epochs={train.epochs * scale:g}",
         f"train.min_iterations={round(train.min_iterations * scale)}",
     ]
-    return after + (["train.psl=false"] if variant == "nopsl" else [])
+    return after + ([f"train.psl={str(variant == 'psl').lower()}"] if variant in PSL_RUNS else [])
 
 
 def make_data(cell: Cell, seed: int, n: int, root: Path) -> Path:
@@ -217,8 +222,8 @@ def run_variant(
 
 
 def copy_stages(src: Path, dst: Path) -> None:
-    """nopsl starts from after's mine/ and labels/ (same settings hash: skipped), once after
-    has finished: a copy of stages still being written would resume them in nopsl."""
+    """The PSL ablation starts from after's mine/ and labels/ (same settings hash: skipped),
+    once after has finished: a copy of stages still being written would resume them there."""
     if not (src / "train" / "metrics.json").is_file():
         return
     for stage in ("mine", "labels"):
@@ -376,11 +381,14 @@ def paired(differences: list[float], beat: str, lost: str, neither: str) -> str:
     return neither
 
 
-def verdicts(results: dict[Cell, dict[str, list]], seeds: list[int]) -> None:
+def verdicts(
+    results: dict[Cell, dict[str, list]], seeds: list[int], psl_pair: tuple[str, str]
+) -> None:
+    """The table's findings in words; `psl_pair`: the variants (with PSL, without)."""
     print("\nin words (a difference within the seed spread is not a finding):")
     for cell, variants in results.items():
         lines = []
-        for variant in ("before", "after", "nopsl"):
+        for variant in (v for v in variants if v != "gain"):
             rows = [r for r in variants.get(variant, []) if r]
             bad = [
                 (i, r)
@@ -411,10 +419,9 @@ def verdicts(results: dict[Cell, dict[str, list]], seeds: list[int]) -> None:
             )
         elif gains:
             lines.append("erasing vs threshold: no threshold reaches the union's precision")
-        after = [r for r in variants.get("after", []) if r]
-        nopsl = [r for r in variants.get("nopsl", []) if r]
-        if after and nopsl and len(after) == len(nopsl):
-            diffs = [a["crf"] - b["crf"] for a, b in zip(after, nopsl, strict=True)]
+        with_psl, alone = ([r for r in variants.get(v, []) if r] for v in psl_pair)
+        if with_psl and alone and len(with_psl) == len(alone):
+            diffs = [a["crf"] - b["crf"] for a, b in zip(with_psl, alone, strict=True)]
             word = paired(diffs, "PSL BEAT", "PSL LOST to", "no clear difference between PSL and")
             values = ", ".join(f"{d:+.3f}" for d in diffs)
             lines.append(f"{word} the pseudo labels alone (val mIoU with CRF: {values})")
@@ -443,10 +450,11 @@ def main() -> None:
     )
     parser.add_argument("--epochs-scale", type=float, default=1.0)
     parser.add_argument(
-        "--psl-baseline",
+        "--psl-ablation",
         action=argparse.BooleanOptionalAction,
         default=False,
-        help="also train on the pseudo labels alone (train.psl=false): one more training per run",
+        help="also train with train.psl the other way round (psl or nopsl): one more training "
+        "per run",
     )
     parser.add_argument("--no-before", action="store_true", help="skip the old defaults")
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each run")
@@ -475,7 +483,11 @@ def main() -> None:
             o for o in overrides if any(k in o for k in ("epochs", "iterations", "positives"))
         )
 
-    variants += ["nopsl"] if args.psl_baseline else []
+    # the PSL ablation flips the preset's train.psl; psl_pair: (with PSL, without)
+    ablation, psl_pair = (
+        ("nopsl", ("after", "nopsl")) if preset.train.psl else ("psl", ("psl", "after"))
+    )
+    variants += [ablation] if args.psl_ablation else []
     print(
         f"preset {PRESET.name}; {len(cells)} cell(s) x seeds {seeds} x {variants}; "
         f"n=max({args.n}, {args.images_per_class} x classes); lengths x{args.epochs_scale:g}: "
@@ -494,7 +506,7 @@ def main() -> None:
             floor = all_background_miou(data)
             for variant in variants:
                 run = base / variant
-                if variant == "nopsl" and not args.table_only:  # --table-only writes nothing
+                if variant == ablation and not args.table_only:  # --table-only writes nothing
                     copy_stages(base / "after", run)
                 overrides = [f"seed={seed}"]
                 overrides += variant_overrides(variant, args.epochs_scale, preset)
@@ -508,7 +520,7 @@ def main() -> None:
             if (after / "train" / "metrics.json").is_file():
                 results[cell]["gain"].append(sweep_gain(after, data))
     print_table(results, seeds)
-    verdicts(results, seeds)
+    verdicts(results, seeds, psl_pair)
 
 
 if __name__ == "__main__":
