@@ -80,3 +80,24 @@ def test_a_run_that_cannot_learn_says_so(folder_dataset, tmp_path, capsys, recwa
     assert "the run does NOT look healthy" in captured.out.splitlines()[-1]
     page = (out / "report.html").read_text()
     assert '<h2 id="health">Warnings</h2>' in page and "never appear in the pseudo labels" in page
+
+    # `aepsl predict` with that network: the split's classes never predicted, background nearly
+    # everywhere; on a folder of images (no image labels, no names) only the latter
+    model, common = (
+        str(out / "train" / "model.pt"),
+        [f"data.root={folder_dataset}", "crf.workers=1"],
+    )
+    for source, pred in (
+        (["--split", "val"], "split"),
+        (["--images", str(folder_dataset / "images")], "folder"),
+    ):
+        argv = ["predict", DEMO, "--checkpoint", model, *source, "--out", str(tmp_path / pred)]
+        assert main([*argv, *common]) == 0
+        found = json.loads((tmp_path / pred / "metrics.json").read_text())["warnings"]
+        assert [line.split(":")[0] for line in found] == ["predict"] * len(found)
+        assert any(
+            "of the pixels of the predictions are background: a collapse" in line for line in found
+        )
+        never = any("never appear in the predictions" in line for line in found)
+        assert never == (pred == "split")
+        assert all(line in [str(w.message) for w in recwarn] for line in found)

@@ -168,13 +168,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_predict(args: argparse.Namespace) -> None:
     from aepsl.data.datasets import load_dataset
+    from aepsl.health import check_folder
     from aepsl.inference.predict import (
         VOC_TEST_LAYOUT,
         images_in,
         predict_samples,
         write_voc_archive,
     )
-    from aepsl.io import file_digest
+    from aepsl.io import file_digest, write_json
     from aepsl.layout import check_out, mark_complete, settings_digest
     from aepsl.models.segnet import load_segnet
     from aepsl.runtime import is_main, on_main, prepare_model, select_device
@@ -195,6 +196,12 @@ def cmd_predict(args: argparse.Namespace) -> None:
         raise UserError(f"{args.out}: --out is the --images folder; write predictions elsewhere")
     device = select_device(config)
     model = load_segnet(args.checkpoint, config)  # built as the file says
+    # class names for the health check; a folder of images has none, nor image labels
+    names = (
+        data.classes
+        if args.split
+        else [f"label {k}" for k in range(1, model.classifier.out_channels)]
+    )
     model = prepare_model(model, config, device)
     out = _writable_out(args.out)
     target = out / VOC_TEST_LAYOUT if voc_test else out
@@ -217,6 +224,9 @@ def cmd_predict(args: argparse.Namespace) -> None:
         target if args.crf else None,
         sharded=True,
     )
+    # a class of the split's image labels never predicted, or one class nearly everywhere
+    found = on_main(check_folder, target, samples, names, "predict", "predictions")
+    on_main(write_json, out / "metrics.json", {"images": len(samples), "warnings": found})
     on_main(mark_complete, out, settings_digest(made_by))
     kept = f" ({before} already there for this checkpoint and settings)" if before else ""
     print(f"wrote {len(samples) - before} predictions to {target}{kept}")
