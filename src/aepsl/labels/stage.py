@@ -87,13 +87,7 @@ def run_labels(config: Config, out: Path) -> dict[str, Any]:
         "bg_threshold": config.labels.bg_threshold,
         "low_saliency": config.labels.low_saliency,
     }
-    if train and all(s.mask is not None for s in train):
-        metrics.update(evaluate_folder(run.labels, train, data.classes, "exclude"))
-        # What most papers print: unlabelled (255) pixels counted as background.
-        metrics["unlabelled_as_background"] = evaluate_folder(
-            run.labels, train, data.classes, "background"
-        )
-    metrics["warnings"] = check_folder(run.labels, train, data.classes, "labels", "pseudo labels")
+    metrics.update(_scores(run.labels, train, data.classes))
     write_json(run.labels_metrics, metrics)
     if metrics.get("mIoU") is not None:
         print(
@@ -116,13 +110,7 @@ def _external_labels(
         print(f"labels: finished for these settings in {run.labels}; skipped")
         return read_json(run.labels_metrics, run.redo("labels"))
     check_pseudo_labels(folder, train, data.num_classes)
-    metrics: dict[str, Any] = {"source": str(folder)}
-    if train and all(s.mask is not None for s in train):
-        metrics.update(evaluate_folder(folder, train, data.classes, "exclude"))
-        metrics["unlabelled_as_background"] = evaluate_folder(
-            folder, train, data.classes, "background"
-        )
-    metrics["warnings"] = check_folder(folder, train, data.classes, "labels", "pseudo labels")
+    metrics: dict[str, Any] = {"source": str(folder), **_scores(folder, train, data.classes)}
     write_json(run.labels_metrics, metrics)
     score = (
         f", mIoU {metrics['mIoU']:.3f} over labelled pixels ({metrics['labelled_fraction']:.1%} "
@@ -136,6 +124,18 @@ def _external_labels(
     )
     run.mark_complete("labels")
     return metrics
+
+
+def _scores(folder: Path, train: list[Sample], classes: list[str]) -> dict[str, Any]:
+    """The pseudo labels in `folder` scored against the train masks when every image has one
+    (over labelled pixels, and with unlabelled pixels as background: what most papers print),
+    and their health warnings."""
+    scores: dict[str, Any] = {}
+    if train and all(s.mask is not None for s in train):
+        scores.update(evaluate_folder(folder, train, classes, "exclude"))
+        scores["unlabelled_as_background"] = evaluate_folder(folder, train, classes, "background")
+    scores["warnings"] = check_folder(folder, train, classes, "labels", "pseudo labels")
+    return scores
 
 
 def _last_step_cams(config: Config, run: RunLayout) -> Path | None:
