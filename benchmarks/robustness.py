@@ -12,12 +12,13 @@ and the method's) and runs `aepsl run` into OUT/<cell>/seed<s>/<variant>:
 
 - after:  the preset as it is, plus `mine.save_cams=true` (for the threshold sweep);
 - before: the old defaults, `mine.cam_size=native train.upscale_small=false
-  train.image_size=null` and the training length fixed at `train.iterations=400` (the
-  demo's) instead of `train.epochs`;
+  train.image_size=null`, the training length fixed at `train.iterations=400` (the demo's)
+  instead of `train.epochs`, and PSL (`train.psl=true`);
 - psl / nopsl: (--psl-ablation) `after` with `train.psl` the other way round: `psl` (PSL on)
   when the preset trains on the pseudo labels alone, as own_data.yaml does, `nopsl` (the pseudo
   labels alone) when it trains with PSL; it reuses after's mine/ and labels/ (copied), so only
-  training runs.
+  training runs. An OUT made when the preset had PSL on holds `after` runs with PSL and
+  `nopsl` runs without: rename them `psl` and `after` to reuse them, or they are retrained.
 
 `--epochs-scale F` multiplies mine.epochs (rounded, at least 1), train.epochs, the preset's
 mine.min_positives and train.min_iterations, and before's 400 iterations. Each run folder skips
@@ -131,6 +132,7 @@ def variant_overrides(variant: str, scale: float, preset: Config) -> list:
             "train.upscale_small=false",
             "train.image_size=null",
             f"train.iterations={max(1, round(OLD_ITERATIONS * scale))}",
+            "train.psl=true",  # the old own-data preset trained with PSL
         ]
     after = [
         *common,
@@ -419,9 +421,10 @@ def verdicts(
             )
         elif gains:
             lines.append("erasing vs threshold: no threshold reaches the union's precision")
-        with_psl, alone = ([r for r in variants.get(v, []) if r] for v in psl_pair)
-        if with_psl and alone and len(with_psl) == len(alone):
-            diffs = [a["crf"] - b["crf"] for a, b in zip(with_psl, alone, strict=True)]
+        # paired by seed: a seed either run lacks is left out
+        pairs = zip(*(variants.get(v, []) for v in psl_pair), strict=False)
+        diffs = [a["crf"] - b["crf"] for a, b in pairs if a and b]
+        if diffs:
             word = paired(diffs, "PSL BEAT", "PSL LOST to", "no clear difference between PSL and")
             values = ", ".join(f"{d:+.3f}" for d in diffs)
             lines.append(f"{word} the pseudo labels alone (val mIoU with CRF: {values})")

@@ -41,6 +41,7 @@ from aepsl.data.datasets import Sample, load_image
 from aepsl.errors import UserError
 from aepsl.io import read_index_png, write_index_png
 from aepsl.models import build_classifier
+from aepsl.models.saved import model_record
 from aepsl.models.segnet import build_segnet
 
 DEMO = str(Path(__file__).parent.parent / "configs" / "demo_tiny.yaml")
@@ -1387,3 +1388,15 @@ def test_both_external_label_sources_in_a_config_file(capsys, tmp_path, data):
         f"aepsl data-info: error: {config}: config key 'labels.cams_dir': give labels.dir "
         "(finished pseudo labels) or labels.cams_dir, not both (got 'cams')"
     )
+
+
+def test_checkpoint_of_another_class_count_on_a_split(capsys, tmp_path, data):
+    """A network of 5 classes on a 2-class dataset would predict labels the dataset has not."""
+    path = tmp_path / "model.pt"
+    torch.save(model_record(build_segnet("tiny", "none", 5), "segnet", "tiny", 5), path)
+    out = tmp_path / "pred"
+    argv = ["predict", DEMO, f"data.root={data}", "--checkpoint", str(path), "--split", "train"]
+    refuse(
+        capsys, tmp_path, [*argv, "--out", str(out)], f"{path}: a network of 5 classes; ", "has 2"
+    )
+    assert not out.exists()

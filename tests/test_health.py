@@ -93,7 +93,7 @@ def test_a_run_that_cannot_learn_says_so(folder_dataset, tmp_path, capsys, recwa
     ):
         argv = ["predict", DEMO, "--checkpoint", model, *source, "--out", str(tmp_path / pred)]
         assert main([*argv, *common]) == 0
-        found = json.loads((tmp_path / pred / "metrics.json").read_text())["warnings"]
+        found = json.loads((tmp_path / pred / "health.json").read_text())["warnings"]
         assert [line.split(":")[0] for line in found] == ["predict"] * len(found)
         assert any(
             "of the pixels of the predictions are background: a collapse" in line for line in found

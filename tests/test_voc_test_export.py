@@ -46,8 +46,8 @@ def test_voc_test_folder_and_archive(model_and_images, tmp_path, crf):
     assert main([*args, "--format", "voc-test", *(["--crf"] if crf else [])]) == 0
     folder = out / VOC_TEST_LAYOUT
     assert sorted(p.name for p in folder.iterdir()) == [f"{i}.png" for i in IDS]  # no overlay/
-    # manifest: who made them; metrics: the health warnings
-    names = ["config.yaml", "manifest.json", "metrics.json", "results", "results.tgz"]
+    # manifest: who made them; health: the collapse warnings
+    names = ["config.yaml", "health.json", "manifest.json", "results", "results.tgz"]
     assert sorted(p.name for p in out.iterdir()) == names
     with tarfile.open(out / "results.tgz") as tar:
         members = tar.getmembers()

@@ -186,22 +186,23 @@ def cmd_predict(args: argparse.Namespace) -> None:
     voc_test = args.format == "voc-test"
     if voc_test:  # the server's folder holds index PNGs only
         config.predict.overlays = False
+    model = load_segnet(args.checkpoint, config)  # built as the file says
+    classes = model.classifier.out_channels - 1
     if args.images:
         samples = images_in(Path(args.images))
+        names = [f"label {k}" for k in range(1, classes + 1)]  # for the health check
     else:
         data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
-        samples = data.split(args.split)
+        samples, names = data.split(args.split), data.classes
+        if classes != data.num_classes:
+            raise UserError(
+                f"{args.checkpoint}: a network of {classes} classes; the dataset in "
+                f"{config.data.root} has {data.num_classes}"
+            )
     check_out(Path(args.out), config)
     if args.images and Path(args.out).resolve() == Path(args.images).resolve():
         raise UserError(f"{args.out}: --out is the --images folder; write predictions elsewhere")
     device = select_device(config)
-    model = load_segnet(args.checkpoint, config)  # built as the file says
-    # class names for the health check; a folder of images has none, nor image labels
-    names = (
-        data.classes
-        if args.split
-        else [f"label {k}" for k in range(1, model.classifier.out_channels)]
-    )
     model = prepare_model(model, config, device)
     out = _writable_out(args.out)
     target = out / VOC_TEST_LAYOUT if voc_test else out
@@ -226,7 +227,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     )
     # a class of the split's image labels never predicted, or one class nearly everywhere
     found = on_main(check_folder, target, samples, names, "predict", "predictions")
-    on_main(write_json, out / "metrics.json", {"images": len(samples), "warnings": found})
+    on_main(write_json, out / "health.json", {"images": len(samples), "warnings": found})
     on_main(mark_complete, out, settings_digest(made_by))
     kept = f" ({before} already there for this checkpoint and settings)" if before else ""
     print(f"wrote {len(samples) - before} predictions to {target}{kept}")

@@ -4,7 +4,7 @@ After `mine`, `labels`, `train` (its val predictions) and `predict`, the label m
 wrote are counted per class. Two faults are reported, one line each, with the most likely
 cause: a class present in the split's image labels that the stage never outputs, and one class
 taking (nearly) every pixel. The lines go to stderr as warnings, into the stage's
-metrics.json under "warnings", and to the top of the report.
+metrics.json (predict's: OUT/health.json) under "warnings", and to the top of the report.
 """
 
 from __future__ import annotations
@@ -31,6 +31,8 @@ CAUSES = {
     "(train.epochs or train.iterations, train.min_iterations, train.crop_size, "
     "model.seg_output_stride=8), or training crops that show a small part of large images "
     "(train.image_size), or pseudo labels without them (see the labels warnings)",
+    "predict": "a network that collapsed in training (see its run's health line), or images "
+    "unlike those it was trained on",
 }
 # added to the predictions' cause when the network was trained with PSL: where it does not fit
 # the pseudo labels, its own argmax (the prohibitive mask) pulls object pixels to background
