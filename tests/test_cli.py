@@ -58,8 +58,29 @@ def test_evaluate_writes_metrics_and_config(folder_dataset, tmp_path, capsys):
     assert "mIoU" in printed and "protocol:" in printed
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["mIoU"] == 1.0 and metrics["split"] == "val"
+    assert metrics["predictions"] == str(preds)
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["data"]["root"] == str(folder_dataset) and "torch" in saved["versions"]
+    # scoring again into the same folder replaces evaluate's own file
+    assert (
+        main(["evaluate", str(preds), DEMO, f"data.root={folder_dataset}", "--out", str(out)]) == 0
+    )
+
+
+def test_evaluate_keeps_a_stages_metrics(folder_dataset, tmp_path, capsys):
+    """`aepsl evaluate RUN/labels` would replace the labels stage's metrics.json (its scores
+    under two protocols and its health warnings): refused, the file kept, --out named."""
+    stage = tmp_path / "labels"
+    for name in ("img4", "img5"):
+        mask = read_index_png(folder_dataset / "masks" / f"{name}.png")
+        write_index_png(stage / f"{name}.png", mask)
+    own = '{"mIoU": 0.5, "warnings": []}\n'
+    (stage / "metrics.json").write_text(own)
+    assert main(["evaluate", str(stage), DEMO, f"data.root={folder_dataset}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("the metrics of another aepsl command; give --out DIR for the scores")
+    assert "\n" not in err and (stage / "metrics.json").read_text() == own
+    assert not (stage / "config.yaml").exists()
 
 
 def test_evaluate_missing_prediction(folder_dataset, tmp_path, capsys):

@@ -107,21 +107,27 @@ def cmd_data_info(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from aepsl.data.datasets import load_dataset
     from aepsl.evaluation import evaluate_folder, format_table
-    from aepsl.io import write_json
+    from aepsl.io import read_json, write_json
 
     config = _config(args)
     pred_dir = Path(args.pred_dir)
     if not pred_dir.is_dir():
         raise UserError(f"{pred_dir}: prediction folder not found")
     out = _writable_out(args.out or args.pred_dir)
+    target = out / "metrics.json"
+    # a stage's own metrics (e.g. RUN/labels/metrics.json, with its warnings) are not replaced
+    give_out = "give --out DIR for the scores"
+    if target.is_file() and "predictions" not in read_json(target, give_out):
+        raise UserError(f"{target}: the metrics of another aepsl command; {give_out}")
     data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
     split = args.split or config.data.val_split
     result = evaluate_folder(pred_dir, data.split(split), data.classes, args.pred_ignore)
     result["split"] = split
+    result["predictions"] = str(pred_dir)  # what was scored; marks the file as evaluate's
     print(format_table(result))
-    write_json(out / "metrics.json", result)
+    write_json(target, result)
     save_config(config, out)
-    print(f"wrote {out / 'metrics.json'}")
+    print(f"wrote {target}")
 
 
 def cmd_prepare_voc(args: argparse.Namespace) -> None:
