@@ -390,13 +390,11 @@ def verdicts(
     print("\nin words (a difference within the seed spread is not a finding):")
     for cell, variants in results.items():
         lines = []
-        for variant in (v for v in variants if v != "gain"):
-            rows = [r for r in variants.get(variant, []) if r]
-            bad = [
-                (i, r)
-                for i, r in enumerate(variants.get(variant, []))
-                if r and (r["collapsed"] or r["warnings"])
-            ]
+        for variant, runs in variants.items():
+            if variant == "gain":
+                continue
+            rows = [r for r in runs if r]
+            bad = [(i, r) for i, r in enumerate(runs) if r and (r["collapsed"] or r["warnings"])]
             for i, row in bad:
                 why = []
                 if row["val"] is None or row["val"] <= row["floor"] + COLLAPSE_MARGIN:
