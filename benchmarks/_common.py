@@ -1,7 +1,7 @@
 """Shared helpers of the benchmarks: configs, synthetic batches, interleaved timing, and the
 training steps of the two training stages.
 
-The steps are the stages' own (`aepsl.training.Trainer`, built by mine/stage.py's
+The steps are the stages' own (`aepsl.training.Trainer`, built by mine/train.py's
 `classifier_trainer` and psl/stage.py's `segnet_trainer`), so a benchmark times the step a
 real run takes; left out is what costs nothing next to a step: tqdm and TensorBoard logging.
 
@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from aepsl.config import Config, load_config
-from aepsl.mine import stage as mine_stage
+from aepsl.mine import train as mine_train
 from aepsl.models.segnet import build_segnet
 from aepsl.psl import stage as psl_stage
 from aepsl.runtime import prepare_model, seed_everything
@@ -87,11 +87,11 @@ def random_pseudo_labels(
 
 
 def classifier_trainer(config: Config, num_classes: int, device: torch.device) -> Trainer:
-    """A fresh classifier with the training step of `aepsl mine` (mine/stage.py); call
+    """A fresh classifier with the training step of `aepsl mine` (mine/train.py); call
     `.step([images, targets], iteration)`."""
     seed_everything(config.seed)
-    model = prepare_model(mine_stage.new_classifier(config, num_classes), config, device)
-    return mine_stage.classifier_trainer(model, config, device, steps=config.mine.epochs * 1000)
+    model = prepare_model(mine_train.new_classifier(config, num_classes), config, device)
+    return mine_train.classifier_trainer(model, config, device, steps=config.mine.epochs * 1000)
 
 
 def segnet_trainer(config: Config, num_classes: int, device: torch.device) -> Trainer:

@@ -54,7 +54,7 @@ from aepsl.data.datasets import load_dataset
 from aepsl.data.synth import make_synth
 from aepsl.layout import RunLayout
 from aepsl.mine.data import ErasedImages, mean_pixel
-from aepsl.mine.stage import classifier_plan, step_epochs
+from aepsl.mine.train import classifier_plan, step_epochs
 from aepsl.psl.data import PseudoLabelled
 from aepsl.psl.stage import segnet_plan
 from aepsl.runtime import select_device

@@ -41,7 +41,7 @@ from _common import (
 )
 
 from aepsl.mine.cam import normalise_cams
-from aepsl.mine.stage import compute_cams
+from aepsl.mine.extract import compute_cams
 from aepsl.models.classifier import CamClassifier
 from aepsl.runtime import autocast, select_device, to_device
 

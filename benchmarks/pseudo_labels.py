@@ -13,7 +13,7 @@ from pathlib import Path
 from aepsl.config import load_config
 from aepsl.io import write_index_png
 from aepsl.labels.stage import run_labels
-from aepsl.mine.stage import union_of_steps
+from aepsl.mine.extract import union_of_steps
 
 
 def union_run(source: Path, steps: int, scratch: Path, saliency_cache: Path) -> Path:

@@ -3,15 +3,14 @@
 import pytest
 import torch
 
+from aepsl.labelmap import CONFLICT
 from aepsl.mine.cam import (
-    CONFLICT,
     fill_erased,
     max_normalise,
     normalise_cams,
-    regions_to_label_map,
-    threshold_regions,
     union_label_maps,
 )
+from aepsl.regions import cams_to_regions, regions_to_label_map, threshold_regions
 
 
 def test_normalise_cams_relu_upsample_and_max_one():
@@ -87,3 +86,11 @@ def test_fill_erased_uses_mean_colour():
         torch.tensor([9, 8, 7], dtype=torch.uint8),
     )
     assert uint8[:, 0, 0].tolist() == [9, 8, 7]
+
+
+def test_cams_to_regions_thresholds_then_labels():
+    cams = torch.tensor([[[0.9, 0.2], [0.85, 0.0]], [[0.95, 0.1], [0.0, 1.0]]])
+    labels = cams_to_regions(cams, [2, 5], "relative", 0.8)
+    assert labels.tolist() == [[CONFLICT, 0], [2, 5]]
+    regions = threshold_regions(cams, "relative", 0.8)
+    assert torch.equal(labels, regions_to_label_map(regions, [2, 5]))

@@ -175,7 +175,7 @@ def test_step_line_when_nothing_was_mined():
 def test_min_positives_raises_the_epochs_it_trains(folder_dataset, tmp_path, capsys):
     """The floor reaches the plan: the step trains and records the raised length."""
     from aepsl.data.datasets import load_dataset
-    from aepsl.mine.stage import step_epochs
+    from aepsl.mine.train import step_epochs
 
     config = _config(folder_dataset, "mine.steps=1", "mine.min_positives=30")
     train = load_dataset("folder", folder_dataset).split("train")

@@ -14,17 +14,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
+from aepsl.labelmap import CONFLICT
 from aepsl.labels.fusion import background_from_cams, background_from_saliency, fuse_pseudo_label
 from aepsl.mine.cam import (
-    CONFLICT,
     fill_erased,
     max_normalise,
     normalise_cams,
-    regions_to_label_map,
-    threshold_regions,
     union_label_maps,
     upsample_relu,
 )
+from aepsl.regions import cams_to_regions, regions_to_label_map, threshold_regions
 
 SETTINGS = settings(max_examples=80, deadline=None)
 EPS = 1e-5  # max_normalise's default: peaks below it are not scaled up to 1
@@ -332,7 +331,7 @@ def test_pipeline_pseudo_labels_use_only_the_image_classes(k, steps, h, w, mode,
     for _ in range(steps):
         raw = data.draw(arrays(np.float32, (k, h, w), elements=activation))
         cams = max_normalise(torch.from_numpy(raw))
-        maps.append(regions_to_label_map(threshold_regions(cams, mode, threshold), ids))
+        maps.append(cams_to_regions(cams, ids, mode, threshold))
     union = fold_union(maps).numpy()
     saliency = data.draw(arrays(np.float32, union.shape, elements=unit))
     labels = fuse_pseudo_label(union, background_from_saliency(saliency, threshold))

@@ -10,7 +10,8 @@ from torch import nn
 
 from aepsl.config import load_config
 from aepsl.inference.predict import predict_probs
-from aepsl.mine.stage import compute_cams, step_epochs
+from aepsl.mine.extract import compute_cams
+from aepsl.mine.train import step_epochs
 from aepsl.models.segnet import input_scale
 from aepsl.psl.data import draw_crop
 from aepsl.psl.stage import with_length

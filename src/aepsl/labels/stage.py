@@ -36,7 +36,7 @@ from aepsl.labelmap import colourise
 from aepsl.labels.fusion import background_from_cams, background_from_saliency, fuse_pseudo_label
 from aepsl.labels.saliency import mbd_saliency
 from aepsl.layout import RunLayout, claim_folder, saliency_cache_digest
-from aepsl.mine.cam import regions_to_label_map, threshold_regions
+from aepsl.regions import cams_to_regions
 
 
 def run_labels(config: Config, out: Path) -> dict[str, Any]:
@@ -67,10 +67,12 @@ def run_labels(config: Config, out: Path) -> dict[str, Any]:
         if config.labels.cams_dir:  # one step of regions, thresholded as mine does
             shape = image_size(sample.image)
             own = image_cams(config.labels.cams_dir, sample, data.num_classes, shape)
-            found = threshold_regions(
-                torch.from_numpy(own), config.mine.threshold_mode, config.mine.threshold
-            )
-            regions = regions_to_label_map(found, list(sample.labels)).numpy()
+            regions = cams_to_regions(
+                torch.from_numpy(own),
+                list(sample.labels),
+                config.mine.threshold_mode,
+                config.mine.threshold,
+            ).numpy()
         else:
             regions = read_index_png(path)
         cams = None

@@ -6,14 +6,10 @@ Label-map encoding used throughout: 0 = nothing mined, k = class k mined, 255 = 
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
 
 from aepsl.labelmap import CONFLICT
-
-ThresholdMode = Literal["relative", "quantile"]
 
 
 def upsample_relu(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -30,35 +26,6 @@ def max_normalise(maps: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
 def normalise_cams(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """CAMs as the paper uses them: ReLU, upsampled to image size, max-normalised to [0, 1]."""
     return max_normalise(upsample_relu(maps, size))
-
-
-def threshold_regions(cams: torch.Tensor, mode: ThresholdMode, threshold: float) -> torch.Tensor:
-    """Boolean regions R of (..., H, W) normalised CAMs.
-
-    relative: pixels with H >= threshold (the top of the value range);
-    quantile: the top `threshold` fraction of pixels of each map by value.
-    Only positive activations can be mined, so an all-zero map yields no region.
-    """
-    positive = cams > 0
-    if mode == "relative":
-        return (cams >= threshold) & positive
-    if mode == "quantile":
-        if cams.numel() == 0:  # no classes (or no pixels): nothing to mine
-            return positive
-        flat = cams.flatten(-2).float()
-        cut = torch.quantile(flat, 1.0 - threshold, dim=-1, keepdim=True)
-        return (cams >= cut.unsqueeze(-1)) & positive
-    raise ValueError(f"unknown threshold mode {mode!r}")
-
-
-def regions_to_label_map(regions: torch.Tensor, class_ids: list[int]) -> torch.Tensor:
-    """(K, H, W) boolean regions of classes `class_ids` -> (H, W) uint8 label map."""
-    count = regions.sum(dim=0)
-    ids = torch.tensor(class_ids, dtype=torch.long, device=regions.device)
-    winner = ids[regions.int().argmax(dim=0)] if len(class_ids) else torch.zeros_like(count)
-    labels = torch.where(count == 1, winner, torch.zeros_like(winner))
-    labels = torch.where(count > 1, torch.full_like(labels, CONFLICT), labels)
-    return labels.to(torch.uint8)
 
 
 def union_label_maps(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ import torch
 
 from aepsl.data.datasets import Dataset, load_mask
 from aepsl.evaluation import region_scores
-from aepsl.mine.cam import ThresholdMode, regions_to_label_map, threshold_regions
+from aepsl.regions import ThresholdMode, cams_to_regions
 
 
 def sweep_step_cams(
@@ -29,7 +29,7 @@ def sweep_step_cams(
         cams = torch.from_numpy(stored["cams"].astype(np.float32))
         target = load_mask(sample, tuple(cams.shape[-2:]), data.num_classes)
         for row, threshold in enumerate(thresholds):
-            labels = regions_to_label_map(threshold_regions(cams, mode, threshold), keys)
+            labels = cams_to_regions(cams, keys, mode, threshold)
             totals[row] += region_scores(labels.numpy(), target)
     return [
         {

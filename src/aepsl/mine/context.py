@@ -1,0 +1,29 @@
+"""The values every part of the mine stage reads, built once per run."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from aepsl.config import Config
+from aepsl.data.datasets import Dataset, Sample
+from aepsl.layout import MineStep, RunLayout
+
+
+@dataclass(frozen=True)
+class MineContext:
+    """Stage-wide inputs: the settings, the dataset and its training split, the run folder, the
+    erasing fill colour (the training images' mean pixel) and the device."""
+
+    config: Config
+    data: Dataset
+    train: list[Sample]
+    run: RunLayout
+    fill: list[float]
+    device: torch.device
+
+    def erased_before(self, step: MineStep) -> list[Path]:
+        """The region folders of the steps before `step`: what its classifier sees erased."""
+        return [self.run.step(s).regions for s in range(1, step.number)]
