@@ -59,11 +59,11 @@ from aepsl.config import CrfConfig
 from aepsl.inference.crf import (
     crf_job,
     crf_labels_torch,
-    crf_params,
     crf_pool,
     dense_crf,
     dense_crf_torch,
 )
+from aepsl.inference.crf_params import CrfParams
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 
@@ -109,7 +109,7 @@ def make_data(args: argparse.Namespace) -> tuple[list[np.ndarray], list[np.ndarr
 
 def run_pool(images, probs, params, backend, pool=None):
     """What predict.py runs on the CPU: (image, probs) jobs, one per process of the pool."""
-    refine = crf_job(backend, **params)
+    refine = crf_job(backend, params)
     jobs = list(zip(images, probs, strict=True))
     return pool.map(refine, jobs) if pool else [refine(job) for job in jobs]
 
@@ -117,7 +117,7 @@ def run_pool(images, probs, params, backend, pool=None):
 def run_torch(images, probs, params, device="cpu", batch=1, threads=None):
     before = torch.get_num_threads()
     torch.set_num_threads(threads or before)
-    labels = crf_labels_torch(images, probs, device=device, batch=batch, **params)
+    labels = crf_labels_torch(images, probs, device=device, batch=batch, params=params)
     torch.set_num_threads(before)
     if str(device).startswith("cuda"):
         torch.cuda.synchronize()
@@ -137,7 +137,7 @@ def memory_child(args: argparse.Namespace) -> None:
     images, probs = make_data(args)
     count = args.batch if args.memory_child == "torch-cpu" else 1
     images, probs = images[:count], probs[:count]
-    params = crf_params(CrfConfig(iterations=args.iterations))
+    params = CrfParams.defaults(iterations=args.iterations)
     small = [im[:40, :50].copy() for im in images[:1]], [p[:, :40, :50].copy() for p in probs[:1]]
     if args.memory_child == "torch-cpu":
         run_torch(*small, params)  # warm-up: thread pools, allocator
@@ -181,11 +181,11 @@ def agreement_sweep() -> None:
     ):
         if (width, height) == (500, 375) and iterations != 10:
             continue  # VOC size at the default only: the sweep stays at a few minutes
-        params = crf_params(CrfConfig(iterations=iterations))
+        params = CrfParams.defaults(iterations=iterations)
         for i, image in enumerate(photographs(4, width, height)):
             prob = realistic_softmax(image, classes, i + 10 * classes, noise)
-            ref = dense_crf(image, prob, **params)
-            (mine,) = dense_crf_torch([image], [prob], **params)
+            ref = dense_crf(image, prob, params)
+            (mine,) = dense_crf_torch([image], [prob], params=params)
             cases += 1
             pixels += ref[0].size
             differ += int((ref.argmax(0) != mine.argmax(0)).sum())
@@ -226,7 +226,7 @@ def main() -> None:
         memory_child(args)
         return
 
-    params = crf_params(CrfConfig(iterations=args.iterations))
+    params = CrfParams.defaults(iterations=args.iterations)
     images, probs = make_data(args)
     n = len(images)
     print(
@@ -238,7 +238,7 @@ def main() -> None:
     pools = {backend: crf_pool(backend, args.workers) for backend in ("pydensecrf", "torch")}
     tiny = [(im[:20, :20], p[:, :20, :20]) for im, p in zip(images, probs, strict=True)]
     for backend, pool in pools.items():  # start the workers before timing
-        pool.map(crf_job(backend, **params), tiny[:1] * args.workers)
+        pool.map(crf_job(backend, params), tiny[:1] * args.workers)
     methods = {
         "pydensecrf-1": lambda: run_pool(images, probs, params, "pydensecrf"),
         f"pydensecrf-pool{args.workers}": lambda: run_pool(
@@ -295,10 +295,10 @@ def main() -> None:
         )
 
     # marginals: pydensecrf against torch-cpu, and how much the CRF changed the labels
-    mine = dense_crf_torch(images, probs, **params)
+    mine = dense_crf_torch(images, probs, params=params)
     worst, mean, changed = 0.0, [], []
     for image, prob, q in zip(images, probs, mine, strict=True):
-        ref = dense_crf(image, prob, **params)
+        ref = dense_crf(image, prob, params)
         worst = max(worst, float(np.abs(ref - q).max()))
         mean.append(float(np.abs(ref - q).mean()))
         changed.append(float(np.mean(ref.argmax(0) != prob.argmax(0))))

@@ -9,6 +9,7 @@ import pytest
 
 from aepsl.errors import UserError
 from aepsl.inference.crf import crf_labels, dense_crf
+from aepsl.inference.crf_params import CrfParams
 
 needs_crf = pytest.mark.skipif(
     importlib.util.find_spec("pydensecrf") is None, reason="the 'crf' extra is not installed"
@@ -42,9 +43,10 @@ def test_crf_gives_a_distribution_that_follows_the_colours():
 def test_crf_labels_is_picklable_and_is_the_argmax():
     image, probs, _ = two_halves(1)
     worker = pickle.loads(pickle.dumps(crf_labels))
-    labels = worker((image, probs), iterations=5)
+    params = CrfParams.defaults(iterations=5)
+    labels = worker((image, probs), params)
     assert labels.dtype == np.uint8
-    np.testing.assert_array_equal(labels, dense_crf(image, probs, iterations=5).argmax(axis=0))
+    np.testing.assert_array_equal(labels, dense_crf(image, probs, params).argmax(axis=0))
 
 
 def test_missing_pydensecrf_is_a_user_error(monkeypatch):

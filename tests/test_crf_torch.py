@@ -11,6 +11,7 @@ import torch
 from aepsl.errors import UserError
 from aepsl.inference import lattice as lat
 from aepsl.inference.crf import crf_labels_torch, dense_crf, dense_crf_torch, resolve_backend
+from aepsl.inference.crf_params import CrfParams
 from aepsl.inference.meanfield import mean_field
 
 needs_crf = pytest.mark.skipif(
@@ -128,8 +129,8 @@ def noisy_softmax(image: np.ndarray, classes: int = 4, seed: int = 0) -> np.ndar
 def test_torch_crf_agrees_with_pydensecrf_on_a_real_image():
     image = real_image()
     probs = noisy_softmax(image)
-    reference = dense_crf(image, probs, iterations=5)
-    (mine,) = dense_crf_torch([image], [probs], iterations=5)
+    reference = dense_crf(image, probs, CrfParams.defaults(iterations=5))
+    (mine,) = dense_crf_torch([image], [probs], params=CrfParams.defaults(iterations=5))
     assert mine.shape == reference.shape and mine.dtype == np.float32
     assert np.abs(mine - reference).max() < 1e-4
     assert (mine.argmax(0) == reference.argmax(0)).mean() >= 0.995
@@ -139,13 +140,13 @@ def test_torch_crf_agrees_with_pydensecrf_on_a_real_image():
 def test_a_batch_is_its_images_one_by_one():
     images = [real_image((40, 30)), real_image((33, 41))]
     probs = [noisy_softmax(images[0], seed=1), noisy_softmax(images[1], seed=2)]
-    params = {"iterations": 3, "bi_xy": 20.0, "bi_rgb": 10.0}
-    batch = dense_crf_torch(images, probs, **params)
+    params = CrfParams.defaults(iterations=3, bilateral_xy_std=20.0, bilateral_rgb_std=10.0)
+    batch = dense_crf_torch(images, probs, params=params)
     for image, prob, together in zip(images, probs, batch, strict=True):
-        (alone,) = dense_crf_torch([image], [prob], **params)
+        (alone,) = dense_crf_torch([image], [prob], params=params)
         np.testing.assert_allclose(together, alone, atol=1e-6)
         np.testing.assert_allclose(together.sum(0), 1, atol=1e-5)
-    labels = crf_labels_torch(images, probs, batch=2, **params)
+    labels = crf_labels_torch(images, probs, batch=2, params=params)
     assert [lab.dtype for lab in labels] == [np.uint8, np.uint8]
     for lab, together in zip(labels, batch, strict=True):
         np.testing.assert_array_equal(lab, together.argmax(0))
@@ -157,9 +158,11 @@ def test_tensor_batch_input():
     probs = noisy_softmax(image)
     images_t = torch.from_numpy(np.stack([image, other]))
     probs_t = torch.from_numpy(np.stack([probs, probs[::-1].copy()]))
-    out = mean_field(images_t, probs_t, iterations=2)
+    out = mean_field(images_t, probs_t, CrfParams.defaults(iterations=2))
     assert len(out) == 2 and out[0].shape == (4, 16, 24) and out[0].device == probs_t.device
-    listed = mean_field([image, other], [probs, probs[::-1].copy()], iterations=2)
+    listed = mean_field(
+        [image, other], [probs, probs[::-1].copy()], CrfParams.defaults(iterations=2)
+    )
     for a, b in zip(out, listed, strict=True):
         torch.testing.assert_close(a, b)
 
@@ -177,8 +180,8 @@ def test_backend_choice():
 def test_same_code_on_cuda():
     image = real_image((32, 24))
     probs = noisy_softmax(image)
-    (cpu,) = dense_crf_torch([image], [probs], iterations=3)
-    (gpu,) = dense_crf_torch([image], [probs], iterations=3, device="cuda")
+    (cpu,) = dense_crf_torch([image], [probs], params=CrfParams.defaults(iterations=3))
+    (gpu,) = dense_crf_torch([image], [probs], "cuda", CrfParams.defaults(iterations=3))
     np.testing.assert_allclose(gpu, cpu, atol=1e-4)
 
 

@@ -25,27 +25,14 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from aepsl.errors import UserError
+from aepsl.inference.crf_params import CrfParams
 
 if TYPE_CHECKING:
     import torch
 
-    from aepsl.config import CrfConfig
-
 BACKENDS = ("auto", "pydensecrf", "torch")
 # what `auto` takes on the CPU (on a GPU it takes torch), from benchmarks/bench_crf.py
 AUTO_CPU = "torch"
-
-
-def crf_params(config: CrfConfig) -> dict[str, float]:
-    """The keyword arguments of every CRF function here, from the `crf` config section."""
-    return {
-        "iterations": config.iterations,
-        "bi_w": config.bilateral_weight,
-        "bi_xy": config.bilateral_xy_std,
-        "bi_rgb": config.bilateral_rgb_std,
-        "pos_w": config.gaussian_weight,
-        "pos_xy": config.gaussian_xy_std,
-    }
 
 
 def pydensecrf_installed() -> bool:
@@ -68,19 +55,11 @@ def resolve_backend(backend: str, device: torch.device | str = "cpu") -> str:
     return AUTO_CPU
 
 
-def dense_crf(
-    image: np.ndarray,
-    probs: np.ndarray,
-    iterations: int = 10,
-    bi_w: float = 4,
-    bi_xy: float = 121,
-    bi_rgb: float = 5,
-    pos_w: float = 3,
-    pos_xy: float = 3,
-) -> np.ndarray:
+def dense_crf(image: np.ndarray, probs: np.ndarray, params: CrfParams | None = None) -> np.ndarray:
     """Refine (K, H, W) class probabilities of an (H, W, 3) uint8 image; returns (K, H, W)
     float32 marginals. Unary = -log(probs); pairwise = a Gaussian smoothness kernel plus an
-    appearance (bilateral) kernel, with the DeepLab-LargeFOV defaults."""
+    appearance (bilateral) kernel (default: the config's, DeepLab-LargeFOV's)."""
+    params = params or CrfParams.defaults()
     try:
         import pydensecrf.densecrf as dcrf
         from pydensecrf.utils import unary_from_softmax
@@ -89,32 +68,38 @@ def dense_crf(
     classes, height, width = probs.shape
     crf = dcrf.DenseCRF2D(width, height, classes)
     crf.setUnaryEnergy(unary_from_softmax(probs))
-    crf.addPairwiseGaussian(sxy=pos_xy, compat=pos_w)
+    crf.addPairwiseGaussian(sxy=params.gaussian_xy_std, compat=params.gaussian_weight)
     rgb = np.ascontiguousarray(image, dtype=np.uint8)
     if not rgb.flags.writeable:  # pydensecrf takes a writable buffer only
         rgb = rgb.copy()
-    crf.addPairwiseBilateral(sxy=bi_xy, srgb=bi_rgb, rgbim=rgb, compat=bi_w)
-    return np.asarray(crf.inference(iterations), dtype=np.float32).reshape(classes, height, width)
+    crf.addPairwiseBilateral(
+        sxy=params.bilateral_xy_std,
+        srgb=params.bilateral_rgb_std,
+        rgbim=rgb,
+        compat=params.bilateral_weight,
+    )
+    marginals = crf.inference(params.iterations)
+    return np.asarray(marginals, dtype=np.float32).reshape(classes, height, width)
 
 
-def crf_labels(job: tuple[np.ndarray, np.ndarray], **params: float) -> np.ndarray:
-    """(H, W) uint8 argmax of `dense_crf(image, probs, **params)` for `job = (image, probs)`;
-    for `Pool.map`, with `functools.partial(crf_labels, ...)` to change the parameters."""
+def crf_labels(job: tuple[np.ndarray, np.ndarray], params: CrfParams | None = None) -> np.ndarray:
+    """(H, W) uint8 argmax of `dense_crf(image, probs, params)` for `job = (image, probs)`;
+    for `Pool.map`, with `functools.partial(crf_labels, params=...)` to change the parameters."""
     image, probs = job
-    return dense_crf(image, probs, **params).argmax(axis=0).astype(np.uint8)
+    return dense_crf(image, probs, params).argmax(axis=0).astype(np.uint8)
 
 
 def dense_crf_torch(
     images: Sequence[np.ndarray],
     probs: Sequence[np.ndarray],
     device: torch.device | str = "cpu",
-    **params: float,
+    params: CrfParams | None = None,
 ) -> list[np.ndarray]:
     """`dense_crf` of each image with the torch backend, all in one batched mean field on
     `device`: (K, H, W) float32 marginals."""
     from aepsl.inference.meanfield import mean_field
 
-    return [q.cpu().numpy() for q in mean_field(images, probs, device=device, **params)]
+    return [q.cpu().numpy() for q in mean_field(images, probs, params, device)]
 
 
 def crf_labels_torch(
@@ -122,7 +107,7 @@ def crf_labels_torch(
     probs: Sequence[np.ndarray],
     device: torch.device | str = "cpu",
     batch: int | None = None,
-    **params: float,
+    params: CrfParams | None = None,
 ) -> list[np.ndarray]:
     """(H, W) uint8 CRF labels of each image with the torch backend, `batch` images per mean
     field (default: all of them on a GPU, one at a time on the CPU, where batching is no
@@ -136,7 +121,7 @@ def crf_labels_torch(
     labels = []
     for start in range(0, len(images), max(batch, 1)):
         refined = mean_field_labels(
-            images[start : start + batch], probs[start : start + batch], device=device, **params
+            images[start : start + batch], probs[start : start + batch], params, device
         )
         labels += [label.cpu().numpy() for label in refined]
     return labels
@@ -153,10 +138,12 @@ def _worker_setup(backend: str) -> None:
         torch.set_num_threads(1)
 
 
-def crf_labels_torch_job(job: tuple[np.ndarray, np.ndarray], **params: float) -> np.ndarray:
+def crf_labels_torch_job(
+    job: tuple[np.ndarray, np.ndarray], params: CrfParams | None = None
+) -> np.ndarray:
     """`crf_labels` with the torch backend on the CPU: for `Pool.map` in `crf_pool`."""
     image, probs = job
-    return crf_labels_torch([image], [probs], "cpu", 1, **params)[0]
+    return crf_labels_torch([image], [probs], "cpu", 1, params)[0]
 
 
 def crf_pool(backend: str, workers: int) -> Pool:
@@ -166,7 +153,7 @@ def crf_pool(backend: str, workers: int) -> Pool:
     )
 
 
-def crf_job(backend: str, **params: float):
+def crf_job(backend: str, params: CrfParams) -> functools.partial:
     """The picklable per-image function of `backend` for `crf_pool`: (image, probs) -> labels."""
     job = crf_labels_torch_job if backend == "torch" else crf_labels
-    return functools.partial(job, **params)
+    return functools.partial(job, params=params)

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from aepsl.inference import lattice as lat
+from aepsl.inference.crf_params import CrfParams
 
 UNARY_CLIP = 1e-5
 # the Gaussian kernel's lattice and normalisation per (height, width, std, device)
@@ -70,17 +71,15 @@ def _softmax(x: Tensor) -> Tensor:
     return torch.softmax(x, dim=1)
 
 
-def crf_operator(
-    images: Sequence[Tensor],
-    bi_w: float = 4,
-    bi_xy: float = 121,
-    bi_rgb: float = 5,
-    pos_w: float = 3,
-    pos_xy: float = 3,
-) -> lat.Operator:
+def crf_operator(images: Sequence[Tensor], params: CrfParams) -> lat.Operator:
     """The pairwise message of the CRF over the pixels of (H, W, 3) uint8 `images` (one
     device), concatenated in order: x -> sum_k w_k n_k filter_k(n_k x)."""
     device = images[0].device
+    bi_xy, bi_rgb, pos_xy = (
+        params.bilateral_xy_std,
+        params.bilateral_rgb_std,
+        params.gaussian_xy_std,
+    )
     cached = [_gaussian_lattice(im.shape[0], im.shape[1], pos_xy, device) for im in images]
     gaussian = lat.concat([lattice for lattice, _ in cached])
     gaussian_norm = torch.cat([norm for _, norm in cached])
@@ -105,15 +104,14 @@ def crf_operator(
     return lat.operator(
         [gaussian, bilateral],
         pre=norms,
-        post=[pos_w * norms[0], bi_w * norms[1]],
+        post=[params.gaussian_weight * norms[0], params.bilateral_weight * norms[1]],
     )
 
 
 def _refine(
     images: Sequence[np.ndarray | Tensor] | Tensor,
     probs: Sequence[np.ndarray | Tensor] | Tensor,
-    iterations: int,
-    kernels: dict[str, float],
+    params: CrfParams,
     device: torch.device | str | None,
 ) -> tuple[Tensor, list[tuple[int, int]]]:
     """The (P, K) marginals of all the pixels, image after image, and the images' sizes."""
@@ -127,7 +125,7 @@ def _refine(
     for im, p in zip(images_t, probs_t, strict=True):
         if p.shape[0] != classes or p.shape[1:] != im.shape[:2] or im.shape[2:] != (3,):
             raise ValueError(f"image {tuple(im.shape)} does not fit probabilities {tuple(p.shape)}")
-    message = crf_operator(images_t, **kernels)
+    message = crf_operator(images_t, params)
     # -U = log p, clipped as pydensecrf (on the (K, H*W) layout, then one transposition to
     # (P, K): a row per pixel, images one after the other). Softmax is shift invariant per row:
     # shifted so that the most likely class has -U = 0, -U + message lies in
@@ -140,7 +138,7 @@ def _refine(
     bound = float(message(torch.ones_like(neg_unary[:, :1])).max())
     normalise = _exp_normalise if bound < 60 else _softmax
     q = normalise(neg_unary.clone())
-    for _ in range(iterations):
+    for _ in range(params.iterations):
         q = normalise(message(q, add=neg_unary, out=q))
     return q, [(im.shape[0], im.shape[1]) for im in images_t]
 
@@ -148,15 +146,14 @@ def _refine(
 def mean_field(
     images: Sequence[np.ndarray | Tensor] | Tensor,
     probs: Sequence[np.ndarray | Tensor] | Tensor,
-    iterations: int = 10,
+    params: CrfParams | None = None,
     device: torch.device | str | None = None,
-    **kernels: float,
 ) -> list[Tensor]:
     """Refined (K, H, W) float32 marginals of each (H, W, 3) uint8 image with its (K, H, W)
     class probabilities (a list, or batched tensors (B, H, W, 3), (B, K, H, W)); all images in
     one mean field, on `device` (default: the device of the probabilities, else the CPU);
-    `kernels`: `crf_operator`'s weights and widths (default DeepLab-LargeFOV's)."""
-    q, sizes = _refine(images, probs, iterations, kernels, device)
+    `params`: iterations, kernel weights and widths (default: the config's, DeepLab-LargeFOV's)."""
+    q, sizes = _refine(images, probs, params or CrfParams.defaults(), device)
     out, start = [], 0
     for height, width in sizes:
         marginals = q[start : start + height * width].t()
@@ -168,12 +165,11 @@ def mean_field(
 def mean_field_labels(
     images: Sequence[np.ndarray | Tensor] | Tensor,
     probs: Sequence[np.ndarray | Tensor] | Tensor,
-    iterations: int = 10,
+    params: CrfParams | None = None,
     device: torch.device | str | None = None,
-    **kernels: float,
 ) -> list[Tensor]:
     """The (H, W) uint8 argmax of `mean_field` (classes < 256), without its transposition."""
-    q, sizes = _refine(images, probs, iterations, kernels, device)
+    q, sizes = _refine(images, probs, params or CrfParams.defaults(), device)
     labels = q.max(1).indices.to(torch.uint8)  # the first maximum, as argmax; twice as fast
     out, start = [], 0
     for height, width in sizes:

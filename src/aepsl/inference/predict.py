@@ -27,12 +27,12 @@ from aepsl.health import PSL_CAUSE, check_folder
 from aepsl.inference.crf import (
     crf_job,
     crf_labels_torch,
-    crf_params,
     crf_pool,
     dense_crf,
     pydensecrf_installed,
     resolve_backend,
 )
+from aepsl.inference.crf_params import CrfParams
 from aepsl.io import (
     atomic_path,
     file_digest,
@@ -154,8 +154,8 @@ def predict_samples(
     in_process = backend == "torch" and (device.type != "cpu" or config.crf.workers == 1)
     if crf_dir is not None and not in_process and config.crf.workers > 1:
         pool = crf_pool(backend, config.crf.workers)
-    params = crf_params(config.crf)
-    refine = crf_job(backend, **params)
+    params = CrfParams.from_config(config.crf)
+    refine = crf_job(backend, params)
     bar = tqdm(
         total=len(todo), desc="predict", unit="img", dynamic_ncols=True, disable=not is_main()
     )
@@ -167,7 +167,7 @@ def predict_samples(
                 for sample, image, prob in zip(chunk, images, probs, strict=True):
                     _write(plain_dir, sample.id, image, prob.argmax(0).astype(np.uint8), config)
             if crf_dir is not None and in_process:  # GPU (batched), or crf.workers=1
-                refined = crf_labels_torch(images, probs, device, **params)
+                refined = crf_labels_torch(images, probs, device, params=params)
             elif crf_dir is not None:
                 jobs = list(zip(images, probs, strict=True))
                 refined = pool.map(refine, jobs) if pool else [refine(job) for job in jobs]
