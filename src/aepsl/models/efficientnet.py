@@ -27,7 +27,7 @@ from torch import nn
 
 from aepsl.errors import UserError
 from aepsl.io import load_checkpoint
-from aepsl.models.backbones import IMAGENET_MEAN, IMAGENET_STD
+from aepsl.models.normalisation import IMAGENET_MEAN, IMAGENET_STD
 
 TIMM_ARCH = "tf_efficientnet_lite0"
 OUT_CHANNELS = 320  # the last block's channels; the 1x1 head conv (1280) is not part of it

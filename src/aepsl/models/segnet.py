@@ -80,12 +80,9 @@ def input_scale(height: int, width: int, size: int = 0, min_side: int = 0) -> fl
     return scale
 
 
-FC6_DILATION_AT_STRIDE_8 = 12  # LargeFOV's; scaled with the stride to keep the field of view
-
-
 def effective_stride(backbone: str, output_stride: int) -> int:
     """The output stride a backbone is built at: as asked, but the tiny net is always 8."""
-    return 8 if backbone_spec(backbone).native_stride == 8 else output_stride
+    return backbone_spec(backbone).stride(output_stride)
 
 
 def build_segnet(backbone: str, weights: str, num_classes: int, output_stride: int = 8) -> SegNet:
@@ -96,9 +93,7 @@ def build_segnet(backbone: str, weights: str, num_classes: int, output_stride: i
     EfficientNet-Lite0, coarser scores). `tiny` is always 8."""
     spec = backbone_spec(backbone)
     output_stride = effective_stride(backbone, output_stride)
-    trunk = build_trunk(
-        backbone, weights, output_stride, FC6_DILATION_AT_STRIDE_8 * 8 // output_stride
-    )
+    trunk = build_trunk(backbone, weights, output_stride)
     normalise = Normalise(spec.mean, spec.std)
     return SegNet(
         trunk.features,

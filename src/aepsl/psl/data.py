@@ -25,7 +25,7 @@ from aepsl.data.datasets import Sample, load_image
 from aepsl.errors import UserError
 from aepsl.io import read_index_png
 from aepsl.labelmap import IGNORE
-from aepsl.models.backbones import IMAGENET_MEAN
+from aepsl.models.normalisation import IMAGENET_MEAN
 from aepsl.models.segnet import input_scale
 
 MEAN_RGB = [round(255 * m) for m in IMAGENET_MEAN]
