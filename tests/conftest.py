@@ -46,3 +46,18 @@ def make_folder_dataset(root: Path, n: int = 6, size: int = 32, seed: int = 0) -
 @pytest.fixture
 def folder_dataset(tmp_path: Path) -> Path:
     return make_folder_dataset(tmp_path / "data")
+
+
+@pytest.fixture
+def cwd(tmp_path, monkeypatch) -> Path:
+    """Run from an empty folder inside tmp_path, so stray relative writes would be seen."""
+    folder = tmp_path / "cwd"
+    folder.mkdir()
+    monkeypatch.chdir(folder)
+    return folder
+
+
+@pytest.fixture
+def data(tmp_path, cwd) -> Path:
+    """make_folder_dataset in tmp_path/data, run from `cwd` (the bad-input tests' dataset)."""
+    return make_folder_dataset(tmp_path / "data")

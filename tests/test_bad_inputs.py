@@ -15,7 +15,6 @@ Already covered elsewhere with these assertions, so not repeated here:
 from __future__ import annotations
 
 import builtins
-import gc
 import io
 import os
 import pickle
@@ -33,7 +32,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import make_folder_dataset
+from helpers import DEMO, WritesMarker, check, refuse, snapshot
+from helpers import TINY_MINE as TINY
 from PIL import Image
 
 from aepsl.cli import main
@@ -44,77 +44,12 @@ from aepsl.models import build_classifier
 from aepsl.models.saved import model_record
 from aepsl.models.segnet import build_segnet
 
-DEMO = str(Path(__file__).parent.parent / "configs" / "demo_tiny.yaml")
-TINY = ["mine.epochs=1", "data.image_size=32", "mine.batch_size=4", "precision=fp32"]
 # Checkpoint messages: today's wording, or the clearer one proposed in docs/bad_inputs.md.
 UNREADABLE = re.compile(r"not a (loadable weights-only|readable PyTorch) checkpoint")
 REFUSED = re.compile(r"not a loadable weights-only checkpoint|refused: loading it would run")
 
 
 # ------------------------------------------------------------------ helpers
-
-
-def snapshot(folder: Path, skip: Path | None = None) -> dict[str, bytes | None]:
-    """Every file (its bytes) and folder (None) under `folder`, less the `skip` subtree."""
-    tree: dict[str, bytes | None] = {}
-    for path in sorted(folder.rglob("*")):
-        if skip is not None and (path == skip or skip in path.parents):
-            continue
-        tree[str(path.relative_to(folder))] = path.read_bytes() if path.is_file() else None
-    return tree
-
-
-@pytest.fixture
-def cwd(tmp_path, monkeypatch) -> Path:
-    """Run from an empty folder inside tmp_path, so stray relative writes would be seen."""
-    folder = tmp_path / "cwd"
-    folder.mkdir()
-    monkeypatch.chdir(folder)
-    return folder
-
-
-@pytest.fixture
-def data(tmp_path, cwd) -> Path:
-    return make_folder_dataset(tmp_path / "data")
-
-
-def refuse(
-    capsys,
-    tmp_path: Path,
-    argv: list[str],
-    *fragments: str,
-    out: Path | None = None,
-    tolerate: tuple[type[Warning], ...] = (),
-    progress: bool = False,
-) -> str:
-    """Run the CLI and check the bad-input contract; returns the error line. With `progress`,
-    the lines of a stage's progress bar (redrawn with \\r, ended before the error) are not
-    counted."""
-    before = snapshot(tmp_path, skip=out)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        code = main(argv)
-        gc.collect()  # an unclosed file would warn here
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.splitlines()
-    if progress:
-        lines = [line for line in lines if line.strip() and "%|" not in line]
-    assert len(lines) == 1, err
-    line = lines[0]
-    assert line.startswith(f"aepsl {argv[0]}: error: "), line
-    assert err.endswith(f"{line}\n") and f"\r{line}" not in err, err  # a line of its own
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in line, line
-    assert [str(w.message) for w in caught if not issubclass(w.category, tolerate)] == []
-    assert snapshot(tmp_path, skip=out) == before, "something was written outside --out"
-    return line
-
-
-def check(capsys, tmp_path: Path, root: Path, *fragments: str, extra: tuple = (), **kw) -> str:
-    argv = ["data-info", DEMO, f"data.root={root}", *extra, "--check"]
-    return refuse(capsys, tmp_path, argv, *fragments, **kw)
 
 
 def rewrite_csv(root: Path, rows: list[str]) -> None:
@@ -451,16 +386,6 @@ class Custom:
 
     def __init__(self) -> None:
         self.value = 1
-
-
-class WritesMarker:
-    """Unpickling this opens (creates) `path`: code execution if the loader allows it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = str(path)
-
-    def __reduce__(self):
-        return (open, (self.path, "w"))
 
 
 def predict(capsys, tmp_path: Path, data: Path, checkpoint: Path, *fragments: str) -> str:

@@ -3,15 +3,13 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import yaml
+from helpers import DEMO
 
 from aepsl.cli import main
 from aepsl.io import read_index_png, write_index_png
-
-DEMO = str(Path(__file__).parent.parent / "configs" / "demo_tiny.yaml")
 
 
 def test_data_info(folder_dataset, capsys):

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import DEMO
 from PIL import Image
 
 from aepsl.cli import main
@@ -21,7 +22,6 @@ from aepsl.io import read_index_png
 
 pytest.importorskip("pycocotools")
 
-DEMO = str(Path(__file__).parent.parent / "configs" / "demo_tiny.yaml")
 W, H = 32, 24
 PERSON, CAR, TOOTHBRUSH = 1, 2, 3  # category ids 1, 3, 90 sorted
 

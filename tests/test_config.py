@@ -2,12 +2,11 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import CONFIGS, DEMO
 
 from aepsl.config import load_config, save_config
 from aepsl.errors import UserError
 from aepsl.layout import training_settings
-
-CONFIGS = Path(__file__).parent.parent / "configs"
 
 
 @pytest.mark.parametrize(
@@ -20,7 +19,7 @@ def test_presets_load(name):
 
 def test_overrides_apply_with_yaml_types():
     config = load_config(
-        CONFIGS / "demo_tiny.yaml",
+        DEMO,
         ["mine.steps=4", "data.root=/x", "mine.cam_flip=true", "mine.cam_scales=[1.0, 0.5]"],
     )
     assert config.mine.steps == 4
@@ -82,7 +81,7 @@ def test_yaml_is_loaded_safely(tmp_path):
 
 
 def test_saved_config_has_versions_and_round_trips(tmp_path):
-    config = load_config(CONFIGS / "demo_tiny.yaml", ["mine.steps=2"])
+    config = load_config(DEMO, ["mine.steps=2"])
     path = save_config(config, tmp_path)
     saved = yaml.safe_load(path.read_text())
     assert set(saved["versions"]) >= {"aepsl", "torch", "torchvision"}

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import DEMO, TINY_MINE, TINY_TRAIN, overrides
 
 from aepsl import runtime
 from aepsl.errors import UserError
@@ -18,19 +19,14 @@ from aepsl.models.saved import read_model_file
 from aepsl.runtime import per_rank_batch, shard_batches
 from aepsl.training import EpochSampler
 
-DEMO = str(Path(__file__).parent.parent / "configs" / "demo_tiny.yaml")
-TINY = [
+TINY = overrides(
+    TINY_MINE,
+    TINY_TRAIN,
     "mine.epochs=2",
-    "data.image_size=32",
-    "mine.batch_size=4",
     "mine.visualise=2",
-    "train.iterations=4",
-    "train.crop_size=32",
     "train.batch_size=4",
     "train.checkpoint_every=2",
-    "precision=fp32",
-    "crf.workers=1",
-]
+)
 # `python -m aepsl`, except that the classifier's dropout is off: dropout draws from each
 # process's own generator, so its masks cannot match between 1 and 2 processes (documented);
 # with it off, everything else must match.

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import DEMO, TINY_MINE, TINY_TRAIN, overrides
 
 from aepsl.cli import main
 from aepsl.config import load_config
@@ -18,16 +19,8 @@ from aepsl.external import check_pseudo_labels, read_cam_file, safe_load_npy
 from aepsl.io import read_index_png, write_index_png
 from aepsl.layout import stage_digests
 
-DEMO = str(Path(__file__).parent.parent / "configs" / "demo_tiny.yaml")
-MINE = ["mine.epochs=2", "data.image_size=32", "mine.batch_size=4", "precision=fp32"]
-TRAIN = [
-    "train.iterations=4",
-    "train.crop_size=32",
-    "train.batch_size=2",
-    "train.checkpoint_every=2",
-    "precision=fp32",
-    "crf.workers=1",
-]
+MINE = overrides(TINY_MINE, "mine.epochs=2")
+TRAIN = overrides(TINY_TRAIN, "train.checkpoint_every=2")
 TRAIN_IDS = [f"img{i}" for i in range(6)]  # make_folder_dataset(n=8): img6, img7 are val
 
 

@@ -3,14 +3,13 @@ pixel, are one-line warnings, recorded in metrics.json, shown in the report, and
 ends with a line saying whether the run looks healthy."""
 
 import json
-from pathlib import Path
 
 import numpy as np
+from helpers import DEMO
 
 from aepsl.cli import main
 from aepsl.health import PSL_CAUSE, collapse_warnings, verdict
 
-DEMO = str(Path(__file__).parent.parent / "configs" / "demo_tiny.yaml")
 NAMES = ["cat", "dog", "cow"]
 
 

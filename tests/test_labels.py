@@ -5,6 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import DEMO
 
 from aepsl.cli import main
 from aepsl.io import read_index_png, write_index_png
@@ -44,9 +45,6 @@ def _fake_mine(root: Path, out: Path) -> None:
         regions = np.where(mask == 255, 0, mask)
         regions[:, ::2] = 0
         write_index_png(out / "mine" / "regions" / mask_path.name, regions)
-
-
-DEMO = str(Path(__file__).parent.parent / "configs" / "demo_tiny.yaml")
 
 
 @pytest.mark.parametrize("source", ["builtin", "dir"])

@@ -2,11 +2,11 @@
 
 import json
 import re
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import DEMO, TINY_MINE, overrides
 
 from aepsl.cli import main
 from aepsl.config import load_config
@@ -15,8 +15,7 @@ from aepsl.mine.stage import run_mine
 from aepsl.models import build_classifier
 from aepsl.models.saved import read_model_file
 
-DEMO = Path(__file__).parent.parent / "configs" / "demo_tiny.yaml"
-TINY = ["mine.epochs=2", "data.image_size=32", "mine.batch_size=4", "precision=fp32"]
+TINY = overrides(TINY_MINE, "mine.epochs=2")
 
 
 def _config(root, *extra):

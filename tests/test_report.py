@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import DEMO, TINY_MINE, TINY_TRAIN, overrides
 from PIL import Image
 
 from aepsl.cli import main
@@ -19,21 +20,17 @@ from aepsl.inference.predict import crf_available, predict_report_images
 from aepsl.models.segnet import load_segnet
 from aepsl.report import read_scalars, svg_chart, write_report
 
-DEMO = str(Path(__file__).parent.parent / "src" / "aepsl" / "configs" / "demo_tiny.yaml")
 STEPS = 3
 VISUALISE = 2
-TINY = [
+# No train.checkpoint_every: the preset's, so no checkpoint before the last iteration.
+TINY = overrides(
+    TINY_MINE,
+    TINY_TRAIN,
     "mine.epochs=2",
     f"mine.steps={STEPS}",
     f"mine.visualise={VISUALISE}",
-    "data.image_size=32",
-    "mine.batch_size=4",
     "train.iterations=6",
-    "train.crop_size=32",
-    "train.batch_size=2",
-    "precision=fp32",
-    "crf.workers=1",
-]
+)
 SECTIONS = [
     "Run",
     "Stage 1: adversarial erasing",

@@ -12,24 +12,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import DEMO, TINY_MINE, TINY_TRAIN, overrides
 
 from aepsl.cli import main
 from aepsl.io import read_index_png
 from aepsl.models.saved import read_model_file
 
-DEMO = str(Path(__file__).parent.parent / "configs" / "demo_tiny.yaml")
-TINY = [
+# Larger than the other tiny runs: 48-pixel images, 4 epochs, 24 iterations.
+TINY = overrides(
+    TINY_MINE,
+    TINY_TRAIN,
     "mine.epochs=4",
     "data.image_size=48",
-    "mine.batch_size=4",
     "mine.visualise=2",
     "train.iterations=24",
     "train.crop_size=48",
     "train.batch_size=4",
     "train.checkpoint_every=4",
-    "precision=fp32",
-    "crf.workers=1",
-]
+)
 
 
 def _command(root: Path, out: Path, *extra: str) -> list[str]:

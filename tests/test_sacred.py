@@ -11,22 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import DEMO, TINY_MINE, TINY_TRAIN, overrides
 
 from aepsl.cli import main
 
-DEMO = str(Path(__file__).parent.parent / "configs" / "demo_tiny.yaml")
-TINY = [
-    "mine.epochs=1",
-    "mine.steps=2",
-    "data.image_size=32",
-    "mine.batch_size=4",
-    "train.iterations=4",
-    "train.crop_size=32",
-    "train.batch_size=2",
-    "train.checkpoint_every=2",
-    "precision=fp32",
-    "crf.workers=1",
-]
+TINY = overrides(TINY_MINE, TINY_TRAIN, "mine.steps=2", "train.checkpoint_every=2")
 
 
 def _tree(root: Path) -> dict[str, str]:

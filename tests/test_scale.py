@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import DEMO_FULL
 from torch import nn
 
 from aepsl.config import load_config
@@ -144,9 +145,9 @@ def test_length_in_epochs_scales_with_the_data():
     assert with_length(config, 1200).train.iterations == 1500
     assert with_length(config, 3).train.iterations == 4  # round(3.75)
     assert with_length(load_config(None), 180).train.iterations == 6000  # no epochs: as given
-    demo = load_config("configs/demo.yaml")
+    demo = load_config(DEMO_FULL)
     assert with_length(demo, 180).train.iterations == 400  # the demo's measured length
-    by_hand = load_config("configs/demo.yaml", ["train.iterations=50"])
+    by_hand = load_config(DEMO_FULL, ["train.iterations=50"])
     assert by_hand.train.epochs is None and with_length(by_hand, 180).train.iterations == 50
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from helpers import DEMO, TINY_TRAIN, overrides
 
 from aepsl import training
 from aepsl.cli import main
@@ -16,15 +17,7 @@ from aepsl.io import read_index_png
 from aepsl.models.saved import read_model_file
 from aepsl.psl.stage import run_train
 
-DEMO = str(Path(__file__).parent.parent / "configs" / "demo_tiny.yaml")
-TINY = [
-    "train.iterations=6",
-    "train.crop_size=32",
-    "train.batch_size=2",
-    "train.checkpoint_every=2",
-    "precision=fp32",
-    "crf.workers=1",
-]
+TINY = overrides(TINY_TRAIN, "train.iterations=6", "train.checkpoint_every=2")
 
 
 def _with_pseudo_labels(root: Path, out: Path) -> Path:
