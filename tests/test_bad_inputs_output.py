@@ -1,0 +1,97 @@
+"""Output that cannot be written, through the command line, and writes that survive a
+power cut (fsync, rename, fsync of the folder).
+
+The contract of each refusal (exit status 2, exactly one line on stderr naming the file or
+config key and the problem, no traceback, no warning, nothing written outside `--out`) is
+checked by helpers.refuse; docs/bad_inputs.md is the table.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import numpy as np
+import pytest
+import torch
+from helpers import DEMO, refuse
+from helpers import TINY_MINE as TINY
+
+from aepsl.io import write_index_png
+
+# ------------------------------------------------------------------ output folder
+
+
+@pytest.mark.parametrize("under", [False, True], ids=["out-is-a-file", "out-under-a-file"])
+def test_output_folder_that_cannot_be_written(capsys, tmp_path, data, under):
+    """Extends tests/test_cli.py::test_output_folder_not_writable with the full contract."""
+    blocker = tmp_path / "results"
+    blocker.write_text("keep me")
+    out = blocker / "run" if under else blocker
+    argv = ["mine", DEMO, f"data.root={data}", *TINY, "--out", str(out)]
+    problem = "is not writable" if under else "is an existing file, not a folder"
+    refuse(capsys, tmp_path, argv, f"{out}: output folder {problem}")
+    assert blocker.read_text() == "keep me"
+
+
+@pytest.mark.skipif(
+    hasattr(os, "geteuid") and os.geteuid() == 0,
+    reason="root writes through chmod 0o500; the file cases above cover the refusal",
+)
+def test_output_folder_without_write_permission(capsys, tmp_path, data):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        argv = ["mine", DEMO, f"data.root={data}", *TINY, "--out", str(locked / "run")]
+        refuse(capsys, tmp_path, argv, f"{locked / 'run'}: output folder is not writable")
+    finally:
+        locked.chmod(0o700)
+
+
+# ------------------------------------------------------------------ issue 15: durability
+
+
+@pytest.mark.parametrize("writer", ["write_json", "write_text", "write_index_png", "checkpoint"])
+def test_atomic_writes_reach_the_disk_before_the_rename(tmp_path, monkeypatch, writer):
+    """fsync(file), then rename, then fsync(folder): a power cut leaves the old file or the
+    whole new one, never an empty one."""
+    import aepsl.io as aepsl_io
+
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd: int) -> None:
+        events.append("fsync folder" if stat.S_ISDIR(os.fstat(fd).st_mode) else "fsync file")
+        real_fsync(fd)
+
+    def replace(src, dst) -> None:
+        events.append("rename")
+        real_replace(src, dst)
+
+    monkeypatch.setattr(aepsl_io.os, "fsync", fsync)
+    monkeypatch.setattr(aepsl_io.os, "replace", replace)
+    target = tmp_path / "out" / "file"
+    {
+        "write_json": lambda: aepsl_io.write_json(target, {"a": 1}),
+        "write_text": lambda: aepsl_io.write_text(target, "text"),
+        "write_index_png": lambda: write_index_png(target, np.zeros((4, 4), np.uint8)),
+        "checkpoint": lambda: aepsl_io.save_checkpoint(target, {"w": torch.zeros(2)}),
+    }[writer]()
+    assert events == ["fsync file", "rename", "fsync folder"]
+    assert target.stat().st_size > 0
+    assert [p.name for p in target.parent.iterdir()] == ["file"]
+
+
+def test_failed_atomic_write_is_not_synced_nor_renamed(tmp_path, monkeypatch):
+    import aepsl.io as aepsl_io
+
+    events: list[str] = []
+    monkeypatch.setattr(aepsl_io.os, "fsync", lambda fd: events.append("fsync"))
+    target = tmp_path / "file"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), aepsl_io.atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("interrupted")
+    assert events == [] and target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["file"]
