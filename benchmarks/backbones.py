@@ -49,7 +49,7 @@ def main() -> None:
         run = args.out / name
         run_mine(config, run)
         labels[name] = run_labels(config, run)
-        data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
+        data = load_dataset(config.data)
         cams = run / "mine" / "step1" / "cams"
         sweeps[name] = sweep_step_cams(data, config.data.train_split, cams, THRESHOLDS)
         unions[name] = union_points(run / "mine" / "metrics.json")

@@ -65,7 +65,7 @@ TARGET = 3.0
 
 def mine_loaders(config: Config, root: Path, work: Path, erase_steps: int, device):
     """(dataset, epoch -> DataLoader) as mine/stage.py `_train_step` builds them."""
-    data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
+    data = load_dataset(config.data)
     train = data.split(config.data.train_split)
     run = RunLayout(work, config)
     previous = []
@@ -82,7 +82,7 @@ def mine_loaders(config: Config, root: Path, work: Path, erase_steps: int, devic
 
 def psl_loaders(config: Config, root: Path, work: Path, device):
     """(dataset, epoch -> DataLoader) as psl/stage.py `run_train` builds them."""
-    data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
+    data = load_dataset(config.data)
     train = data.split(config.data.train_split)
     run = RunLayout(work, config)
     shutil.copytree(root / "masks", run.labels)

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
+from aepsl.config import DataConfig
 from aepsl.data.datasets import load_dataset
 from aepsl.io import read_image, read_index_png
 from aepsl.models.segnet import input_scale, load_segnet
@@ -37,9 +38,8 @@ from aepsl.psl.loss import prohibitive_mask
 def fit(run: Path, limit: int | None = None) -> dict[str, float]:
     saved_config = yaml.safe_load((run / "config.yaml").read_text())
     saved = saved_config["data"]
-    data = load_dataset(
-        saved["format"], saved["root"], saved["empty_labels"], saved.get("mask_cache")
-    )
+    fields = ("format", "root", "empty_labels", "mask_cache")
+    data = load_dataset(DataConfig(**{key: saved.get(key) for key in fields if key in saved}))
     pseudo_labels = Path(saved_config.get("labels", {}).get("dir") or run / "labels")
     model = load_segnet(run / "train" / "model.pt").eval()
     nu_present, nu_absent, ratios = [], [], []

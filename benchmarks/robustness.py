@@ -288,7 +288,7 @@ def sweep_gain(run: Path, data_root: Path) -> float | None:
     """Union recall minus the step-1 threshold curve's recall at the union's final precision
     (None: the curve never reaches that precision)."""
     config = load_config(PRESET, [f"data.root={data_root}"])
-    data = load_dataset("folder", data_root, config.data.empty_labels)
+    data = load_dataset(config.data)
     cams = run / "mine" / "step1" / "cams"
     if not cams.is_dir():
         return None

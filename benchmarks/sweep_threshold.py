@@ -19,7 +19,7 @@ def main() -> None:
     parser.add_argument("--mode", default="relative", choices=["relative", "quantile"])
     args = parser.parse_args()
     config = load_config(args.config, args.overrides)
-    data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
+    data = load_dataset(config.data)
     mine = Path(args.out) / "mine"
     thresholds = [0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.2, 0.1]
     if args.mode == "quantile":

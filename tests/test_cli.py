@@ -158,7 +158,7 @@ def test_sigterm_is_one_line_and_exit_143(folder_dataset, tmp_path):
         "import aepsl.cli as cli\n"
         "def stage(args):\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
-        "cli.cmd_mine = stage\n"
+        "cli.cmd_stage = stage\n"
         "sys.exit(cli.main(sys.argv[1:]))\n"
     )
     result = subprocess.run(

@@ -15,6 +15,7 @@ from helpers import DEMO
 from PIL import Image
 
 from aepsl.cli import main
+from aepsl.config import DataConfig
 from aepsl.data.coco import cache_folder, default_cache_root
 from aepsl.data.datasets import load_dataset, load_image, load_mask, validate
 from aepsl.errors import UserError
@@ -217,7 +218,11 @@ def coco(tmp_path: Path) -> Path:
 def _load(root: Path, cache: Path, empty_labels: str = "skip"):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        data = load_dataset("coco", root, empty_labels, mask_cache=str(cache))
+        data = load_dataset(
+            DataConfig(
+                format="coco", root=str(root), empty_labels=empty_labels, mask_cache=str(cache)
+            )
+        )
     return data, [str(w.message) for w in caught]
 
 
@@ -338,31 +343,28 @@ def test_cache_reused_then_rebuilt_when_the_annotations_change(coco, tmp_path):
 
 
 def test_default_cache_is_per_user_never_the_dataset(coco, tmp_path, monkeypatch):
-    import aepsl.data.coco as coco_module
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
-    monkeypatch.setattr(coco_module, "_mask_cache", None)
     before = snapshot(coco)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        data = load_dataset("coco", coco)
+        data = load_dataset(DataConfig(format="coco", root=str(coco)))
     assert default_cache_root() == tmp_path / "xdg" / "aepsl" / "coco_masks"
     assert data.split("train")[0].mask.is_relative_to(default_cache_root())
     assert snapshot(coco) == before
 
 
 def test_mask_cache_setting_reaches_the_reader(coco, tmp_path):
-    """Stage commands call load_dataset without the config: data.mask_cache reaches it."""
+    """load_dataset takes the data settings: data.mask_cache reaches the COCO reader."""
     from aepsl.config import load_config
 
-    load_config(None, [f"data.mask_cache={tmp_path / 'set'}"])
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            data = load_dataset("coco", coco)
-        assert data.split("val")[0].mask.is_relative_to(tmp_path / "set")
-    finally:
-        load_config(None)  # back to the default for the other tests
+    config = load_config(
+        None, ["data.format=coco", f"data.root={coco}", f"data.mask_cache={tmp_path / 'set'}"]
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        data = load_dataset(config.data)
+    assert data.split("val")[0].mask.is_relative_to(tmp_path / "set")
 
 
 @pytest.mark.parametrize(

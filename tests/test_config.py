@@ -4,9 +4,10 @@ import pytest
 import yaml
 from helpers import CONFIGS, DEMO
 
-from aepsl.config import load_config, save_config
+from aepsl.config import load_config
 from aepsl.errors import UserError
 from aepsl.layout import training_settings
+from aepsl.record import save_config
 
 
 @pytest.mark.parametrize(
@@ -90,12 +91,12 @@ def test_saved_config_has_versions_and_round_trips(tmp_path):
     assert load_config(None, []).model_validate(saved) == config
 
 
-def test_readme_documents_every_key():
+def test_configuration_reference_documents_every_key():
     from aepsl.config import ALL_KEYS
 
-    readme = (Path(__file__).parent.parent / "README.md").read_text()
-    missing = [key for key in ALL_KEYS if f"`{key}`" not in readme and f"`{key}`," not in readme]
-    assert not missing, f"README's config table lacks {missing}"
+    reference = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()
+    missing = [key for key in ALL_KEYS if key.rsplit(".", 1)[-1] not in reference]
+    assert not missing, f"docs/configuration.md lacks {missing}"
 
 
 @pytest.mark.parametrize(
@@ -164,16 +165,28 @@ def test_edge_values_still_load(overrides):
     load_config(None, overrides)
 
 
-def test_max_pixels_reaches_the_image_readers():
+def test_a_config_changes_nothing_in_the_process():
+    """Validating a config sets no reader limit and imports no network code."""
+    import subprocess
+    import sys
+
     import aepsl.io
 
-    try:
-        load_config(None, ["data.max_pixels=1234"])
-        assert aepsl.io.MAX_PIXELS == 1234
-        load_config(None)  # the default applies again with the next config
-        assert aepsl.io.MAX_PIXELS == 40_000_000
-    finally:
-        aepsl.io.set_max_pixels(40_000_000)
+    before = aepsl.io.max_pixels()
+    load_config(None, ["data.max_pixels=1234", "data.mask_cache=/tmp/elsewhere"])
+    assert aepsl.io.max_pixels() == before
+    code = "import sys; from aepsl.config import Config; Config(); print('torch' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_pixel_limit_is_scoped():
+    import aepsl.io
+
+    before = aepsl.io.max_pixels()
+    with aepsl.io.pixel_limit(1234):
+        assert aepsl.io.max_pixels() == 1234
+    assert aepsl.io.max_pixels() == before
 
 
 @pytest.mark.parametrize(

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from aepsl.config import DataConfig
 from aepsl.data.datasets import VOC_CLASSES, load_dataset, load_folder, load_mask, validate
 from aepsl.errors import UserError
 from aepsl.io import read_image, write_index_png
@@ -97,7 +98,7 @@ def test_missing_files(tmp_path, folder_dataset):
     with pytest.raises(UserError, match=r"classes\.txt: missing"):
         load_folder(folder_dataset)
     with pytest.raises(UserError, match=r"data\.root"):
-        load_dataset("folder", None)
+        load_dataset(DataConfig())
 
 
 def test_mask_wrong_size_and_out_of_range(folder_dataset):
@@ -187,7 +188,7 @@ def make_voc(root: Path) -> Path:
 
 
 def test_voc_reader(tmp_path):
-    data = load_dataset("voc", make_voc(tmp_path))
+    data = load_dataset(DataConfig(format="voc", root=str(make_voc(tmp_path))))
     assert data.classes == list(VOC_CLASSES)
     assert set(data.splits) == {"train", "val", "train_aug"}
     by_id = {s.id: s for s in data.split("train_aug")}

@@ -99,9 +99,10 @@ def test_missing_pseudo_labels_one_line(folder_dataset, tmp_path, capsys):
 
 
 def test_each_kind_of_fault_is_a_part_of_one_line(folder_dataset, tmp_path):
+    from aepsl.config import DataConfig
     from aepsl.data.datasets import load_dataset
 
-    train = load_dataset("folder", folder_dataset).split("train")
+    train = load_dataset(DataConfig(root=str(folder_dataset))).split("train")
     theirs = _bad_folder(folder_dataset, tmp_path)
     write_index_png(theirs / "img0.png", np.zeros((30, 32), np.uint8))  # wrong size
     with pytest.raises(UserError) as caught:

@@ -173,11 +173,12 @@ def test_step_line_when_nothing_was_mined():
 
 def test_min_positives_raises_the_epochs_it_trains(folder_dataset, tmp_path, capsys):
     """The floor reaches the plan: the step trains and records the raised length."""
+    from aepsl.config import DataConfig
     from aepsl.data.datasets import load_dataset
     from aepsl.mine.train import step_epochs
 
     config = _config(folder_dataset, "mine.steps=1", "mine.min_positives=30")
-    train = load_dataset("folder", folder_dataset).split("train")
+    train = load_dataset(DataConfig(root=str(folder_dataset))).split("train")
     epochs = step_epochs(config.mine, train)
     assert epochs > 2  # raised above mine.epochs=2
     run_mine(config, tmp_path / "run")

@@ -14,6 +14,7 @@ import scipy.io
 from PIL import Image
 
 from aepsl.cli import main
+from aepsl.config import DataConfig
 from aepsl.data.datasets import load_dataset, validate
 from aepsl.data.voc_prepare import prepare_voc, read_sbd_mask, train_aug_ids
 from aepsl.io import read_index_png, write_index_png
@@ -173,7 +174,7 @@ def test_result_reads_as_voc_train_aug(pair, capsys):
     with pytest.warns(UserWarning, match="train_aug has 6 ids"):
         counts = prepare_voc(voc, sbd)
     assert counts["train_aug"] == 6 and counts["masks_from_sbd"] == 3
-    data = load_dataset("voc", voc.parent)
+    data = load_dataset(DataConfig(format="voc", root=str(voc.parent)))
     samples = {s.id: s for s in data.split("train_aug")}
     assert sorted(samples) == TRAIN_AUG
     assert all(s.mask is not None for s in samples.values())

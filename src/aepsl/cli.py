@@ -11,48 +11,23 @@ import errno
 import os
 import signal
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
 
-from aepsl import __version__
-from aepsl.config import Config, load_config, save_config
+from aepsl.config import Config, load_config
 from aepsl.errors import UserError
+from aepsl.version import __version__
 
 Command = Callable[[argparse.Namespace], int | None]
 
 
 def _config(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)
+    """The config the command line names: a YAML path or a preset name (or none: the
+    defaults), with the key=value overrides applied."""
+    from aepsl.presets import resolve_config_path
 
-
-def _config_and_out(args: argparse.Namespace, reads: str | None = None) -> tuple[Config, Path]:
-    """The config, and the --out folder checked (outside the dataset, writable; the stage it
-    `reads` made with these settings) with the resolved config saved in it."""
-    from aepsl.layout import RunLayout, check_out
-
-    config = _config(args)
-    check_out(Path(args.out), config)
-    if reads is not None:
-        RunLayout(args.out, config).check_input(reads)
-    out = _writable_out(args.out)
-    save_config(config, out)
-    return config, out
-
-
-def _writable_out(path: str) -> Path:
-    out = Path(path)
-    if out.exists() and not out.is_dir():
-        raise UserError(f"{out}: output folder is an existing file, not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".aepsl-write-test.", dir=out)  # unique per rank
-        os.close(fd)
-        Path(probe).unlink()
-    except OSError as exc:
-        raise UserError(f"{out}: output folder is not writable ({exc.strerror})") from None
-    return out
+    return load_config(resolve_config_path(args.config), args.overrides)
 
 
 # ------------------------------------------------------------------ commands
@@ -76,58 +51,18 @@ def cmd_synth(args: argparse.Namespace) -> None:
 
 
 def cmd_data_info(args: argparse.Namespace) -> None:
-    from aepsl.data.datasets import image_size, load_dataset, validate
+    from aepsl.data.info import data_info
 
-    config = _config(args)
-    data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
-    print(f"dataset: {data.root} ({config.data.format}), {data.num_classes} classes")
-    for reason, count in data.skipped.items():
-        print(f"skipped: {count} image(s) with {reason}")
-    names = ["images", "masks", "saliency", *data.classes]
-    print(f"{'split':<12}" + "".join(f"{n[:10]:>11}" for n in names))
-    for split, samples in data.splits.items():
-        counts = [
-            len(samples),
-            sum(s.mask is not None for s in samples),
-            sum(s.saliency is not None for s in samples),
-        ] + [sum(k + 1 in s.labels for s in samples) for k in range(data.num_classes)]
-        print(f"{split:<12}" + "".join(f"{c:>11}" for c in counts))
-        if samples:
-            sizes = [image_size(s.image) for s in samples[:200]]
-            heights, widths = zip(*sizes, strict=True)
-            print(
-                f"{'':<12}image size (first {len(sizes)}): height {min(heights)}-{max(heights)}, "
-                f"width {min(widths)}-{max(widths)}"
-            )
-        if args.check:
-            validate(data, split)
-            print(f"{'':<12}all images and masks decode and agree in size")
+    data_info(_config(args), args.check)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from aepsl.data.datasets import load_dataset
-    from aepsl.evaluation import evaluate_folder, format_table
-    from aepsl.io import read_json, write_json
+    import aepsl.api as api
 
     config = _config(args)
-    pred_dir = Path(args.pred_dir)
-    if not pred_dir.is_dir():
-        raise UserError(f"{pred_dir}: prediction folder not found")
-    out = _writable_out(args.out or args.pred_dir)
-    target = out / "metrics.json"
-    # a stage's own metrics (e.g. RUN/labels/metrics.json, with its warnings) are not replaced
-    give_out = "give --out DIR for the scores"
-    if target.is_file() and "predictions" not in read_json(target, give_out):
-        raise UserError(f"{target}: the metrics of another aepsl command; {give_out}")
-    data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
-    split = args.split or config.data.val_split
-    result = evaluate_folder(pred_dir, data.split(split), data.classes, args.pred_ignore)
-    result["split"] = split
-    result["predictions"] = str(pred_dir)  # what was scored; marks the file as evaluate's
-    print(format_table(result))
-    write_json(target, result)
-    save_config(config, out)
-    print(f"wrote {target}")
+    api.evaluate(
+        args.pred_dir, config, out=args.out, split=args.split, pred_ignore=args.pred_ignore
+    )
 
 
 def cmd_prepare_voc(args: argparse.Namespace) -> None:
@@ -141,132 +76,54 @@ def cmd_prepare_voc(args: argparse.Namespace) -> None:
     print(f"{counts['list_path']}: {counts['train_aug']} ids ({counts['list']})")
 
 
-def cmd_mine(args: argparse.Namespace) -> None:
-    from aepsl.mine.stage import run_mine
+def cmd_stage(args: argparse.Namespace) -> None:
+    """`aepsl mine`, `aepsl labels`, `aepsl train`."""
+    import aepsl.api as api
 
-    config, out = _config_and_out(args)
-    run_mine(config, out)
-
-
-def cmd_labels(args: argparse.Namespace) -> None:
-    from aepsl.labels.stage import run_labels
-    from aepsl.runtime import on_main, select_device
-
-    config, out = _config_and_out(args, reads="mine")
-    select_device(config)  # joins the process group under torchrun
-    on_main(run_labels, config, out)
-
-
-def cmd_train(args: argparse.Namespace) -> None:
-    from aepsl.inference.predict import evaluate_trained
-    from aepsl.psl.stage import run_train
-    from aepsl.runtime import select_device
-
-    config, out = _config_and_out(args, reads="labels")
-    model = run_train(config, out)
-    result = evaluate_trained(config, out, model, select_device(config))
-    for key in ("without_crf", "with_crf"):
-        if result.get(key):
-            print(f"val mIoU {key.replace('_', ' ')}: {result[key]['mIoU']:.3f}")
-    if result.get("note"):
-        print(result["note"])
+    api.run_stage(args.command, _config(args), args.out)
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
-    from aepsl.data.datasets import load_dataset
-    from aepsl.health import check_folder
-    from aepsl.inference.predict import (
-        VOC_TEST_LAYOUT,
-        images_in,
-        predict_samples,
-        write_voc_archive,
+    import aepsl.api as api
+
+    api.predict(
+        args.checkpoint,
+        args.out,
+        _config(args),
+        split=args.split,
+        images=args.images,
+        crf=args.crf,
+        format=args.format,
     )
-    from aepsl.io import file_digest, write_json
-    from aepsl.layout import check_out, mark_complete, settings_digest
-    from aepsl.models.segnet import load_segnet
-    from aepsl.runtime import is_main, on_main, prepare_model, select_device
-
-    config = _config(args)
-    if (args.split is None) == (args.images is None):
-        raise UserError("give exactly one of --split NAME or --images DIR")
-    voc_test = args.format == "voc-test"
-    if voc_test:  # the server's folder holds index PNGs only
-        config.predict.overlays = False
-    model = load_segnet(args.checkpoint, config)  # built as the file says
-    classes = model.classifier.out_channels - 1
-    if args.images:
-        samples = images_in(Path(args.images))
-        names = [f"label {k}" for k in range(1, classes + 1)]  # for the health check
-    else:
-        data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
-        samples, names = data.split(args.split), data.classes
-        if classes != data.num_classes:
-            raise UserError(
-                f"{args.checkpoint}: a network of {classes} classes; the dataset in "
-                f"{config.data.root} has {data.num_classes}"
-            )
-    check_out(Path(args.out), config)
-    if args.images and Path(args.out).resolve() == Path(args.images).resolve():
-        raise UserError(f"{args.out}: --out is the --images folder; write predictions elsewhere")
-    device = select_device(config)
-    model = prepare_model(model, config, device)
-    out = _writable_out(args.out)
-    target = out / VOC_TEST_LAYOUT if voc_test else out
-    # Predictions already in the folder count only if this checkpoint and these settings made
-    # them (the folder's manifest); others are redone.
-    made_by = {
-        "model": file_digest(args.checkpoint),
-        "predict": config.predict.model_dump(),
-        "crf": config.crf.model_dump(exclude={"workers"}) if args.crf else None,
-    }
-    on_main(_claim_predictions, out, target, settings_digest(made_by))
-    save_config(config, out)
-    before = sum((target / f"{s.id}.png").is_file() for s in samples)
-    predict_samples(
-        model,
-        samples,
-        config,
-        device,
-        None if args.crf else target,
-        target if args.crf else None,
-        sharded=True,
-    )
-    # a class of the split's image labels never predicted, or one class nearly everywhere
-    found = on_main(check_folder, target, samples, names, "predict", "predictions")
-    on_main(write_json, out / "health.json", {"images": len(samples), "warnings": found})
-    on_main(mark_complete, out, settings_digest(made_by))
-    kept = f" ({before} already there for this checkpoint and settings)" if before else ""
-    print(f"wrote {len(samples) - before} predictions to {target}{kept}")
-    if voc_test and is_main():
-        archive = write_voc_archive(out, [s.id for s in samples])
-        print(f"wrote {archive}: upload it to the VOC evaluation server")
-
-
-def _claim_predictions(out: Path, target: Path, digest: str) -> None:
-    """claim_folder for `predict`'s --out (its manifest beside the results: voc-test's folder
-    holds PNGs only), refusing one whose `target` holds PNGs aepsl did not write (no
-    manifest): they would be taken for predictions, or overwritten."""
-    from aepsl.layout import claim_folder
-
-    if not (out / "manifest.json").is_file() and any(target.glob("*.png")):
-        raise UserError(
-            f"{target}: holds PNG files that `aepsl predict` did not write (no manifest.json); "
-            "choose an empty or new --out"
-        )
-    claim_folder(out, digest)
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from aepsl.pipeline import run_pipeline
+    import aepsl.api as api
 
-    config, out = _config_and_out(args)
-    run_pipeline(config, out)
+    api.run(_config(args), args.out)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from aepsl.export import export_onnx
+
+    print(f"wrote {export_onnx(args.checkpoint, args.out)}")
+
+
+def cmd_presets(args: argparse.Namespace) -> None:
+    from aepsl.presets import describe, preset_names, preset_text
+
+    if args.name:
+        print(preset_text(args.name), end="")
+        return
+    for name in preset_names():
+        print(describe(name))
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     from aepsl.demo import run_demo
+    from aepsl.layout import writable_out
 
-    run_demo(_writable_out(args.out), args.overrides, real=args.real, tiny=args.tiny)
+    run_demo(writable_out(args.out), args.overrides, real=args.real, tiny=args.tiny)
 
 
 # ------------------------------------------------------------------ parser
@@ -280,7 +137,11 @@ def _common() -> argparse.ArgumentParser:
 
 def _stage_parser(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
     parser = sub.add_parser(name, help=help, description=help, parents=[_common()])
-    parser.add_argument("config", nargs="?", help="YAML config file (default: built-in defaults)")
+    parser.add_argument(
+        "config",
+        nargs="?",
+        help="a preset's name (`aepsl presets`) or a YAML file (default: built-in defaults)",
+    )
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     return parser
 
@@ -330,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
         "evaluate", help="score index PNGs against ground truth (mIoU)", parents=[_common()]
     )
     p.add_argument("pred_dir", help="folder of <id>.png index predictions")
-    p.add_argument("config", nargs="?", help="YAML config file naming the dataset")
+    p.add_argument("config", nargs="?", help="a preset's name or a YAML file naming the dataset")
     p.add_argument("overrides", nargs="*", metavar="key=value")
     p.add_argument("--split", help="split to score (default: data.val_split)")
     p.add_argument("--out", help="where to write metrics.json (default: PRED_DIR)")
@@ -355,15 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _stage_parser(sub, "mine", "stage 1: mine object regions by adversarial erasing")
     p.add_argument("--out", required=True, help="run folder (writes OUT/mine)")
-    p.set_defaults(func=cmd_mine)
+    p.set_defaults(func=cmd_stage)
 
     p = _stage_parser(sub, "labels", "stage 2: fuse mined regions and saliency into pseudo labels")
     p.add_argument("--out", required=True, help="run folder (reads OUT/mine, writes OUT/labels)")
-    p.set_defaults(func=cmd_labels)
+    p.set_defaults(func=cmd_stage)
 
     p = _stage_parser(sub, "train", "stage 3: train the segmentation network with PSL")
     p.add_argument("--out", required=True, help="run folder (reads OUT/labels, writes OUT/train)")
-    p.set_defaults(func=cmd_train)
+    p.set_defaults(func=cmd_stage)
 
     p = _stage_parser(sub, "predict", "segment images with a trained network")
     p.add_argument("--checkpoint", required=True, help="OUT/train/model.pt of `aepsl train`")
@@ -383,6 +244,29 @@ def build_parser() -> argparse.ArgumentParser:
     p = _stage_parser(sub, "run", "the whole method: mine, labels, train, val prediction, report")
     p.add_argument("--out", required=True, help="run folder (all stages, OUT/report.html)")
     p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser(
+        "export",
+        help="write a trained network as an ONNX file (extra 'onnx'; docs/api.md)",
+        description="The segmentation network of model.pt as ONNX: input images (N, 3, H, W) "
+        "float32 RGB in [0, 1], dynamic batch and size; outputs probabilities (N, C+1, H, W) "
+        "and labels (N, H, W) uint8.",
+        parents=[_common()],
+    )
+    p.add_argument("--checkpoint", required=True, help="OUT/train/model.pt of `aepsl train`")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="onnx (the only one)")
+    p.add_argument("--out", required=True, help="the file to write, e.g. model.onnx")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser(
+        "presets",
+        help="list the presets shipped with aepsl, or print one (to copy and edit)",
+        description="Every command that takes CONFIG takes a preset's name too: "
+        "`aepsl run own_data data.root=DATA --out RUN`.",
+        parents=[_common()],
+    )
+    p.add_argument("name", nargs="?", help="print this preset's YAML")
+    p.set_defaults(func=cmd_presets)
 
     p = sub.add_parser(
         "demo",

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 import os
-import platform
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,6 +23,10 @@ class Section(BaseModel):
     # allow_inf_nan=False: nan or inf passes a bound like `gt=0` (or none) and breaks training.
     model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
+
+# The names of the backbone registry (models/backbones.py, which tests that they agree): here,
+# so that validating a config imports no network code.
+BACKBONES = ("tiny", "vgg16", "resnet50", "resnet101", "efficientnet_lite0")
 
 # A test scale: 0.5 halves each side. Above 4 an image mostly exhausts memory (a typo like 15
 # for 1.5 multiplies the pixels by 225).
@@ -40,7 +44,6 @@ class DataConfig(Section):
     )
     mask_cache: str | None = Field(
         None,
-        validate_default=True,  # the validator below tells the COCO reader, default included
         description="coco: folder the semantic masks are built into once (the dataset folder "
         "is never written); default $XDG_CACHE_HOME/aepsl/coco_masks (~/.cache/aepsl/coco_masks)",
     )
@@ -72,7 +75,6 @@ class DataConfig(Section):
     max_pixels: int = Field(
         40_000_000,
         ge=1,
-        validate_default=True,  # the validator below sets the readers' limit, default included
         description="largest image (width x height) read, checked from the file header before "
         "decoding; a bigger one is a one-line error. A 10 KB PNG can declare 9000x9000 pixels "
         "and need gigabytes once decoded. "
@@ -89,23 +91,10 @@ class DataConfig(Section):
 
     @field_validator("mask_cache")
     @classmethod
-    def _apply_mask_cache(cls, path: str | None) -> str | None:
+    def _cache_not_empty(cls, path: str | None) -> str | None:
         if path is not None and not path.strip():
             raise PydanticCustomError("empty", "must not be empty (a folder, or null)")
-        # Like max_pixels: the stages pass no config to load_dataset, which reads the last one.
-        from aepsl.data.coco import set_mask_cache
-
-        set_mask_cache(path)
         return path
-
-    @field_validator("max_pixels")
-    @classmethod
-    def _apply_max_pixels(cls, limit: int) -> int:
-        # cli.py does not pass the config to the image readers: they read the last one loaded.
-        from aepsl.io import set_max_pixels
-
-        set_max_pixels(limit)
-        return limit
 
 
 class ModelConfig(Section):
@@ -151,10 +140,8 @@ class ModelConfig(Section):
     @field_validator("backbone")
     @classmethod
     def _registered(cls, name: str) -> str:
-        from aepsl.models.backbones import REGISTRY
-
-        if name not in REGISTRY:
-            raise ValueError(f"unknown backbone; choose from {', '.join(REGISTRY)}")
+        if name not in BACKBONES:
+            raise ValueError(f"unknown backbone; choose from {', '.join(BACKBONES)}")
         return name
 
 
@@ -602,8 +589,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
-    """Load a YAML preset (or the defaults when `path` is None) and apply `key=value` overrides."""
+def load_config(
+    path: str | os.PathLike | None,
+    overrides: Sequence[str] = (),
+    settings: Mapping[str, Any] | None = None,
+) -> Config:
+    """Load a YAML file (or the defaults when `path` is None), then apply `key=value`
+    `overrides` (values parsed as YAML, as on the command line) and `settings` ({"mine.steps":
+    2}: values as they are)."""
     tree: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -625,8 +618,9 @@ def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Co
             raise UserError(f"{path}: config file must be a mapping of keys to values")
     _check_keys(tree, Config, "", source)
     overridden = []
-    for text in overrides:
-        parts, value = parse_override(text)
+    pairs = [parse_override(text) for text in overrides]
+    pairs += [(key.split("."), value) for key, value in (settings or {}).items()]
+    for parts, value in pairs:
         overridden.append(tuple(parts))
         _check_keys(_nest(parts, value), Config, "", "command line")
         node = tree
@@ -658,38 +652,3 @@ def _nest(parts: list[str], value: Any) -> dict[str, Any]:
     for part in reversed(parts):
         tree = {part: tree}
     return tree
-
-
-def resolved_config(config: Config) -> dict[str, Any]:
-    """The config as written beside outputs, with the versions and the precision that produced
-    them."""
-    import numpy
-    import torch
-    import torchvision
-
-    from aepsl import __version__
-    from aepsl.runtime import effective_precision
-
-    return {
-        **config.model_dump(mode="json"),
-        "versions": {
-            "aepsl": __version__,
-            "torch": str(torch.__version__),
-            "torchvision": str(torchvision.__version__),
-            "numpy": str(numpy.__version__),
-            "python": platform.python_version(),
-        },
-        "runtime": {
-            "precision": effective_precision(config),
-            "cpu": torch.backends.cpu.get_cpu_capability(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-        },
-    }
-
-
-def save_config(config: Config, out: str | os.PathLike, name: str = "config.yaml") -> Path:
-    from aepsl.io import write_text
-
-    path = Path(out) / name
-    write_text(path, yaml.safe_dump(resolved_config(config), sort_keys=False))
-    return path

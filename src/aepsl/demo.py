@@ -12,11 +12,13 @@ import time
 from importlib.resources import files
 from pathlib import Path
 
-from aepsl.config import load_config, save_config
+from aepsl.config import load_config
 from aepsl.data.real import make_real
 from aepsl.data.synth import make_synth
+from aepsl.io import pixel_limit
 from aepsl.models.efficientnet import INSTALL_HINT, offline_weights_installed
 from aepsl.pipeline import run_pipeline
+from aepsl.record import save_config
 from aepsl.runtime import effective_precision
 
 CONFIGS = files("aepsl") / "configs"
@@ -50,7 +52,8 @@ def run_demo(
     if not (data_root / "labels.csv").is_file():
         (make_real if real else make_synth)(data_root, n=n, size=size, seed=config.seed)
     save_config(config, out)
-    result = run_pipeline(config, out)
+    with pixel_limit(config.data.max_pixels):
+        result = run_pipeline(config, out)
     result["seconds"] = time.perf_counter() - started
     print(summary(result["mine"], result["labels"], result["val"], result["seconds"], backbone))
     return result

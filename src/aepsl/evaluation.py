@@ -15,10 +15,13 @@ from typing import Literal
 import numpy as np
 import torch
 
-from aepsl.data.datasets import Sample, load_mask
+from aepsl.config import Config
+from aepsl.data.datasets import Sample, load_dataset, load_mask
 from aepsl.errors import UserError
-from aepsl.io import read_index_png
+from aepsl.io import read_index_png, read_json, write_json
 from aepsl.labelmap import IGNORE
+from aepsl.layout import writable_out
+from aepsl.record import save_config
 from aepsl.runtime import all_reduce_sum
 
 PredIgnore = Literal["exclude", "background"]
@@ -317,4 +320,34 @@ def pseudo_label_metrics(confusions: torch.Tensor, names: list[str]) -> dict:
     result["labelled_fraction_of_scored"] = (
         round(int(excluded.sum()) / scored, 6) if scored else None
     )
+    return result
+
+
+def run_evaluate(
+    config: Config,
+    pred_dir: Path,
+    out: Path | None = None,
+    split: str | None = None,
+    pred_ignore: PredIgnore = "exclude",
+) -> dict:
+    """Score a folder of <id>.png index predictions against the ground truth of `split`
+    (default data.val_split); writes OUT/metrics.json (default OUT: the prediction folder),
+    never replacing another aepsl command's metrics."""
+    if not pred_dir.is_dir():
+        raise UserError(f"{pred_dir}: prediction folder not found")
+    folder = writable_out(out or pred_dir)
+    target = folder / "metrics.json"
+    # a stage's own metrics (e.g. RUN/labels/metrics.json, with its warnings) are not replaced
+    give_out = "give --out DIR for the scores"
+    if target.is_file() and "predictions" not in read_json(target, give_out):
+        raise UserError(f"{target}: the metrics of another aepsl command; {give_out}")
+    data = load_dataset(config.data)
+    split = split or config.data.val_split
+    result = evaluate_folder(pred_dir, data.split(split), data.classes, pred_ignore)
+    result["split"] = split
+    result["predictions"] = str(pred_dir)  # what was scored; marks the file as evaluate's
+    print(format_table(result))
+    write_json(target, result)
+    save_config(config, folder)
+    print(f"wrote {target}")
     return result

@@ -281,21 +281,33 @@ def write_png(path: str | os.PathLike, image: np.ndarray | Image.Image) -> None:
         image.save(tmp, format="PNG")
 
 
-MAX_PIXELS = 40_000_000  # data.max_pixels, set by the config (set_max_pixels)
+_max_pixels = 40_000_000  # data.max_pixels's default; a command sets its own (pixel_limit)
 _PILLOW_MAX_PIXELS = Image.MAX_IMAGE_PIXELS
 
 
-def set_max_pixels(limit: int) -> None:
-    """The largest image (width x height) any reader here decodes: `data.max_pixels`."""
-    global MAX_PIXELS
-    MAX_PIXELS = int(limit)
+def max_pixels() -> int:
+    """The largest image (width x height) the readers here decode now."""
+    return _max_pixels
+
+
+@contextmanager
+def pixel_limit(limit: int) -> Iterator[None]:
+    """Within the block, the readers here decode images of at most `limit` pixels (a command's
+    `data.max_pixels`); the limit before is restored after it."""
+    global _max_pixels
+    before, pillow_before = _max_pixels, Image.MAX_IMAGE_PIXELS
+    _max_pixels = int(limit)
     # Pillow's own decompression-bomb limit must not be the tighter one.
-    Image.MAX_IMAGE_PIXELS = max(MAX_PIXELS, _PILLOW_MAX_PIXELS)
+    Image.MAX_IMAGE_PIXELS = max(_max_pixels, _PILLOW_MAX_PIXELS)
+    try:
+        yield
+    finally:
+        _max_pixels, Image.MAX_IMAGE_PIXELS = before, pillow_before
 
 
 def read_header(path: str | os.PathLike) -> Image.Image:
     """Open an image, reading its header only: size, mode, EXIF. Refuses an empty file, a file
-    Pillow cannot identify and one over `MAX_PIXELS`; the caller closes the image."""
+    Pillow cannot identify and one over `max_pixels()`; the caller closes the image."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: file not found")
@@ -308,15 +320,15 @@ def read_header(path: str | os.PathLike) -> Image.Image:
     except Image.DecompressionBombError as exc:  # over twice Pillow's limit, so over ours
         pixels = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{pixels.group(1)} pixels" if pixels else "too many pixels"
-        raise UserError(f"{path}: image has {size}, over data.max_pixels={MAX_PIXELS}") from None
+        raise UserError(f"{path}: image has {size}, over data.max_pixels={_max_pixels}") from None
     except Exception as exc:  # UnidentifiedImageError, or a hostile file's odd header
         raise UserError(f"{path}: cannot decode image ({_reason(exc)})") from None
     width, height = image.size
-    if width * height > MAX_PIXELS:
+    if width * height > _max_pixels:
         image.close()
         raise UserError(
             f"{path}: image is {width}x{height} ({width * height} pixels), "
-            f"over data.max_pixels={MAX_PIXELS}"
+            f"over data.max_pixels={_max_pixels}"
         )
     # Over Pillow's bomb limit is over ours too (refused above); its other warnings (corrupt
     # EXIF) do not name the file: once, with the file's name.

@@ -33,14 +33,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from aepsl.config import Config
 from aepsl.errors import UserError
-from aepsl.io import read_json, write_json
+from aepsl.io import file_digest, read_json, write_json
+from aepsl.record import save_config
 
 STAGES = ("mine", "labels", "train")
 
@@ -108,6 +111,18 @@ def stage_digests(config: Config) -> dict[str, str]:
     train = training_settings(config, "train", {"checkpoint_every"} | later)
     train["labels"] = labels
     return {"mine": mine, "labels": labels, "train": settings_digest(train)}
+
+
+def prediction_digest(model_file: Path, config: Config, crf: bool) -> str:
+    """What a folder of predictions depends on: the model file's bytes, the predict settings
+    and, when refined, the CRF's (not how many processes ran it)."""
+    return settings_digest(
+        {
+            "model": file_digest(model_file),
+            "predict": config.predict.model_dump(),
+            "crf": config.crf.model_dump(exclude={"workers"}) if crf else None,
+        }
+    )
 
 
 def saliency_cache_digest(config: Config) -> str:
@@ -198,6 +213,33 @@ def check_out(out: Path, config: Config, what: str = "--out") -> None:
             )
 
 
+def writable_out(path: str | os.PathLike) -> Path:
+    """The output folder, created, after a probe file showed it writable (a one-line error
+    otherwise)."""
+    out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: output folder is an existing file, not a folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".aepsl-write-test.", dir=out)  # unique per rank
+        os.close(fd)
+        Path(probe).unlink()
+    except OSError as exc:
+        raise UserError(f"{out}: output folder is not writable ({exc.strerror})") from None
+    return out
+
+
+def prepare_out(config: Config, out: str | os.PathLike, reads: str | None = None) -> Path:
+    """The run folder of a stage command, checked (outside the dataset, writable; the stage it
+    `reads` made with these settings), with the resolved config saved in it."""
+    check_out(Path(out), config)
+    if reads is not None:
+        RunLayout(out, config).check_input(reads)
+    folder = writable_out(out)
+    save_config(config, folder)
+    return folder
+
+
 class MineStep:
     """OUT/mine/step<t>: one erasing step's files."""
 
@@ -282,6 +324,13 @@ class RunLayout:
         its `required` outputs are there."""
         return claim_folder(self.folder(stage), self.digest(stage), required)
 
+    def finished(self, stage: str, required: Iterable[Path] = ()) -> bool:
+        """claim(stage, required), saying so in one line when the stage is skipped."""
+        if not self.claim(stage, required):
+            return False
+        print(f"{stage}: finished for these settings in {self.folder(stage)}; skipped")
+        return True
+
     def reads(self, stage: str) -> bool:
         """Whether the stage after `stage` reads its folder: not when the pseudo labels
         (labels.dir) or the CAMs they are built from (labels.cams_dir) were made elsewhere."""
@@ -310,8 +359,6 @@ class RunLayout:
 
     def mark_complete(self, stage: str) -> None:
         """The stage finished: its folder gets the config that made it, then the manifest."""
-        from aepsl.config import save_config
-
         save_config(self.config, self.folder(stage))
         mark_complete(self.folder(stage), self.digest(stage))
 

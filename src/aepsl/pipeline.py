@@ -1,4 +1,5 @@
-"""`aepsl run`: the whole method, stage after stage, each skipped when it already finished.
+"""The stages as commands run them (`aepsl labels`, `aepsl train`), and `aepsl run`: the whole
+method, stage after stage, each skipped when it already finished.
 
 Every stage records in its folder's manifest.json a hash of the settings that produced it,
 the stage before it included, so a changed setting re-runs that stage and every one after it,
@@ -21,6 +22,25 @@ from aepsl.mine.stage import run_mine
 from aepsl.psl.stage import run_train
 from aepsl.report import write_report
 from aepsl.runtime import on_main, per_rank_batch, select_device
+
+
+def labels_stage(config: Config, out: Path) -> dict[str, Any]:
+    """`aepsl labels`: the pseudo labels, written by rank 0 while the others wait."""
+    select_device(config)  # joins the process group under torchrun
+    return on_main(run_labels, config, out)
+
+
+def train_stage(config: Config, out: Path) -> dict[str, Any]:
+    """`aepsl train`: PSL training, then the val split predicted and scored without and with
+    CRF (OUT/train/metrics.json, returned)."""
+    model = run_train(config, out)
+    result = evaluate_trained(config, out, model, select_device(config))
+    for key in ("without_crf", "with_crf"):
+        if result.get(key):
+            print(f"val mIoU {key.replace('_', ' ')}: {result[key]['mIoU']:.3f}")
+    if result.get("note"):
+        print(result["note"])
+    return result
 
 
 def run_pipeline(config: Config, out: Path) -> dict[str, Any]:

@@ -33,27 +33,19 @@ import math
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
+from aepsl.data.types import Dataset, Sample, check_id, warn_skipped
 from aepsl.errors import UserError
+from aepsl.io import max_pixels, read_header, write_index_png, write_json
 from aepsl.labelmap import IGNORE
-
-if TYPE_CHECKING:
-    from aepsl.data.datasets import Dataset
 
 CACHE_VERSION = 1  # bump when the rasterisation changes: every cache is rebuilt
 SPLITS = {"train": "train2014", "val": "val2014"}
-
-_mask_cache: str | None = None  # data.mask_cache of the last config loaded (set_mask_cache)
-
-
-def set_mask_cache(path: str | None) -> None:
-    """`data.mask_cache`: stage commands pass no config to the readers, they read this."""
-    global _mask_cache
-    _mask_cache = path
 
 
 def default_cache_root() -> Path:
@@ -69,8 +61,7 @@ def cache_folder(cache_root: Path, annotation: Path) -> Path:
 
 
 def load_coco(root: Path, empty_labels: str = "skip", mask_cache: str | None = None) -> Dataset:
-    from aepsl.data.datasets import Dataset, Sample, _warn_skipped
-
+    """COCO 2014 at `root`, its masks built once into `mask_cache` (None: the default cache)."""
     if not root.is_dir():
         raise UserError(f"{root}: dataset folder not found")
     ann_dir = root / "annotations"
@@ -84,7 +75,6 @@ def load_coco(root: Path, empty_labels: str = "skip", mask_cache: str | None = N
             f"{ann_dir}: no instances_train2014.json or instances_val2014.json (data.root must "
             "be the COCO 2014 folder holding train2014/, val2014/ and annotations/)"
         )
-    mask_cache = mask_cache if mask_cache is not None else _mask_cache
     cache_root = Path(mask_cache).expanduser() if mask_cache else default_cache_root()
     sal_dir = root / "saliency"
     saliency = set(os.listdir(sal_dir)) if sal_dir.is_dir() else set()
@@ -128,7 +118,7 @@ def load_coco(root: Path, empty_labels: str = "skip", mask_cache: str | None = N
             )
         splits[split] = samples
     assert classes is not None
-    _warn_skipped(root, skipped)
+    warn_skipped(root, skipped)
     return Dataset(root, classes, splits, skipped)
 
 
@@ -168,8 +158,6 @@ def _cached_index(
     index = _read_index(index_path, stamp)
     if index is not None and not _missing_masks(index, masks_dir):
         return index, masks_dir
-    from aepsl.io import write_json
-
     try:
         masks_dir.mkdir(parents=True, exist_ok=True)
         with _locked(folder / ".lock"):
@@ -263,11 +251,6 @@ def _build(
 ) -> dict[str, Any]:
     """Read the annotation file, write the masks (all, or the `only` ones missing) and return
     the index to cache."""
-    from tqdm import tqdm
-
-    from aepsl.data.datasets import check_id
-    from aepsl.io import MAX_PIXELS, write_index_png
-
     try:
         from pycocotools import mask as mask_api
     except ImportError:
@@ -292,10 +275,10 @@ def _build(
         height, width = img.get("height"), img.get("width")
         if not (_is_int(height) and _is_int(width) and height > 0 and width > 0):
             raise UserError(f"{where}: 'height' and 'width' must be positive integers")
-        if height * width > MAX_PIXELS:
+        if height * width > max_pixels():
             raise UserError(
                 f"{where}: image is {width}x{height} ({width * height} pixels), "
-                f"over data.max_pixels={MAX_PIXELS}"
+                f"over data.max_pixels={max_pixels()}"
             )
         if img["id"] in images:
             raise UserError(f"{where}: image id listed twice")
@@ -476,8 +459,6 @@ def _orient(mask: np.ndarray, image_path: Path, annotation: Path) -> np.ndarray:
 
     Annotations whose size matches the stored bitmap are in its frame and are turned; those
     matching the upright size of a 90-degree-tagged image already are upright."""
-    from aepsl.io import read_header
-
     with read_header(image_path) as image:
         stored = image.size  # (width, height)
         try:

@@ -1,7 +1,7 @@
 """Dataset readers. A dataset is a list of classes and named splits of samples; pixels are read
 lazily, so a split of any size costs only its file names and label sets in memory.
 
-Formats (see the README for the full description):
+Formats (docs/datasets.md and docs/own_data.md describe them in full):
 - `folder`: ROOT/images/<id>.(jpg|jpeg|png), ROOT/classes.txt, ROOT/labels.csv (image,labels),
   optional ROOT/masks/<id>.png, ROOT/splits/<split>.txt, ROOT/saliency/<id>.png.
 - `voc`: PASCAL VOC 2012 (VOCdevkit/VOC2012) with the optional SBD `SegmentationClassAug/`.
@@ -16,78 +16,24 @@ import io
 import warnings
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
+from aepsl.config import DataConfig
+from aepsl.data.coco import load_coco
+from aepsl.data.types import Dataset, Sample, check_id, short, warn_skipped
 from aepsl.errors import UserError
 from aepsl.io import read_header, read_image, read_index_png
 from aepsl.labelmap import IGNORE
 
-if TYPE_CHECKING:
-    from aepsl.config import Config
-
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-MAX_ID_BYTES = 240  # ids name output files (<id>.png, <id>.npz); most file systems allow 255
 
 VOC_CLASSES = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa",
     "train", "tvmonitor",
 )  # fmt: skip
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One image: its id, files, and image-level labels as class indices 1..C."""
-
-    id: str
-    image: Path
-    labels: tuple[int, ...]
-    mask: Path | None = None
-    saliency: Path | None = None
-
-
-@dataclass
-class Dataset:
-    root: Path
-    classes: list[str]  # class k (1..C) is classes[k - 1]; 0 is background
-    splits: dict[str, list[Sample]]
-    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    def split(self, name: str) -> list[Sample]:
-        if name not in self.splits:
-            known = ", ".join(sorted(self.splits)) or "none"
-            raise UserError(f"{self.root}: no split named '{name}' (splits: {known})")
-        return self.splits[name]
-
-    def has_split(self, name: str) -> bool:
-        return name in self.splits
-
-
-def check_id(image_id: str, source: str) -> str:
-    """Ids become file names in every output folder: refuse anything but a plain name."""
-    if (
-        not image_id
-        or image_id in (".", "..")
-        or "/" in image_id
-        or "\\" in image_id
-        or "\x00" in image_id
-        or image_id != image_id.strip()
-    ):
-        raise UserError(f"{source}: image id {_short(image_id)!r} is not a plain file name")
-    if len(image_id.encode("utf-8")) > MAX_ID_BYTES:
-        raise UserError(
-            f"{source}: image id '{_short(image_id)}' is too long "
-            f"({len(image_id.encode('utf-8'))} bytes; output file names allow {MAX_ID_BYTES})"
-        )
-    return image_id
 
 
 def load_image(sample: Sample) -> np.ndarray:
@@ -120,7 +66,7 @@ def image_size(path: Path) -> tuple[int, int]:
                 warnings.simplefilter("ignore")  # corrupt EXIF: read_image warns, naming the file
                 orientation = image.getexif().get(0x0112, 1)
         except Exception as exc:  # a hostile file's EXIF block
-            raise UserError(f"{path}: cannot decode image ({_short(str(exc), 200)})") from None
+            raise UserError(f"{path}: cannot decode image ({short(str(exc), 200)})") from None
     return (width, height) if orientation in (5, 6, 7, 8) else (height, width)
 
 
@@ -142,9 +88,9 @@ def check_headers(samples: Iterable[Sample], saliency: bool = False) -> None:
                 )
 
 
-def check_inputs(dataset: Dataset, config: Config) -> None:
+def check_inputs(dataset: Dataset, data: DataConfig) -> None:
     """check_headers over the training split and, when there is one, the val split."""
-    for split in (config.data.train_split, config.data.val_split):
+    for split in (data.train_split, data.val_split):
         if dataset.has_split(split):
             check_headers(dataset.split(split))
 
@@ -197,11 +143,6 @@ def _read_csv(path: Path) -> list[tuple[int, list[str]]]:
     return rows
 
 
-def _short(text: str, limit: int = 60) -> str:
-    """A name or value read from a file, cut short so that an error stays one short line."""
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
 def _read_classes(path: Path) -> list[str]:
     """classes.txt: one name per line, class k on the k-th line (blank lines at the end only).
     Background is class 0 and not listed, or every id would shift by one."""
@@ -216,7 +157,7 @@ def _read_classes(path: Path) -> list[str]:
             raise UserError(f"{where}: empty class name (one name per line, no blank lines)")
         if any(c.isspace() or not c.isprintable() for c in name):
             raise UserError(
-                f"{where}: class name {_short(name)!r} contains a space or a control character "
+                f"{where}: class name {short(name)!r} contains a space or a control character "
                 "(labels.csv separates names by spaces)"
             )
         if name.lower().strip("_") == "background":
@@ -226,8 +167,7 @@ def _read_classes(path: Path) -> list[str]:
             )
         if name in first_seen:
             raise UserError(
-                f"{where}: class '{_short(name)}' is listed twice "
-                f"(first on line {first_seen[name]})"
+                f"{where}: class '{short(name)}' is listed twice (first on line {first_seen[name]})"
             )
         first_seen[name] = number
         if len(first_seen) >= IGNORE:
@@ -277,7 +217,7 @@ def load_folder(root: Path, empty_labels: str = "skip") -> Dataset:
         raise UserError(f"{labels_path}: missing (header 'image,labels')")
     rows = _read_csv(labels_path)
     if not rows or [c.strip() for c in rows[0][1]] != ["image", "labels"]:
-        got = _short(",".join(rows[0][1])) if rows else "nothing"
+        got = short(",".join(rows[0][1])) if rows else "nothing"
         raise UserError(f"{labels_path}: header must be 'image,labels', got '{got}'")
 
     images_dir, masks_dir, sal_dir = root / "images", root / "masks", root / "saliency"
@@ -297,7 +237,7 @@ def load_folder(root: Path, empty_labels: str = "skip") -> Dataset:
         unknown = [n for n in names if n not in index]
         if unknown:
             raise UserError(
-                f"{where}: unknown class name '{_short(unknown[0])}' (not in classes.txt)"
+                f"{where}: unknown class name '{short(unknown[0])}' (not in classes.txt)"
             )
         labels = tuple(sorted({index[n] for n in names}))
         if not labels:
@@ -336,13 +276,8 @@ def load_folder(root: Path, empty_labels: str = "skip") -> Dataset:
             splits[split_file.stem] = [samples[i] for i in ids]
     else:
         splits["train"] = list(samples.values())
-    _warn_skipped(root, skipped)
+    warn_skipped(root, skipped)
     return Dataset(root, classes, splits, skipped)
-
-
-def _warn_skipped(root: Path, skipped: dict[str, int]) -> None:
-    for reason, count in skipped.items():
-        warnings.warn(f"{root}: skipped {count} image(s) with {reason}", stacklevel=3)
 
 
 # ---------------------------------------------------------------- PASCAL VOC
@@ -400,7 +335,7 @@ def load_voc(root: Path, empty_labels: str = "skip") -> Dataset:
             if cache[image_id] is not None:
                 samples.append(cache[image_id])
         splits[split_file.stem] = samples
-    _warn_skipped(root, skipped)
+    warn_skipped(root, skipped)
     return Dataset(root, list(VOC_CLASSES), splits, skipped)
 
 
@@ -435,22 +370,13 @@ def _voc_sample(
     return Sample(image_id, image, labels, mask, sal if sal.is_file() else None)
 
 
-def load_dataset(
-    format: str,
-    root: str | Path | None,
-    empty_labels: str = "skip",
-    mask_cache: str | None = None,
-) -> Dataset:
-    """`mask_cache` (coco only): None takes data.mask_cache of the last config loaded."""
-    if root is None:
+def load_dataset(data: DataConfig) -> Dataset:
+    """The dataset the `data` settings name (format, root, empty_labels; coco: mask_cache)."""
+    if data.root is None:
         raise UserError("config key 'data.root' is not set (the dataset folder)")
-    root = Path(root)
-    if format == "folder":
-        return load_folder(root, empty_labels)
-    if format == "voc":
-        return load_voc(root, empty_labels)
-    if format == "coco":
-        from aepsl.data.coco import load_coco
-
-        return load_coco(root, empty_labels, mask_cache)
-    raise UserError(f"unknown data.format '{format}' (folder, voc or coco)")
+    root = Path(data.root)
+    if data.format == "folder":
+        return load_folder(root, data.empty_labels)
+    if data.format == "voc":
+        return load_voc(root, data.empty_labels)
+    return load_coco(root, data.empty_labels, data.mask_cache)

@@ -4,8 +4,10 @@ defaults (DeepLab-LargeFOV's) live in config.py alone."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from aepsl.config import CrfConfig
+if TYPE_CHECKING:  # CRF worker processes unpickle this record: they import no config code
+    from aepsl.config import CrfConfig
 
 
 @dataclass(frozen=True)
@@ -27,4 +29,6 @@ class CrfParams:
     @classmethod
     def defaults(cls, **changes: float) -> CrfParams:
         """The config's defaults, with `changes` (e.g. iterations=5)."""
+        from aepsl.config import CrfConfig
+
         return cls.from_config(CrfConfig(**changes))

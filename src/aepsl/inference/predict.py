@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import tarfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -35,16 +37,33 @@ from aepsl.inference.crf import (
 from aepsl.inference.crf_params import CrfParams
 from aepsl.io import (
     atomic_path,
-    file_digest,
     read_json,
     write_index_png,
     write_json,
     write_png,
 )
 from aepsl.labelmap import colourise
-from aepsl.layout import RunLayout, claim_folder, mark_complete, settings_digest
-from aepsl.models.segnet import SegNet, input_scale
-from aepsl.runtime import autocast, barrier, is_main, on_main, rank, to_device, world_size
+from aepsl.layout import (
+    RunLayout,
+    check_out,
+    claim_folder,
+    mark_complete,
+    prediction_digest,
+    writable_out,
+)
+from aepsl.models.segnet import SegNet, input_scale, load_segnet
+from aepsl.record import save_config
+from aepsl.runtime import (
+    autocast,
+    barrier,
+    is_main,
+    on_main,
+    prepare_model,
+    rank,
+    select_device,
+    to_device,
+    world_size,
+)
 
 # The VOC evaluation server's layout of segmentation results (comp6: trained on data other
 # than VOC's own segmentation masks, which is what weak supervision is), and the archive of it.
@@ -225,7 +244,7 @@ def evaluate_trained(config: Config, out: Path, model: SegNet, device: torch.dev
     """Predict the val split without and with CRF into OUT/predict and OUT/predict_crf, score
     both, and write OUT/train/metrics.json."""
     run = RunLayout(out, config)
-    data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
+    data = load_dataset(config.data)
     split = config.data.val_split
     result: dict = {"split": split}
     if not data.has_split(split) or any(s.mask is None for s in data.split(split)):
@@ -233,13 +252,7 @@ def evaluate_trained(config: Config, out: Path, model: SegNet, device: torch.dev
         on_main(write_json, run.train_metrics, result)
         return result
     samples = data.split(split)
-    digest = settings_digest(
-        {
-            "model": file_digest(run.model),
-            "predict": config.predict.model_dump(),
-            "crf": config.crf.model_dump(exclude={"workers"}),
-        }
-    )
+    digest = prediction_digest(run.model, config, crf=True)
     plain, refined = run.predict, run.predict_crf
     use_crf = crf_available(config)
     metrics_path = run.train_metrics
@@ -281,22 +294,101 @@ def predict_report_images(config: Config, out: Path, model: SegNet, device: torc
     into OUT/report/predict and, when the CRF can run, OUT/report/predict_crf. Files there for
     the same model and settings are kept; anything else is redone."""
     run = RunLayout(out, config)
-    data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
+    data = load_dataset(config.data)
     ids = run.drawn_ids()
     samples = [s for s in data.split(config.data.train_split) if s.id in ids]
     if not samples:
         return
     config = config.model_copy(deep=True)
     config.predict.overlays = False  # the report embeds its own pictures
-    digest = settings_digest(
-        {
-            "model": file_digest(run.model),
-            "predict": config.predict.model_dump(),
-            "crf": config.crf.model_dump(exclude={"workers"}),
-        }
-    )
+    digest = prediction_digest(run.model, config, crf=True)
     crf = run.report_predict_crf if crf_available(config) else None
     for folder in (run.report_predict, crf):
         if folder is not None:
             claim_folder(folder, digest)
     predict_samples(model, samples, config, device, run.report_predict, crf)
+
+
+@dataclass(frozen=True)
+class PredictJob:
+    """What `aepsl predict` is asked: the model file, the output folder, the images (a split of
+    the configured dataset, or a folder), CRF or not, and the output format (`png`, or
+    `voc-test` for the VOC evaluation server)."""
+
+    checkpoint: Path
+    out: Path
+    split: str | None = None
+    images: Path | None = None
+    crf: bool = False
+    format: Literal["png", "voc-test"] = "png"
+
+
+def run_predict(config: Config, job: PredictJob) -> dict[str, Any]:
+    """Segment a split or a folder of images with a trained network into `job.out` (resuming:
+    predictions there made by this model file with these settings are kept); returns what was
+    written: the folder, counts, collapse warnings (also in OUT/health.json) and, for voc-test,
+    the archive."""
+    if (job.split is None) == (job.images is None):
+        raise UserError("give exactly one of --split NAME or --images DIR")
+    voc_test = job.format == "voc-test"
+    if voc_test:  # the server's folder holds index PNGs only
+        config = config.model_copy(deep=True)
+        config.predict.overlays = False
+    model = load_segnet(job.checkpoint, config)  # built as the file says
+    samples, names = _predict_samples_of(config, job, model.classifier.out_channels - 1)
+    check_out(job.out, config)
+    if job.images and job.out.resolve() == job.images.resolve():
+        raise UserError(f"{job.out}: --out is the --images folder; write predictions elsewhere")
+    device = select_device(config)
+    model = prepare_model(model, config, device)
+    out = writable_out(job.out)
+    target = out / VOC_TEST_LAYOUT if voc_test else out
+    # Predictions already in the folder count only if this checkpoint and these settings made
+    # them (the folder's manifest); others are redone.
+    digest = prediction_digest(job.checkpoint, config, job.crf)
+    on_main(_claim_predictions, out, target, digest)
+    save_config(config, out)
+    before = sum((target / f"{s.id}.png").is_file() for s in samples)
+    plain, refined = (None, target) if job.crf else (target, None)
+    predict_samples(model, samples, config, device, plain, refined, sharded=True)
+    # a class of the split's image labels never predicted, or one class nearly everywhere
+    found = on_main(check_folder, target, samples, names, "predict", "predictions")
+    on_main(write_json, out / "health.json", {"images": len(samples), "warnings": found})
+    on_main(mark_complete, out, digest)
+    kept = f" ({before} already there for this checkpoint and settings)" if before else ""
+    print(f"wrote {len(samples) - before} predictions to {target}{kept}")
+    result = {"folder": target, "written": len(samples) - before, "kept": before}
+    result["warnings"] = found
+    if voc_test and is_main():
+        result["archive"] = write_voc_archive(out, [s.id for s in samples])
+        print(f"wrote {result['archive']}: upload it to the VOC evaluation server")
+    return result
+
+
+def _predict_samples_of(
+    config: Config, job: PredictJob, classes: int
+) -> tuple[list[Sample], list[str]]:
+    """The samples `job` names and the class names (numbered for a folder of images), checked
+    against the network's `classes`."""
+    if job.images:
+        names = [f"label {k}" for k in range(1, classes + 1)]  # for the health check
+        return images_in(job.images), names
+    data = load_dataset(config.data)
+    if classes != data.num_classes:
+        raise UserError(
+            f"{job.checkpoint}: a network of {classes} classes; the dataset in "
+            f"{config.data.root} has {data.num_classes}"
+        )
+    return data.split(job.split), data.classes
+
+
+def _claim_predictions(out: Path, target: Path, digest: str) -> None:
+    """claim_folder for `predict`'s --out (its manifest beside the results: voc-test's folder
+    holds PNGs only), refusing one whose `target` holds PNGs aepsl did not write (no
+    manifest): they would be taken for predictions, or overwritten."""
+    if not (out / "manifest.json").is_file() and any(target.glob("*.png")):
+        raise UserError(
+            f"{target}: holds PNG files that `aepsl predict` did not write (no manifest.json); "
+            "choose an empty or new --out"
+        )
+    claim_folder(out, digest)

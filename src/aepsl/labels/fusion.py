@@ -1,4 +1,4 @@
-"""Pseudo-label fusion (ALGORITHM.md, stage 2) as a pure function on arrays.
+"""Pseudo-label fusion (docs/method.md, stage 2) as a pure function on arrays.
 
 Rules: a pixel mined for one class c gets c; a conflict (mined for two classes) is ignored;
 an unmined pixel whose saliency is below the background threshold is background; all else is

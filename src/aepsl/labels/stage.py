@@ -41,15 +41,14 @@ from aepsl.regions import cams_to_regions
 
 def run_labels(config: Config, out: Path) -> dict[str, Any]:
     """Write (or resume, or skip when finished) the pseudo labels; returns their metrics."""
-    data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
+    data = load_dataset(config.data)
     train = data.split(config.data.train_split)
     run = RunLayout(out, config)
     if config.labels.dir:  # pseudo labels made elsewhere: checked and scored, not built
         return _external_labels(config, data, train, run)
     run.check_input("mine")
     required = [run.labels_metrics, *(run.pseudo_label(s.id) for s in train)]
-    if run.claim("labels", required):
-        print(f"labels: finished for these settings in {run.labels}; skipped")
+    if run.finished("labels", required):
         return read_json(run.labels_metrics, run.redo("labels"))
     if config.saliency.source == "builtin":
         claim_folder(run.saliency, saliency_cache_digest(config))
@@ -108,8 +107,7 @@ def _external_labels(
     """labels.dir: check the folder as train will read it (one line for all its faults), score
     it when the split has masks, and say in one line that nothing was built."""
     folder = Path(config.labels.dir)
-    if run.claim("labels", [run.labels_metrics]):
-        print(f"labels: finished for these settings in {run.labels}; skipped")
+    if run.finished("labels", [run.labels_metrics]):
         return read_json(run.labels_metrics, run.redo("labels"))
     check_pseudo_labels(folder, train, data.num_classes)
     metrics: dict[str, Any] = {"source": str(folder), **_scores(folder, train, data.classes)}

@@ -41,7 +41,7 @@ def run_mine(config: Config, out: Path) -> dict[str, Any]:
     device = select_device(config)
     check_precision(config, device)
     per_rank_batch(config.mine.batch_size, "mine.batch_size")
-    data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
+    data = load_dataset(config.data)
     train = data.split(config.data.train_split)
     run = RunLayout(out, config)
     unused = config.labels.dir or config.labels.cams_dir
@@ -51,10 +51,9 @@ def run_mine(config: Config, out: Path) -> dict[str, Any]:
         print(f"mine: skipped: {note}; unset {key} to mine")
         return {"skipped": note, "warnings": []}
     required = [run.mine_metrics, *(run.union_region(s.id) for s in train)]
-    if on_main(run.claim, "mine", required):
-        print(f"mine: finished for these settings in {run.mine}; skipped")
+    if on_main(run.finished, "mine", required):
         return read_json(run.mine_metrics, run.redo("mine"))
-    check_inputs(data, config)  # every header and mask size, before hours of training
+    check_inputs(data, config.data)  # every header and mask size, before hours of training
     ctx = MineContext(config, data, train, run, on_main(_mean_pixel, run, train), device)
     _announce_epochs(ctx)
     steps: list[dict[str, Any]] = []

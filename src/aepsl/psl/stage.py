@@ -1,4 +1,4 @@
-"""`aepsl train`: prohibitive segmentation learning on the pseudo labels (ALGORITHM.md, stage 3).
+"""`aepsl train`: prohibitive segmentation learning on the pseudo labels (docs/method.md, stage 3).
 
 Reads OUT/labels/<id>.png; writes OUT/train (layout.py): checkpoint.pt (resumable, every
 train.checkpoint_every iterations), model.pt (the trained network), train.json, tensorboard/.
@@ -164,11 +164,11 @@ def run_train(config: Config, out: Path) -> SegNet:
     device = select_device(config)
     check_precision(config, device)
     per_rank_batch(cfg.batch_size, "train.batch_size")
-    data = load_dataset(config.data.format, config.data.root, config.data.empty_labels)
+    data = load_dataset(config.data)
     train = data.split(config.data.train_split)
     run = RunLayout(out, config)
     run.check_input("labels")
-    finished = on_main(run.claim, "train", [run.model, run.train_log])
+    finished = on_main(run.finished, "train", [run.model, run.train_log])
     seed_everything(config.seed)
     model = prepare_model(
         build_segnet(
@@ -185,10 +185,9 @@ def run_train(config: Config, out: Path) -> SegNet:
     model.input_size = cfg.image_size or 0
     model.input_min_side = cfg.crop_size if cfg.upscale_small else 0
     if finished:
-        print(f"train: finished for these settings in {run.train}; skipped")
         model.load_state_dict(read_model_file(run.model)[1])
         return model
-    check_inputs(data, config)  # every header and mask size, before hours of training
+    check_inputs(data, config.data)  # every header and mask size, before hours of training
 
     # labels.dir: pseudo labels made elsewhere (their files' names, sizes and mtimes are in
     # the settings hash, layout.stage_digests), checked as ours are

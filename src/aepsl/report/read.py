@@ -81,7 +81,7 @@ def read_scalars(logdir: Path) -> dict[str, list[tuple[float, float]]]:
 
 def _try_dataset(config: Config) -> tuple[Dataset | None, str | None]:
     try:
-        return load_dataset(config.data.format, config.data.root, config.data.empty_labels), None
+        return load_dataset(config.data), None
     except UserError as exc:
         return None, str(exc)
 
