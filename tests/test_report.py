@@ -80,6 +80,14 @@ def test_report_sections_and_panels(report):
     assert (out / "report" / "predict_crf" / "img1.png").is_file() == crf
 
 
+def test_run_table_says_what_ran(report):
+    """The lengths trained, read from the train.json files, not the config's defaults."""
+    _, path = report
+    page = path.read_text()
+    assert "<th>erasing steps</th><td>3; 2 epochs, 2 iterations each</td>" in page
+    assert "<th>segmentation training</th><td>6 iterations of 2 crops, 6 images</td>" in page
+
+
 def test_report_is_self_contained(report):
     _, path = report
     page = path.read_text()

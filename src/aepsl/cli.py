@@ -154,6 +154,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"aepsl {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    _add_data_commands(sub)
+    _add_stage_commands(sub)
+    _add_tool_commands(sub)
+    return parser
+
+
+def _add_data_commands(sub: argparse._SubParsersAction) -> None:
+    """synth, data-info, evaluate, prepare-voc: data sets and scores."""
     p = sub.add_parser(
         "synth", help="write a synthetic folder dataset with ground truth", parents=[_common()]
     )
@@ -214,6 +222,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sbd", required=True, help="SBD's benchmark_RELEASE folder (read only)")
     p.set_defaults(func=cmd_prepare_voc)
 
+
+def _add_stage_commands(sub: argparse._SubParsersAction) -> None:
+    """mine, labels, train, predict, run: the method's stages."""
     p = _stage_parser(sub, "mine", "stage 1: mine object regions by adversarial erasing")
     p.add_argument("--out", required=True, help="run folder (writes OUT/mine)")
     p.set_defaults(func=cmd_stage)
@@ -245,6 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="run folder (all stages, OUT/report.html)")
     p.set_defaults(func=cmd_run)
 
+
+def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
+    """export, presets, demo."""
     p = sub.add_parser(
         "export",
         help="write a trained network as an ONNX file (extra 'onnx'; docs/api.md)",
@@ -284,7 +298,6 @@ def build_parser() -> argparse.ArgumentParser:
         "EfficientNet-Lite0 of aepsl[offline] is installed",
     )
     p.set_defaults(func=cmd_demo)
-    return parser
 
 
 def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from aepsl.config import Config
-from aepsl.data.datasets import check_inputs, load_dataset
+from aepsl.data.datasets import Dataset, check_inputs, load_dataset
 from aepsl.errors import UserError
 from aepsl.external import check_pseudo_labels
 from aepsl.labelmap import IGNORE
@@ -155,6 +155,36 @@ def segnet_plan(config: Config, run: RunLayout) -> Plan:
     )
 
 
+def _pseudo_labelled(
+    config: Config, data: Dataset, run: RunLayout, model: SegNet
+) -> PseudoLabelled:
+    """The training split with its pseudo labels (RUN/labels, or labels.dir: made elsewhere,
+    their files' names, sizes and mtimes in the settings hash), checked on every rank, cropped
+    as the model file will record."""
+    cfg = config.train
+    train = data.split(config.data.train_split)
+    source = Path(config.labels.dir) if config.labels.dir else run.labels
+    if not source.is_dir():
+        raise UserError(f"{run.labels}: pseudo labels missing; run `aepsl labels` with this --out")
+    check_pseudo_labels(source, train, data.num_classes)  # every rank: an error on each
+    dataset = PseudoLabelled(
+        train,
+        data.num_classes,
+        source,
+        cfg.crop_size,
+        cfg.scale_range,
+        config.seed,
+        input_size=model.input_size,
+        min_side=model.input_min_side,
+    )
+    if world_size() > 1 and len(dataset) < cfg.batch_size:
+        raise UserError(
+            f"train.batch_size={cfg.batch_size} is more than the {len(dataset)} training images; "
+            "with several processes every global batch must be complete"
+        )
+    return dataset
+
+
 def run_train(config: Config, out: Path) -> SegNet:
     """Train (or resume, or skip when finished) the segmentation network; returns it.
 
@@ -165,7 +195,7 @@ def run_train(config: Config, out: Path) -> SegNet:
     check_precision(config, device)
     per_rank_batch(cfg.batch_size, "train.batch_size")
     data = load_dataset(config.data)
-    train = data.split(config.data.train_split)
+    data.split(config.data.train_split)  # a missing split fails before the folder is claimed
     run = RunLayout(out, config)
     run.check_input("labels")
     finished = on_main(run.finished, "train", [run.model, run.train_log])
@@ -189,27 +219,7 @@ def run_train(config: Config, out: Path) -> SegNet:
         return model
     check_inputs(data, config.data)  # every header and mask size, before hours of training
 
-    # labels.dir: pseudo labels made elsewhere (their files' names, sizes and mtimes are in
-    # the settings hash, layout.stage_digests), checked as ours are
-    source = Path(config.labels.dir) if config.labels.dir else run.labels
-    if not source.is_dir():
-        raise UserError(f"{run.labels}: pseudo labels missing; run `aepsl labels` with this --out")
-    check_pseudo_labels(source, train, data.num_classes)  # every rank: an error on each
-    dataset = PseudoLabelled(
-        train,
-        data.num_classes,
-        source,
-        cfg.crop_size,
-        cfg.scale_range,
-        config.seed,
-        input_size=model.input_size,
-        min_side=model.input_min_side,
-    )
-    if world_size() > 1 and len(dataset) < cfg.batch_size:
-        raise UserError(
-            f"train.batch_size={cfg.batch_size} is more than the {len(dataset)} training images; "
-            "with several processes every global batch must be complete"
-        )
+    dataset = _pseudo_labelled(config, data, run, model)
     config = with_length(config, len(dataset))  # train.epochs -> iterations (hashes unchanged)
     if cfg.epochs is not None:
         short = epoch_iterations(cfg.epochs, len(dataset), cfg.batch_size) < cfg.min_iterations
@@ -222,6 +232,7 @@ def run_train(config: Config, out: Path) -> SegNet:
 
     def save() -> None:
         record = {"iterations": result.iterations, "final_loss": result.last}
+        record.update(images=len(dataset), batch_size=cfg.batch_size, epochs=cfg.epochs)
         saved = model_record(model, "segnet", config.model.backbone, data.num_classes)
         finish(run.train_checkpoint, run.model, saved, run.train_log, record)
         run.mark_complete("train")

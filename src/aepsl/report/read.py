@@ -31,6 +31,10 @@ class RunReport:
     mine: dict[str, Any] | None  # each stage's metrics.json (None: not run)
     labels: dict[str, Any] | None
     train_metrics: dict[str, Any] | None
+    # what ran: the first erasing step's and the segmentation network's train.json (epochs,
+    # iterations, images), None before they trained
+    mine_log: dict[str, Any] | None = None
+    train_log: dict[str, Any] | None = None
     mine_curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     train_curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     predicted: tuple[Path | None, Path | None] = (None, None)  # report predictions, CRF
@@ -57,6 +61,8 @@ def read_run(config: Config, out: Path, max_train_images: int, val_images: int) 
         mine=_read_json(run.mine_metrics),
         labels=_read_json(run.labels_metrics),
         train_metrics=_read_json(run.train_metrics),
+        mine_log=_read_json(run.step(1).train_log),
+        train_log=_read_json(run.train_log),
         mine_curves=mine_curves,
         train_curves=train_curves,
         predicted=predicted,

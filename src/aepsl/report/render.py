@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from aepsl.config import Config
 from aepsl.data.datasets import Sample, load_image
 from aepsl.errors import UserError
 from aepsl.io import read_gray_png, read_image, read_index_png
@@ -244,17 +245,38 @@ def _not_run(what: str) -> str:
     return f'<p class="missing">not run ({html.escape(what)} not found)</p>'
 
 
+def _mine_length(config: Config, log: dict | None) -> str:
+    """The steps asked for and what step 1 trained (mine.min_positives may raise the epochs)."""
+    if not log or "iterations" not in log:
+        return f"{config.mine.steps} (not trained yet)"
+    return f"{config.mine.steps}; {log['epochs']} epochs, {log['iterations']} iterations each"
+
+
+def _train_length(config: Config, log: dict | None) -> str:
+    """The iterations trained, from train.json; before training, what the config asks for."""
+    cfg = config.train
+    if not log or "iterations" not in log:
+        asked = f"{cfg.epochs:g} epochs" if cfg.epochs is not None else f"{cfg.iterations} it"
+        return f"not trained yet ({asked} set)"
+    text = f"{log['iterations']} iterations"
+    if log.get("images"):
+        text += f" of {log['batch_size']} crops, {log['images']} images"
+    if log.get("epochs"):
+        text += f" ({log['epochs']:g} epochs)"
+    return text
+
+
 def _header(report: RunReport) -> str:
     config, out, data_error = report.config, report.run.out, report.data_error
     summary = [
         ("run folder", str(out.resolve())),
         ("dataset", f"{config.data.format}: {config.data.root}"),
         ("backbone", f"{config.model.backbone} (weights: {config.model.weights})"),
-        ("erasing steps", str(config.mine.steps)),
+        ("erasing steps", _mine_length(config, report.mine_log)),
         ("threshold", f"{config.mine.threshold_mode} {config.mine.threshold}"),
         ("saliency source", config.saliency.source),
         ("PSL", "on" if config.train.psl else "off (pseudo labels alone)"),
-        ("train iterations", str(config.train.iterations)),
+        ("segmentation training", _train_length(config, report.train_log)),
         (
             "precision / device",
             f"{config.precision} ({effective_precision(config)}) / {config.device}",
