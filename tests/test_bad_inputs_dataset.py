@@ -14,7 +14,8 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import DEMO, check
+from helpers import DEMO, check, refuse
+from helpers import TINY_MINE as TINY
 
 from aepsl.cli import main
 from aepsl.errors import UserError
@@ -220,3 +221,18 @@ def test_duplicate_image_id_in_a_large_image_folder(tmp_path):
         images_in(folder)
     assert str(info.value) == f"{folder}: two images share the id 'zz'"
     print(f"20,002 files checked in {time.perf_counter() - start:.2f} s")
+
+
+@pytest.mark.parametrize("command", ["mine", "labels", "train", "run"])
+def test_an_empty_training_split_is_one_line(capsys, tmp_path, data, command):
+    """An empty split file: a ZeroDivisionError in the schedule before."""
+    (data / "splits" / "train.txt").write_text("")
+    out = tmp_path / "run"
+    argv = [command, DEMO, f"data.root={data}", *TINY, "--out", str(out)]
+    refuse(
+        capsys,
+        tmp_path,
+        argv,
+        f"{data}: the training split 'train' (data.train_split) has no images",
+        out=out,
+    )

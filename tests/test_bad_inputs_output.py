@@ -34,6 +34,26 @@ def test_output_folder_that_cannot_be_written(capsys, tmp_path, data, under):
     assert blocker.read_text() == "keep me"
 
 
+@pytest.mark.parametrize("command", ["mine", "run", "predict", "evaluate", "demo"])
+def test_an_empty_out_is_refused(capsys, tmp_path, data, cwd, command):
+    """--out '' would have written into the working folder."""
+    argv = {
+        "predict": ["predict", "--checkpoint", "model.pt", "--images", str(data / "images")],
+        "evaluate": ["evaluate", str(data / "masks"), DEMO, f"data.root={data}"],
+        "demo": ["demo"],
+    }.get(command, [command, DEMO, f"data.root={data}", *TINY])
+    refuse(capsys, tmp_path, [*argv, "--out", ""], "--out is empty: name the folder to write to")
+    assert not any(cwd.iterdir())
+
+
+@pytest.mark.parametrize("kind", ["long-name", "long-path"])
+def test_an_out_the_file_system_cannot_hold_is_one_line(capsys, tmp_path, data, kind):
+    out = tmp_path / ("a" * 300) if kind == "long-name" else tmp_path.joinpath(*["b" * 200] * 20)
+    problem = "is 300 bytes, over the 255" if kind == "long-name" else "the path is too long"
+    argv = ["mine", DEMO, f"data.root={data}", *TINY, "--out", str(out)]
+    refuse(capsys, tmp_path, argv, problem)
+
+
 @pytest.mark.skipif(
     hasattr(os, "geteuid") and os.geteuid() == 0,
     reason="root writes through chmod 0o500; the file cases above cover the refusal",

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 from helpers import DEMO_FULL
 
@@ -82,3 +83,22 @@ def test_settings_added_later_keep_the_hashes_of_earlier_runs_at_their_defaults(
     }
     floor = load_config(DEMO_FULL, ["data.root=/x", "precision=fp32", "train.min_iterations=500"])
     assert stage_digests(floor)["train"] != stage_digests(demo)["train"]  # demo has epochs
+
+
+def test_written_files_honour_the_umask(tmp_path):
+    """As `cp` would create them: 0644 under umask 022, 0664 under 002 (not mkstemp's 0600)."""
+    import os
+
+    from aepsl.io import write_index_png, write_json
+
+    before = os.umask(0o002)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+        write_index_png(tmp_path / "b.png", np.zeros((4, 4), np.uint8))
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o664
+        assert (tmp_path / "b.png").stat().st_mode & 0o777 == 0o664
+        os.umask(0o022)
+        write_json(tmp_path / "a.json", {"x": 2})
+        assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    finally:
+        os.umask(before)

@@ -133,11 +133,12 @@ def predict(
     """Segment a split of the configured dataset (`split`) or a folder (`images`) into OUT as
     index PNGs (and overlays); returns the folder, counts and collapse warnings."""
     from aepsl.inference.predict import PredictJob, run_predict
+    from aepsl.layout import as_out
 
     config = resolve_config(config, **overrides)
     job = PredictJob(
         Path(checkpoint),
-        Path(out),
+        as_out(out),
         split,
         None if images is None else Path(images),
         crf,
@@ -159,9 +160,10 @@ def evaluate(
     """Score a folder of <id>.png predictions against the dataset's masks (mIoU, per class);
     writes OUT/metrics.json (default OUT: the predictions' folder)."""
     from aepsl.evaluation import run_evaluate
+    from aepsl.layout import as_out
 
     config = resolve_config(config, **overrides)
-    folder = None if out is None else Path(out)
+    folder = None if out is None else as_out(out)
     with pixel_limit(config.data.max_pixels):
         return run_evaluate(config, Path(predictions), folder, split, pred_ignore)
 

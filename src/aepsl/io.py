@@ -38,6 +38,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     os.close(fd)
     try:
         yield Path(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would hide outputs from the group
         _fsync(tmp)  # the bytes reach the disk before the name does: no empty file after a crash
         os.replace(tmp, path)
     except OSError as exc:
@@ -49,6 +50,20 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         Path(tmp).unlink(missing_ok=True)
         raise
     _fsync(path.parent, directory=True)  # and the rename itself
+
+
+def _umask() -> int:
+    """The process's umask, so files are created as `cp` or `open` would create them. Read from
+    /proc where it is there (setting it to read it back is not thread-safe)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync(path: str | os.PathLike, directory: bool = False) -> None:

@@ -213,10 +213,38 @@ def check_out(out: Path, config: Config, what: str = "--out") -> None:
             )
 
 
+NAME_MAX, PATH_MAX = 255, 4096  # bytes: Linux's limits for one component and a whole path
+
+
+def as_out(given: str | os.PathLike, what: str = "--out") -> Path:
+    """An output folder argument as a Path, refusing in one line an empty one (which would
+    write into the working folder) and a name the file system cannot hold."""
+    text = os.fspath(given)
+    if not str(text).strip():
+        raise UserError(f"{what} is empty: name the folder to write to")
+    path = Path(text)
+    long_part = next((part for part in path.parts if len(os.fsencode(part)) > NAME_MAX), None)
+    if long_part is not None:
+        raise UserError(
+            f"{what} {_short(str(path))}: the folder name {_short(long_part)} is "
+            f"{len(os.fsencode(long_part))} bytes, over the {NAME_MAX} a file name may have"
+        )
+    if len(os.fsencode(str(path.absolute()))) > PATH_MAX - NAME_MAX:
+        raise UserError(
+            f"{what} {_short(str(path))}: the path is too long for the files written inside it "
+            f"(over {PATH_MAX - NAME_MAX} bytes); choose a shorter one"
+        )
+    return path
+
+
+def _short(text: str, limit: int = 60) -> str:
+    return text if len(text) <= limit else f"{text[: limit // 2]}...{text[-limit // 2 :]}"
+
+
 def writable_out(path: str | os.PathLike) -> Path:
     """The output folder, created, after a probe file showed it writable (a one-line error
     otherwise)."""
-    out = Path(path)
+    out = as_out(path)
     if out.exists() and not out.is_dir():
         raise UserError(f"{out}: output folder is an existing file, not a folder")
     try:
@@ -232,7 +260,7 @@ def writable_out(path: str | os.PathLike) -> Path:
 def prepare_out(config: Config, out: str | os.PathLike, reads: str | None = None) -> Path:
     """The run folder of a stage command, checked (outside the dataset, writable; the stage it
     `reads` made with these settings), with the resolved config saved in it."""
-    check_out(Path(out), config)
+    check_out(as_out(out), config)
     if reads is not None:
         RunLayout(out, config).check_input(reads)
     folder = writable_out(out)

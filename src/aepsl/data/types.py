@@ -40,6 +40,17 @@ class Dataset:
             raise UserError(f"{self.root}: no split named '{name}' (splits: {known})")
         return self.splits[name]
 
+    def training_split(self, name: str) -> list[Sample]:
+        """split(name), refusing one without images: nothing can be trained on it."""
+        samples = self.split(name)
+        if not samples:
+            skipped = f"; skipped: {self.skipped}" if self.skipped else ""
+            raise UserError(
+                f"{self.root}: the training split '{name}' (data.train_split) has no images; "
+                f"check its split file and labels{skipped}"
+            )
+        return samples
+
     def has_split(self, name: str) -> bool:
         return name in self.splits
 

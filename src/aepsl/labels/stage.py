@@ -42,7 +42,7 @@ from aepsl.regions import cams_to_regions
 def run_labels(config: Config, out: Path) -> dict[str, Any]:
     """Write (or resume, or skip when finished) the pseudo labels; returns their metrics."""
     data = load_dataset(config.data)
-    train = data.split(config.data.train_split)
+    train = data.training_split(config.data.train_split)
     run = RunLayout(out, config)
     if config.labels.dir:  # pseudo labels made elsewhere: checked and scored, not built
         return _external_labels(config, data, train, run)

@@ -42,7 +42,7 @@ def run_mine(config: Config, out: Path) -> dict[str, Any]:
     check_precision(config, device)
     per_rank_batch(config.mine.batch_size, "mine.batch_size")
     data = load_dataset(config.data)
-    train = data.split(config.data.train_split)
+    train = data.training_split(config.data.train_split)
     run = RunLayout(out, config)
     unused = config.labels.dir or config.labels.cams_dir
     if unused:  # pseudo labels or CAMs made elsewhere: nothing reads what mine would write

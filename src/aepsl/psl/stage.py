@@ -195,7 +195,7 @@ def run_train(config: Config, out: Path) -> SegNet:
     check_precision(config, device)
     per_rank_batch(cfg.batch_size, "train.batch_size")
     data = load_dataset(config.data)
-    data.split(config.data.train_split)  # a missing split fails before the folder is claimed
+    data.training_split(config.data.train_split)  # fails before the folder is claimed
     run = RunLayout(out, config)
     run.check_input("labels")
     finished = on_main(run.finished, "train", [run.model, run.train_log])
