@@ -115,3 +115,33 @@ def test_failed_atomic_write_is_not_synced_nor_renamed(tmp_path, monkeypatch):
         raise RuntimeError("interrupted")
     assert events == [] and target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["file"]
+
+
+def test_evaluate_never_writes_into_the_dataset(capsys, tmp_path, data):
+    """Scoring the ground truth against itself wrote metrics.json and config.yaml into masks/."""
+    argv = ["evaluate", str(data / "masks"), DEMO, f"data.root={data}"]
+    refuse(capsys, tmp_path, argv, "--out (default: the prediction folder) is the dataset's")
+    argv = ["evaluate", str(data / "masks"), DEMO, f"data.root={data}", "--out", str(data)]
+    refuse(capsys, tmp_path, argv, "--out is the dataset's folder")
+
+
+def test_evaluate_keeps_the_config_of_the_command_that_predicted(tmp_path, data, capsys):
+    from aepsl.cli import main
+
+    predictions = tmp_path / "other_method"
+    predictions.mkdir()
+    for mask in (data / "masks").glob("*.png"):
+        (predictions / mask.name).write_bytes(mask.read_bytes())
+    (predictions / "config.yaml").write_text("another tool's settings\n")
+    assert main(["evaluate", str(predictions), DEMO, f"data.root={data}"]) == 0
+    assert (predictions / "config.yaml").read_text() == "another tool's settings\n"
+    assert (predictions / "evaluate_config.yaml").is_file()
+    assert "mIoU" in capsys.readouterr().out
+
+
+def test_demo_never_replaces_files_it_did_not_write(capsys, tmp_path, cwd):
+    mine = tmp_path / "x" / "data"
+    mine.mkdir(parents=True)
+    (mine / "notes.txt").write_text("mine")
+    refuse(capsys, tmp_path, ["demo", "--tiny", "--out", str(tmp_path / "x")], "did not write")
+    assert (mine / "notes.txt").read_text() == "mine"

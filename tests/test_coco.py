@@ -479,3 +479,10 @@ def test_preset_loads():
     assert config.data.format == "coco"
     assert (config.data.train_split, config.data.val_split) == ("train", "val")
     assert config.mine.steps == 3
+
+
+def test_a_mask_cache_inside_the_dataset_is_refused(coco):
+    before = snapshot(coco)
+    with pytest.raises(UserError, match="data.mask_cache lies inside the dataset folder"):
+        _load(coco, coco / "masks_cache")
+    assert snapshot(coco) == before

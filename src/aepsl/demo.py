@@ -8,6 +8,8 @@ scratch, and says so.
 
 from __future__ import annotations
 
+import os
+import shutil
 import time
 from importlib.resources import files
 from pathlib import Path
@@ -15,6 +17,7 @@ from pathlib import Path
 from aepsl.config import load_config
 from aepsl.data.real import make_real
 from aepsl.data.synth import make_synth
+from aepsl.errors import UserError
 from aepsl.io import pixel_limit
 from aepsl.models.efficientnet import INSTALL_HINT, offline_weights_installed
 from aepsl.pipeline import run_pipeline
@@ -50,13 +53,29 @@ def run_demo(
     config = load_config(preset, [f"data.root={data_root}", *overrides])
     print(f"demo: {preset.name}, backbone: {backbone}, precision: {effective_precision(config)}")
     if not (data_root / "labels.csv").is_file():
-        (make_real if real else make_synth)(data_root, n=n, size=size, seed=config.seed)
+        _make_data(data_root, real, n=n, size=size, seed=config.seed)
     save_config(config, out)
     with pixel_limit(config.data.max_pixels):
         result = run_pipeline(config, out)
     result["seconds"] = time.perf_counter() - started
     print(summary(result["mine"], result["labels"], result["val"], result["seconds"], backbone))
     return result
+
+
+def _make_data(data_root: Path, real: bool, **args: int) -> None:
+    """The demo's data set, written into a temporary sibling and renamed, so OUT/data is whole
+    or absent; a non-empty OUT/data without labels.csv is someone else's and is refused."""
+    if data_root.is_dir() and any(data_root.iterdir()):
+        raise UserError(
+            f"{data_root}: holds files that `aepsl demo` did not write (no labels.csv); "
+            "choose another --out"
+        )
+    partial = data_root.with_name(f".{data_root.name}.partial")  # ours: a name of our own
+    shutil.rmtree(partial, ignore_errors=True)
+    (make_real if real else make_synth)(partial, **args)
+    if data_root.is_dir():
+        data_root.rmdir()  # empty, checked above
+    os.replace(partial, data_root)
 
 
 def summary(mine: dict, labels: dict, val: dict, seconds: float, backbone: str) -> str:

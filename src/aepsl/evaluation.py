@@ -20,7 +20,7 @@ from aepsl.data.datasets import Sample, load_dataset, load_mask
 from aepsl.errors import UserError
 from aepsl.io import read_index_png, read_json, write_json
 from aepsl.labelmap import IGNORE
-from aepsl.layout import writable_out
+from aepsl.layout import check_out, writable_out
 from aepsl.record import save_config
 from aepsl.runtime import all_reduce_sum
 
@@ -323,6 +323,9 @@ def pseudo_label_metrics(confusions: torch.Tensor, names: list[str]) -> dict:
     return result
 
 
+EVALUATE_CONFIG = "evaluate_config.yaml"
+
+
 def run_evaluate(
     config: Config,
     pred_dir: Path,
@@ -335,6 +338,7 @@ def run_evaluate(
     never replacing another aepsl command's metrics."""
     if not pred_dir.is_dir():
         raise UserError(f"{pred_dir}: prediction folder not found")
+    check_out(out or pred_dir, config, "--out" if out else "--out (default: the prediction folder)")
     folder = writable_out(out or pred_dir)
     target = folder / "metrics.json"
     # a stage's own metrics (e.g. RUN/labels/metrics.json, with its warnings) are not replaced
@@ -348,6 +352,7 @@ def run_evaluate(
     result["predictions"] = str(pred_dir)  # what was scored; marks the file as evaluate's
     print(format_table(result))
     write_json(target, result)
-    save_config(config, folder)
+    # beside the scores, never over a config.yaml of the command that made the predictions
+    save_config(config, folder, EVALUATE_CONFIG)
     print(f"wrote {target}")
     return result

@@ -76,6 +76,11 @@ def load_coco(root: Path, empty_labels: str = "skip", mask_cache: str | None = N
             "be the COCO 2014 folder holding train2014/, val2014/ and annotations/)"
         )
     cache_root = Path(mask_cache).expanduser() if mask_cache else default_cache_root()
+    if cache_root.resolve().is_relative_to(root.resolve()):
+        raise UserError(
+            f"{cache_root}: data.mask_cache lies inside the dataset folder {root}; aepsl never "
+            "writes into a dataset: choose a folder outside it (or leave it unset)"
+        )
     sal_dir = root / "saliency"
     saliency = set(os.listdir(sal_dir)) if sal_dir.is_dir() else set()
 
