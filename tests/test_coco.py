@@ -483,6 +483,6 @@ def test_preset_loads():
 
 def test_a_mask_cache_inside_the_dataset_is_refused(coco):
     before = snapshot(coco)
-    with pytest.raises(UserError, match="data.mask_cache lies inside the dataset folder"):
+    with pytest.raises(UserError, match=r"data\.mask_cache lies inside the dataset folder"):
         _load(coco, coco / "masks_cache")
     assert snapshot(coco) == before
