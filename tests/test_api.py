@@ -158,3 +158,29 @@ def test_export_refuses_a_classifier_file(trained, tmp_path, capsys):
 def _kwargs(pairs: list[str]) -> dict[str, str]:
     """key=value overrides as API keywords (values as text: the config parses them)."""
     return {key.replace(".", "__"): value for key, _, value in (p.partition("=") for p in pairs)}
+
+
+def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path, monkeypatch, capsys):
+    data = make_folder_dataset(tmp_path / "own_data")
+    monkeypatch.chdir(tmp_path)
+    assert main(["data-info", "own_data", f"data.root={data}"]) == 0
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_overrides_on_a_config_leave_its_unset_keys_unset(trained):
+    """Only what the user set counts as asked: a model file then builds as it says."""
+    base, _ = trained
+    config = aepsl.resolve_config(aepsl.resolve_config(None), predict__flip=True)
+    assert config.predict.flip and "backbone" not in config.model.model_fields_set
+    segmenter = aepsl.load_segmenter(base / "run" / "train" / "model.pt", "cpu", config)
+    assert segmenter.config.predict.flip and segmenter.config.device == "cpu"
+
+
+def test_export_never_writes_over_its_checkpoint(trained, tmp_path, capsys):
+    base, _ = trained
+    copy = tmp_path / "model.pt"
+    copy.write_bytes((base / "run" / "train" / "model.pt").read_bytes())
+    before = copy.read_bytes()
+    assert main(["export", "--checkpoint", str(copy), "--out", str(copy)]) == 2
+    assert "--out is the checkpoint itself" in capsys.readouterr().err
+    assert copy.read_bytes() == before

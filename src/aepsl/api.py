@@ -40,7 +40,8 @@ def resolve_config(config: ConfigLike = None, **overrides: Any) -> Config:
     if isinstance(config, Config):
         if not settings:
             return config
-        return load_config(None, settings={**_flat(config.model_dump()), **settings})
+        given = _flat(config.model_dump(exclude_unset=True))  # what is unset stays unset
+        return load_config(None, settings={**given, **settings})
     return load_config(resolve_config_path(config), settings=settings)
 
 
@@ -209,15 +210,22 @@ class Segmenter:
 
 
 def load_segmenter(
-    path: str | os.PathLike, device: str = "auto", config: ConfigLike = None, **overrides: Any
+    path: str | os.PathLike,
+    device: str | None = None,
+    config: ConfigLike = None,
+    **overrides: Any,
 ) -> Segmenter:
-    """The network of a model.pt file, built as the file says, on `device` (auto: a GPU when
-    there is one); `config` and `overrides` give the predict and crf settings."""
+    """The network of a model.pt file, built as the file says (a file of an earlier version,
+    without its settings: as `config` says), on `device` ("cpu", "cuda", "auto"; default: the
+    config's, auto: a GPU when there is one); `config` and `overrides` give the predict and crf
+    settings."""
     from aepsl.models.segnet import load_segnet
     from aepsl.runtime import prepare_model, select_device
 
-    config = resolve_config(config, device=device, **overrides)
-    model = load_segnet(path, None)
+    if device is not None:
+        overrides["device"] = device
+    config = resolve_config(config, **overrides)
+    model = load_segnet(path, config)
     device_ = select_device(config)
     return Segmenter(prepare_model(model, config, device_).eval(), config, device_)
 

@@ -106,7 +106,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 def cmd_export(args: argparse.Namespace) -> None:
     from aepsl.export import export_onnx
 
-    print(f"wrote {export_onnx(args.checkpoint, args.out)}")
+    config = _config(args) if args.config or args.overrides else None
+    print(f"wrote {export_onnx(args.checkpoint, args.out, config)}")
 
 
 def cmd_presets(args: argparse.Namespace) -> None:
@@ -259,13 +260,13 @@ def _add_stage_commands(sub: argparse._SubParsersAction) -> None:
 
 def _add_tool_commands(sub: argparse._SubParsersAction) -> None:
     """export, presets, demo."""
-    p = sub.add_parser(
+    p = _stage_parser(
+        sub,
         "export",
-        help="write a trained network as an ONNX file (extra 'onnx'; docs/api.md)",
-        description="The segmentation network of model.pt as ONNX: input images (N, 3, H, W) "
-        "float32 RGB in [0, 1], dynamic batch and size; outputs probabilities (N, C+1, H, W) "
-        "and labels (N, H, W) uint8.",
-        parents=[_common()],
+        "write a trained network as an ONNX file (extra 'onnx'; docs/api.md): input images "
+        "(N, 3, H, W) float32 RGB in [0, 1], dynamic batch and size; outputs probabilities "
+        "(N, C+1, H, W) and labels (N, H, W) uint8. CONFIG only for a model file of an earlier "
+        "version, without its settings",
     )
     p.add_argument("--checkpoint", required=True, help="OUT/train/model.pt of `aepsl train`")
     p.add_argument("--format", choices=["onnx"], default="onnx", help="onnx (the only one)")

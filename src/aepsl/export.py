@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from aepsl.config import Config
 from aepsl.errors import UserError
 from aepsl.io import atomic_path
 from aepsl.models.segnet import SegNet, load_segnet
@@ -40,14 +41,20 @@ class ExportedSegNet(nn.Module):
         return probs, probs.argmax(dim=1).to(torch.uint8)
 
 
-def export_onnx(checkpoint: str | os.PathLike, out: str | os.PathLike) -> Path:
+def export_onnx(
+    checkpoint: str | os.PathLike, out: str | os.PathLike, config: Config | None = None
+) -> Path:
     """Write `checkpoint`'s network to `out` as ONNX (dynamic batch, height and width), written
-    to a temporary name and renamed; returns the path."""
+    to a temporary name and renamed; returns the path. `config` builds a model file of an
+    earlier version (without its settings)."""
     try:
         import onnx
+        import onnxscript  # noqa: F401  (torch's exporter needs it)
     except ImportError:
         raise UserError("ONNX export needs the 'onnx' extra: pip install 'aepsl[onnx]'") from None
-    model = load_segnet(checkpoint).eval()
+    if Path(out).resolve() == Path(checkpoint).resolve():
+        raise UserError(f"{out}: --out is the checkpoint itself; write the ONNX file elsewhere")
+    model = load_segnet(checkpoint, config).eval()
     wrapped = ExportedSegNet(model).eval()
     example = torch.rand(1, 3, 64, 80)
     batch, height, width = (torch.export.Dim(n, min=1) for n in ("batch", "height", "width"))

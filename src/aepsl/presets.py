@@ -34,7 +34,7 @@ def resolve_config_path(given: str | os.PathLike | None) -> Path | None:
         return None
     text = str(given)
     is_preset = text in preset_names()
-    if Path(text).exists():
+    if Path(text).is_file():
         if is_preset:
             print(f"note: {text} is a file here and a preset's name; using the file")
         return Path(text)
