@@ -141,7 +141,10 @@ def test_onnx_export_round_trips(trained, tmp_path, capsys):
         worst = max(worst, float(np.abs(probs - probs_t.numpy()).max()))
         same += int((labels == labels_t.numpy()).sum())
         total += labels.size
-    print(f"ONNX Runtime vs PyTorch: max |probability difference| {worst:.2e}")
+    print(
+        f"ONNX Runtime vs PyTorch: max |probability difference| {worst:.2e}, "
+        f"labels equal {same}/{total}"
+    )
     assert worst < 1e-4
     assert same / total >= 0.999
 
