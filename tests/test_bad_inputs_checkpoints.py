@@ -204,3 +204,56 @@ def test_checkpoint_of_another_class_count_on_a_split(capsys, tmp_path, data):
         capsys, tmp_path, [*argv, "--out", str(out)], f"{path}: a network of 5 classes; ", "has 2"
     )
     assert not out.exists()
+
+
+def _record(**changes) -> dict:
+    record = model_record(build_segnet("tiny", "none", 2), "segnet", "tiny", 2)
+    for key, value in changes.items():
+        if value is None:
+            del record["aepsl_model"][key]
+        else:
+            record["aepsl_model"][key] = value
+    return record
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"backbone": None}, "damaged aepsl model file (backbone None is none of ours)"),
+        ({"num_classes": 10**9}, "(num_classes 1000000000, but its classifier has 2 classes)"),
+        ({"input_min_side": 10**7}, "(input_min_side 10000000 is not 0..8192)"),
+        ({"input_size": "big"}, "(input_size 'big' is not 0..8192)"),
+        ({"output_stride": 3}, "(output_stride must be 8 or 16)"),
+        ({"classes": ["a"]}, "(its class names)"),
+    ],
+    ids=["no-backbone", "class-count", "min-side", "size-type", "stride", "names"],
+)
+def test_model_file_settings_are_checked_before_building(capsys, tmp_path, data, change, message):
+    """Settings from the file reach allocations: a class count of 10**9, a minimum side of
+    10**7 pixels (terabytes) were trusted before; a missing backbone was a KeyError."""
+    path = tmp_path / "model.pt"
+    torch.save(_record(**change), path)
+    predict(capsys, tmp_path, data, path, message)
+
+
+def test_a_model_of_nan_weights_is_refused(capsys, tmp_path, data):
+    record = _record()
+    record["state_dict"]["classifier.weight"].fill_(float("nan"))
+    path = tmp_path / "model.pt"
+    torch.save(record, path)
+    predict(capsys, tmp_path, data, path, "weight tensor(s) hold NaN or infinite values")
+
+
+def test_a_model_of_other_class_names_is_refused_on_a_split(capsys, tmp_path, data):
+    """Same count, other names: every pixel would have been labelled with the wrong name."""
+    path = tmp_path / "model.pt"
+    torch.save(_record(classes=["square", "cat"]), path)
+    out = tmp_path / "pred"
+    argv = ["predict", DEMO, f"data.root={data}", "--checkpoint", str(path), "--split", "train"]
+    refuse(
+        capsys,
+        tmp_path,
+        [*argv, "--out", str(out)],
+        "trained on other classes than the dataset's: its class 2 is 'cat', the dataset's is "
+        "'disc'",
+    )

@@ -190,7 +190,7 @@ def _plain_truncated(path: Path) -> None:
             "the magic string is not correct; expected b'\\x93NUMPY', got b'not a '",
         ),
         (lambda p: p.write_bytes(b""), "EOF: reading magic string, expected 8 bytes got 0"),
-        (_truncate, "pickle data was truncated"),
+        (_truncate, "pickle exhausted before end of frame"),
         (
             _plain_truncated,
             "Failed to read all data for array. Expected (1, 32, 32) = 1024 elements, could "
@@ -361,3 +361,45 @@ def test_several_kinds_of_bad_pseudo_labels_are_one_line(capsys, tmp_path, data)
         f"{theirs}: 1 pseudo label missing, e.g. 'img1'; 1 pseudo label of another size than "
         "their image, e.g. 'img0' (12x10, image 32x32)"
     )
+
+
+class _DeclaresHuge:
+    """Pickles as numpy.ndarray((40000, 40000), float32): 6 GB asked for by 400 bytes."""
+
+    def __reduce__(self):
+        return (np.ndarray, ((40000, 40000), np.dtype(np.float32)))
+
+
+@pytest.mark.parametrize("kind", ["ndarray", "tensor-view"])
+def test_a_cam_file_declaring_a_huge_array_is_refused_before_allocating(tmp_path, data, kind):
+    """Under a 3 GiB data limit (RLIMIT_DATA), so a regression fails the test instead of
+    taking the machine's memory: a traceback (MemoryError) or an out-of-memory kill before."""
+    import resource
+    import subprocess
+    import sys
+
+    cams = tmp_path / "cams"
+    cams.mkdir()
+    if kind == "ndarray":
+        value = {"keys": np.array([0]), "high_res": _DeclaresHuge()}
+    else:  # 20 x 40000 x 40000 over a single float: strides of 0
+        big = torch.zeros(1).expand(20, 40000, 40000)
+        value = {"keys": torch.tensor([0]), "cam": big, "high_res": big}
+    for image in (data / "images").iterdir():
+        np.save(cams / f"{image.stem}.npy", np.array(value, dtype=object), allow_pickle=True)
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_DATA, (3 * 2**30, 3 * 2**30))
+
+    argv = ["labels", DEMO, f"data.root={data}", f"labels.cams_dir={cams}"]
+    result = subprocess.run(
+        [sys.executable, "-m", "aepsl", *argv, "--out", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit,
+    )
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "%|" not in line]
+    assert result.returncode == 2, result.stderr[-1000:]
+    assert len(lines) == 1, result.stderr
+    assert "more values than CAMs of this data set can hold" in lines[0]
+    assert "refused before reading it" in lines[0]

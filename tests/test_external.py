@@ -148,7 +148,7 @@ def test_irn_cams_written_in_irn_format(irn_mined):
         keys = np.pad(record["keys"] + 1, (1, 0))
         assert set(np.unique(keys[padded.argmax(0)])) <= {0, *labels[image_id]}
         # our reader agrees with theirs
-        ours_keys, ours = read_cam_file(cams / f"{image_id}.npy", 2)
+        ours_keys, ours = read_cam_file(cams / f"{image_id}.npy", 2, 10**7)
         assert ours_keys == labels[image_id]
         assert np.array_equal(ours, record["high_res"])
 
@@ -182,18 +182,18 @@ def test_cam_formats_of_the_field(tmp_path):
     high = np.random.default_rng(0).random((2, 5, 6)).astype(np.float32)
     irn = {"keys": torch.tensor([0, 3]), "cam": torch.rand(2, 2, 2), "high_res": high}
     np.save(tmp_path / "irn.npy", irn)
-    keys, cams = read_cam_file(tmp_path / "irn.npy", 4)
+    keys, cams = read_cam_file(tmp_path / "irn.npy", 4, 10**7)
     assert keys == [1, 4] and np.array_equal(cams, high)
     np.save(tmp_path / "clip.npy", {"keys": np.array([2]), "attn_highres": high[:1]})
-    assert read_cam_file(tmp_path / "clip.npy", 4)[0] == [3]
+    assert read_cam_file(tmp_path / "clip.npy", 4, 10**7)[0] == [3]
     np.save(tmp_path / "seam.npy", {1: high[0], 2: high[1]})
-    keys, cams = read_cam_file(tmp_path / "seam.npy", 4)
+    keys, cams = read_cam_file(tmp_path / "seam.npy", 4, 10**7)
     assert keys == [2, 3] and cams.shape == (2, 5, 6)
     np.savez(tmp_path / "ours.npz", keys=np.array([1, 2], np.uint8), cams=high.astype(np.float16))
-    assert read_cam_file(tmp_path / "ours.npz", 4)[0] == [1, 2]
+    assert read_cam_file(tmp_path / "ours.npz", 4, 10**7)[0] == [1, 2]
     np.save(tmp_path / "far.npy", {"keys": np.array([20]), "high_res": high[:1]})
     with pytest.raises(UserError, match=r"class key 20 outside 0\.\.3"):
-        read_cam_file(tmp_path / "far.npy", 4)
+        read_cam_file(tmp_path / "far.npy", 4, 10**7)
 
 
 class _Payload:
@@ -213,7 +213,7 @@ def test_hostile_npy_refused_in_one_line(folder_dataset, tmp_path, capsys):
     for image_id in TRAIN_IDS[:4]:
         np.save(cams / f"{image_id}.npy", {"keys": _Payload(marker), "high_res": None})
     with pytest.raises(UserError) as caught:
-        safe_load_npy(cams / "img0.npy")
+        safe_load_npy(cams / "img0.npy", 10**7)
     assert "refused: its pickle asks for pathlib.Path" in str(caught.value)
     args = [DEMO, f"data.root={folder_dataset}", f"labels.cams_dir={cams}"]
     assert main(["labels", *args, "--out", str(tmp_path / "run")]) == 2

@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import pickle
 import zipfile
 from collections import OrderedDict
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -104,11 +105,19 @@ def _allowed() -> dict[tuple[str, str], Any]:
     return allowed
 
 
-class _ArrayUnpickler(pickle.Unpickler):
+class _ArrayUnpickler(pickle._Unpickler):
     """Builds arrays, dtypes, scalars, containers and (through torch's weights-only loader)
-    tensors; refuses every other global before importing it."""
+    tensors; refuses every other global before importing it, and every array or tensor beyond
+    `max_elements` in all before it is built (a few bytes of pickle can declare any shape).
+
+    The Python unpickler, whose opcodes can be inspected: the object pickles of CAM files are
+    small (their data is raw bytes), so its speed does not matter."""
 
     allowed = None
+
+    def __init__(self, stream: Any, max_elements: int) -> None:
+        super().__init__(stream)
+        self.budget = max_elements
 
     def find_class(self, module: str, name: str) -> Any:
         if _ArrayUnpickler.allowed is None:
@@ -121,27 +130,73 @@ class _ArrayUnpickler(pickle.Unpickler):
     def persistent_load(self, pid: Any) -> Any:
         raise _Refused("a persistent id")
 
+    def _spend(self, shape: Any) -> None:
+        """Charge an array or tensor of `shape` to the budget, before it is built."""
+        try:
+            dims = [int(d) for d in (shape if isinstance(shape, (tuple, list)) else [shape])]
+        except (TypeError, ValueError):
+            raise ValueError(f"an array shape that is not a list of sizes: {shape!r}") from None
+        if any(d < 0 for d in dims):
+            raise ValueError(f"a negative array size in {tuple(dims)}")
+        self.budget -= math.prod(dims)
+        if self.budget < 0:
+            raise _TooLarge(tuple(dims))
+
+    def load_reduce(self) -> None:
+        args = self.stack.pop()
+        func = self.stack[-1]
+        if func is np.ndarray and args:  # ndarray(shape, ...) allocates
+            self._spend(args[0])
+        elif func is _ArrayUnpickler.allowed.get(("torch._utils", "_rebuild_tensor_v2")):
+            self._spend(args[2])  # (storage, offset, size, stride, ...): a view of any size
+        self.stack[-1] = func(*args)
+
+    def load_newobj(self) -> None:
+        args = self.stack.pop()
+        cls = self.stack.pop()
+        if isinstance(cls, type) and issubclass(cls, np.ndarray) and args:
+            self._spend(args[0])
+        self.append(cls.__new__(cls, *args))
+
+    def load_build(self) -> None:
+        state = self.stack[-1]
+        target = self.stack[-2]
+        if isinstance(target, np.ndarray) and isinstance(state, tuple) and len(state) >= 2:
+            self._spend(state[1])  # (version, shape, dtype, fortran, data)
+        super().load_build()
+
+    dispatch: ClassVar[dict[int, Any]] = dict(pickle._Unpickler.dispatch)
+    dispatch[pickle.REDUCE[0]] = load_reduce
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+    dispatch[pickle.BUILD[0]] = load_build
+
+
+class _TooLarge(pickle.UnpicklingError):
+    pass
+
 
 class _Refused(pickle.UnpicklingError):
     pass
 
 
-def safe_load_npy(path: Path) -> Any:
+def safe_load_npy(path: Path, max_elements: int) -> Any:
     """The array a `.npy` file holds; an object array (np.save of a dict) is unpickled with
-    _ArrayUnpickler. A file that is not a .npy, is damaged, or asks for code is one line."""
+    _ArrayUnpickler. A file that is not a .npy, is damaged, asks for code, or declares more than
+    `max_elements` values in all is one line, before the memory is taken."""
     try:
         with path.open("rb") as stream:
-            version = np.lib.format.read_magic(stream)
-            if version == (1, 0):
-                shape, _fortran, dtype = np.lib.format.read_array_header_1_0(stream)
-            elif version == (2, 0):
-                shape, _fortran, dtype = np.lib.format.read_array_header_2_0(stream)
-            else:
-                raise ValueError(f"unsupported .npy version {version}")
+            shape, dtype = _npy_header(stream)
             if not dtype.hasobject:
+                if math.prod(shape) > max_elements:
+                    raise _TooLarge(shape)
                 stream.seek(0)
                 return np.load(stream, allow_pickle=False)
-            value = _ArrayUnpickler(stream).load()
+            value = _ArrayUnpickler(stream, max_elements).load()
+    except _TooLarge as exc:
+        raise UserError(
+            f"{path}: declares an array of shape {exc.args[0]}, more values than CAMs of this "
+            f"data set can hold ({max_elements} in all); refused before reading it"
+        ) from None
     except _Refused as exc:
         raise UserError(
             f"{path}: refused: its pickle asks for {exc}, which could run code; only arrays, "
@@ -156,12 +211,42 @@ def safe_load_npy(path: Path) -> Any:
     return value
 
 
+def _npy_header(stream: Any) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from a .npy header; the stream is left at the data."""
+    version = np.lib.format.read_magic(stream)
+    if version == (1, 0):
+        shape, _fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+    elif version == (2, 0):
+        shape, _fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+    else:
+        raise ValueError(f"unsupported .npy version {version}")
+    return shape, dtype
+
+
 def _one_line(exc: BaseException | str, limit: int = 160) -> str:
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ---------------------------------------------------------------- CAM files
+
+
+def _check_npz_sizes(path: Path, max_elements: int) -> None:
+    """Every member's declared shape, from its header, within `max_elements` in all."""
+    total = 0
+    with zipfile.ZipFile(path) as archive:
+        for name in archive.namelist():
+            with archive.open(name) as member:
+                shape, _ = _npy_header(member)
+            total += math.prod(shape)
+            if total > max_elements:
+                raise _TooLarge(shape)
+
+
+def cam_budget(num_classes: int, shape: tuple[int, int]) -> int:
+    """The values a CAM file of an image of `shape` may declare in all: IRN's holds each class's
+    map at image size and again at the network's stride, with its keys."""
+    return 2 * num_classes * shape[0] * shape[1] + 4 * num_classes + 1024
 
 
 def cam_file(folder: str | Path, image_id: str) -> Path | None:
@@ -179,23 +264,29 @@ def _array(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
-def read_cam_file(path: Path, num_classes: int) -> tuple[list[int], np.ndarray]:
+def read_cam_file(path: Path, num_classes: int, max_elements: int) -> tuple[list[int], np.ndarray]:
     """(class indices 1..C, float32 K x H x W image-size CAMs) of a CAM file of any format in
-    the module docstring. Keys outside 1..C, or a count of maps that differs from the keys, is
-    a one-line error."""
+    the module docstring. Keys outside 1..C, a count of maps that differs from the keys, or
+    more than `max_elements` values declared in all, is a one-line error."""
     if path.suffix == ".npz":
         if not zipfile.is_zipfile(path):  # else numpy advises allow_pickle=True for it
             raise UserError(f"{path}: not a CAM .npz with keys and cams (not a zip archive)")
         try:
+            _check_npz_sizes(path, max_elements)
             with np.load(path, allow_pickle=False) as stored:
                 keys = stored["keys"].astype(np.int64).ravel().tolist()
                 cams = stored["cams"].astype(np.float32)
+        except _TooLarge as exc:
+            raise UserError(
+                f"{path}: declares an array of shape {exc.args[0]}, more values than CAMs of "
+                f"this data set can hold ({max_elements} in all); refused before reading it"
+            ) from None
         except Exception as exc:
             raise UserError(
                 f"{path}: not a CAM .npz with keys and cams ({_one_line(exc)})"
             ) from None
     else:
-        value = safe_load_npy(path)
+        value = safe_load_npy(path, max_elements)
         if isinstance(value, np.ndarray) and value.dtype.hasobject and value.shape == ():
             value = value.item()
         if not isinstance(value, dict):
@@ -242,7 +333,7 @@ def image_cams(
     path = cam_file(folder, sample.id)
     if path is None:
         raise UserError(f"{Path(folder) / sample.id}.npy: CAM file missing (nor .npz)")
-    keys, cams = read_cam_file(path, num_classes)
+    keys, cams = read_cam_file(path, num_classes, cam_budget(num_classes, shape))
     if len(cams) and tuple(cams.shape[-2:]) != tuple(shape):
         raise UserError(
             f"{path}: CAMs are {cams.shape[-1]}x{cams.shape[-2]} but the image is "

@@ -51,6 +51,7 @@ from aepsl.layout import (
     prediction_digest,
     writable_out,
 )
+from aepsl.models.saved import check_class_names
 from aepsl.models.segnet import SegNet, input_scale, load_segnet
 from aepsl.record import save_config
 from aepsl.runtime import (
@@ -335,7 +336,7 @@ def run_predict(config: Config, job: PredictJob) -> dict[str, Any]:
         config = config.model_copy(deep=True)
         config.predict.overlays = False
     model = load_segnet(job.checkpoint, config)  # built as the file says
-    samples, names = _predict_samples_of(config, job, model.classifier.out_channels - 1)
+    samples, names = _predict_samples_of(config, job, model)
     check_out(job.out, config)
     if job.images and job.out.resolve() == job.images.resolve():
         raise UserError(f"{job.out}: --out is the --images folder; write predictions elsewhere")
@@ -366,12 +367,14 @@ def run_predict(config: Config, job: PredictJob) -> dict[str, Any]:
 
 
 def _predict_samples_of(
-    config: Config, job: PredictJob, classes: int
+    config: Config, job: PredictJob, model: SegNet
 ) -> tuple[list[Sample], list[str]]:
-    """The samples `job` names and the class names (numbered for a folder of images), checked
-    against the network's `classes`."""
+    """The samples `job` names and the class names (the model file's, or numbered, for a
+    folder of images), checked against the network's classes."""
+    classes = model.classifier.out_channels - 1
+    saved = getattr(model, "class_names", None)
     if job.images:
-        names = [f"label {k}" for k in range(1, classes + 1)]  # for the health check
+        names = saved or [f"label {k}" for k in range(1, classes + 1)]  # for the health check
         return images_in(job.images), names
     data = load_dataset(config.data)
     if classes != data.num_classes:
@@ -379,6 +382,7 @@ def _predict_samples_of(
             f"{job.checkpoint}: a network of {classes} classes; the dataset in "
             f"{config.data.root} has {data.num_classes}"
         )
+    check_class_names(job.checkpoint, saved, data.classes)
     return data.split(job.split), data.classes
 
 

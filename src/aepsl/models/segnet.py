@@ -24,7 +24,7 @@ from torch import nn
 from aepsl.config import Config
 from aepsl.errors import UserError
 from aepsl.models.backbones import Normalise, backbone_spec, build_trunk
-from aepsl.models.saved import agree, read_model_file
+from aepsl.models.saved import agree, check_segnet_file, read_model_file
 
 
 class SegNet(nn.Module):
@@ -128,6 +128,7 @@ def load_segnet(checkpoint: str | os.PathLike, config: Config | None = None) -> 
                 f"{checkpoint}: not an aepsl segmentation checkpoint (model.pt); it holds a "
                 f"{settings.get('kind')}"
             )
+        check_segnet_file(checkpoint, settings, state)
         backbone, stride = settings["backbone"], settings["output_stride"]
         num_classes = settings["num_classes"]
         size = int(settings.get("input_size", 0))
@@ -144,6 +145,7 @@ def load_segnet(checkpoint: str | os.PathLike, config: Config | None = None) -> 
             agree(checkpoint, saved, {k: v for k, v in asked.items() if k[6:] in given})
     model = build_segnet(backbone, "none", num_classes, stride)
     model.input_size, model.input_min_side = size, min_side
+    model.class_names = settings.get("classes") if settings else None
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:

@@ -233,7 +233,9 @@ def run_train(config: Config, out: Path) -> SegNet:
     def save() -> None:
         record = {"iterations": result.iterations, "final_loss": result.last}
         record.update(images=len(dataset), batch_size=cfg.batch_size, epochs=cfg.epochs)
-        saved = model_record(model, "segnet", config.model.backbone, data.num_classes)
+        saved = model_record(
+            model, "segnet", config.model.backbone, data.num_classes, classes=data.classes
+        )
         finish(run.train_checkpoint, run.model, saved, run.train_log, record)
         run.mark_complete("train")
 
