@@ -79,11 +79,17 @@ def test_a_stage_on_inputs_made_with_other_settings_stops(finished, tmp_path, ca
     argv = ["labels", DEMO, f"data.root={root}", *TINY, "mine.threshold=0.7", "--out", str(out)]
     assert main(argv) == 2
     line = _one_error_line(capsys.readouterr().err)
-    assert f"{out / 'mine'}: made with other settings than these" in line
+    assert (
+        f"{out / 'mine'}: made with other settings than these (mine.threshold: 0.8 -> 0.7)" in line
+    )
     assert (out / "config.yaml").read_text() == config_before  # claims nothing it did not make
     argv = ["train", DEMO, f"data.root={root}", *TINY, "labels.bg_threshold=0.3", "--out"]
     assert main([*argv, str(out)]) == 2
-    assert f"{out / 'labels'}: made with other settings" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert (
+        f"{out / 'labels'}: made with other settings than these (labels.bg_threshold: 0.2 -> 0.3)"
+        in err
+    )
     mine_config = (out / "mine" / "config.yaml").read_text()
     assert "threshold: 0.8" in mine_config  # each stage folder: the settings that made it
 

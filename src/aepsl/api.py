@@ -22,7 +22,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from aepsl.config import Config, load_config
+from aepsl.config import Config, flatten, load_config
 from aepsl.errors import UserError
 from aepsl.io import pixel_limit
 
@@ -40,19 +40,9 @@ def resolve_config(config: ConfigLike = None, **overrides: Any) -> Config:
     if isinstance(config, Config):
         if not settings:
             return config
-        given = _flat(config.model_dump(exclude_unset=True))  # what is unset stays unset
+        given = flatten(config.model_dump(exclude_unset=True))  # what is unset stays unset
         return load_config(None, settings={**given, **settings})
     return load_config(resolve_config_path(config), settings=settings)
-
-
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 @dataclass(frozen=True)

@@ -652,3 +652,14 @@ def _nest(parts: list[str], value: Any) -> dict[str, Any]:
     for part in reversed(parts):
         tree = {part: tree}
     return tree
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested settings tree as {"section.key": value}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat

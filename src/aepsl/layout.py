@@ -25,7 +25,8 @@ Stages meet only through these files; this module is the one place that names th
   OUT/report.html                       the report
 
 A stage folder's manifest.json holds the hash of the settings that produced it, the hash of
-the stage before it included (the chain below), and whether the stage finished. A changed
+the stage before it included (the chain below), those settings (to name what changed), and
+whether the stage finished. A changed
 setting re-runs its stage and every stage after it.
 """
 
@@ -40,7 +41,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from aepsl.config import Config
+from aepsl.config import Config, flatten
 from aepsl.errors import UserError
 from aepsl.io import file_digest, read_json, write_json
 from aepsl.record import save_config
@@ -73,6 +74,12 @@ def training_settings(
 def stage_digests(config: Config) -> dict[str, str]:
     """The settings-hash chain: each stage's hash covers its own settings and the hash of the
     stage before it."""
+    return {stage: settings_digest(settings) for stage, settings in stage_settings(config).items()}
+
+
+def stage_settings(config: Config) -> dict[str, dict[str, Any]]:
+    """What each stage's hash covers (stage_digests), kept in its manifest so that a refusal
+    can name the settings that differ."""
     from aepsl.external import CAM_SUFFIXES, folder_digest
 
     # Settings added later leave the hashes of earlier runs as they were while at their default.
@@ -87,30 +94,27 @@ def stage_digests(config: Config) -> dict[str, str]:
         mine_settings["step1_cams"] = folder_digest(config.mine.step1_cams, CAM_SUFFIXES)
     mine = settings_digest(mine_settings)
     labels_settings = config.labels.model_dump(exclude={"visualise", "dir", "cams_dir"})
+    labels: dict[str, Any]
     if config.labels.dir:  # pseudo labels made elsewhere: nothing of ours goes into them
-        labels = settings_digest({"labels_dir": folder_digest(config.labels.dir, (".png",))})
+        labels = {"labels_dir": folder_digest(config.labels.dir, (".png",))}
     elif config.labels.cams_dir:  # regions from CAMs made elsewhere, not from mine
         cams = folder_digest(config.labels.cams_dir, CAM_SUFFIXES)
         threshold = config.mine.model_dump(include={"threshold_mode", "threshold"})
-        labels = settings_digest(
-            {
-                "cams_dir": cams,
-                "threshold": threshold,
-                "saliency": config.saliency.model_dump(),
-                "labels": labels_settings,
-            }
-        )
+        labels = {
+            "cams_dir": cams,
+            "threshold": threshold,
+            "saliency": config.saliency.model_dump(),
+            "labels": labels_settings,
+        }
     else:
-        labels = settings_digest(
-            {"mine": mine, "saliency": config.saliency.model_dump(), "labels": labels_settings}
-        )
+        labels = {"mine": mine, "saliency": config.saliency.model_dump(), "labels": labels_settings}
     # min_iterations acts only on a length in epochs; in the hash only where it can act
     acts = config.train.min_iterations and config.train.epochs is not None
     later = set() if acts else {"min_iterations"}
     later |= set() if config.train.image_size else {"image_size"}  # in the hash when set
     train = training_settings(config, "train", {"checkpoint_every"} | later)
-    train["labels"] = labels
-    return {"mine": mine, "labels": labels, "train": settings_digest(train)}
+    train["labels"] = settings_digest(labels)
+    return {"mine": mine_settings, "labels": labels, "train": train}
 
 
 def prediction_digest(model_file: Path, config: Config, crf: bool) -> str:
@@ -125,13 +129,32 @@ def prediction_digest(model_file: Path, config: Config, crf: bool) -> str:
     )
 
 
+def differences(old: dict[str, Any] | None, new: dict[str, Any], limit: int = 4) -> str:
+    """The settings that differ between two stage settings, as `key: old -> new` (the first
+    `limit`); the settings-hash chain's entries (an earlier stage's hash) as that stage."""
+    if old is None:
+        return "made by an earlier version, which did not record its settings"
+    # compared as the manifest stores them: JSON (tuples become lists)
+    flat_old, flat_new = flatten(old), flatten(json.loads(json.dumps(new)))
+    changed = flat_old.keys() | flat_new.keys()
+    keys = sorted(k for k in changed if flat_old.get(k) != flat_new.get(k))
+    shown = [f"{k}: {flat_old.get(k, '(unset)')} -> {flat_new.get(k, '(unset)')}" for k in keys]
+    more = f" and {len(keys) - limit} more" if len(keys) > limit else ""
+    return "; ".join(shown[:limit]) + more
+
+
 def saliency_cache_digest(config: Config) -> str:
     """What the cached built-in saliency maps depend on: the images and the working size."""
     data = config.data.model_dump(include={"format", "root", "train_split"})
     return settings_digest({"data": data, "max_side": config.saliency.max_side})
 
 
-def claim_folder(folder: Path, digest: str, required: Iterable[Path] = ()) -> bool:
+def claim_folder(
+    folder: Path,
+    digest: str,
+    required: Iterable[Path] = (),
+    settings: dict[str, Any] | None = None,
+) -> bool:
     """Resume in `folder` if the same settings produced it; otherwise empty it and start over.
 
     Returns True when the stage already finished there with these settings (see mark_complete)
@@ -147,12 +170,20 @@ def claim_folder(folder: Path, digest: str, required: Iterable[Path] = ()) -> bo
             if missing is None:
                 return True
             print(f"{folder}: marked finished but {missing} is gone; running this stage again")
-            write_json(manifest, {"settings_hash": digest, "complete": False})
+            write_json(manifest, _manifest(digest, False, record.get("settings")))
             return False
-        print(f"{folder}: settings changed since the last run; starting this stage again")
+        changed = f" ({differences(record.get('settings'), settings)})" if settings else ""
+        print(f"{folder}: settings changed since the last run{changed}; starting this stage again")
         shutil.rmtree(folder)  # a folder with our manifest: one a stage created
-    write_json(manifest, {"settings_hash": digest, "complete": False})
+    write_json(manifest, _manifest(digest, False, settings))
     return False
+
+
+def _manifest(digest: str, complete: bool, settings: dict[str, Any] | None) -> dict[str, Any]:
+    record: dict[str, Any] = {"settings_hash": digest, "complete": complete}
+    if settings is not None:
+        record["settings"] = settings
+    return record
 
 
 def read_manifest(path: Path) -> dict[str, Any]:
@@ -166,9 +197,9 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return record
 
 
-def mark_complete(folder: Path, digest: str) -> None:
+def mark_complete(folder: Path, digest: str, settings: dict[str, Any] | None = None) -> None:
     """Record that the stage in `folder` finished, so a re-run with the same settings skips it."""
-    write_json(folder / "manifest.json", {"settings_hash": digest, "complete": True})
+    write_json(folder / "manifest.json", _manifest(digest, True, settings))
 
 
 # The folders each dataset format reads from (below data.root): no run folder may be one of
@@ -350,7 +381,8 @@ class RunLayout:
     def claim(self, stage: str, required: Iterable[Path] = ()) -> bool:
         """claim_folder for `stage`: True when it already finished with these settings and
         its `required` outputs are there."""
-        return claim_folder(self.folder(stage), self.digest(stage), required)
+        settings = stage_settings(self.config)[stage]
+        return claim_folder(self.folder(stage), self.digest(stage), required, settings)
 
     def finished(self, stage: str, required: Iterable[Path] = ()) -> bool:
         """claim(stage, required), saying so in one line when the stage is skipped."""
@@ -375,9 +407,10 @@ class RunLayout:
             return
         record = read_manifest(manifest)
         if record["settings_hash"] != self.digest(stage):
+            changed = differences(record.get("settings"), stage_settings(self.config)[stage])
             raise UserError(
-                f"{self.folder(stage)}: made with other settings than these; run `aepsl "
-                f"{stage}` with the same settings and --out first (or `aepsl run`)"
+                f"{self.folder(stage)}: made with other settings than these ({changed}); run "
+                f"`aepsl {stage}` with the same settings and --out first (or `aepsl run`)"
             )
         if not record["complete"]:
             raise UserError(
@@ -388,7 +421,7 @@ class RunLayout:
     def mark_complete(self, stage: str) -> None:
         """The stage finished: its folder gets the config that made it, then the manifest."""
         save_config(self.config, self.folder(stage))
-        mark_complete(self.folder(stage), self.digest(stage))
+        mark_complete(self.folder(stage), self.digest(stage), stage_settings(self.config)[stage])
 
     def redo(self, stage: str) -> str:
         """What to do about a damaged file of `stage`'s folder (the end of an error line)."""
