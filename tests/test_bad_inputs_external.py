@@ -403,3 +403,32 @@ def test_a_cam_file_declaring_a_huge_array_is_refused_before_allocating(tmp_path
     assert len(lines) == 1, result.stderr
     assert "more values than CAMs of this data set can hold" in lines[0]
     assert "refused before reading it" in lines[0]
+
+
+@pytest.mark.parametrize("key", ["mine.step1_cams", "labels.dir"])
+def test_an_input_inside_the_stage_folder_it_would_empty_is_refused(capsys, tmp_path, data, key):
+    """The changed setting emptied the stage folder, input included, and then the files were
+    said to be missing."""
+    out = tmp_path / "run"
+    stage = "mine" if key == "mine.step1_cams" else "labels"
+    inside = out / stage / "theirs"
+    inside.mkdir(parents=True)
+    (inside / "keep.txt").write_text("theirs")
+    (out / stage / "manifest.json").write_text('{"settings_hash": "0", "complete": true}')
+    argv = [stage, DEMO, f"data.root={data}", *TINY, f"{key}={inside}", "--out", str(out)]
+    refuse(capsys, tmp_path, argv, f"{inside}: {key} lies inside {out / stage}", out=out)
+    assert (inside / "keep.txt").read_text() == "theirs"
+
+
+def test_images_inside_the_prediction_folder_are_refused(capsys, tmp_path, data):
+    out = tmp_path / "pred"
+    images = out / "images"
+    shutil.copytree(data / "images", images)
+    from aepsl.models.saved import model_record
+    from aepsl.models.segnet import build_segnet
+
+    model = tmp_path / "model.pt"
+    torch.save(model_record(build_segnet("tiny", "none", 2), "segnet", "tiny", 2), model)
+    argv = ["predict", DEMO, "--checkpoint", str(model), "--images", str(images)]
+    refuse(capsys, tmp_path, [*argv, "--out", str(out)], "--images lies inside", out=out)
+    assert len(list(images.iterdir())) == len(list((data / "images").iterdir()))

@@ -179,6 +179,18 @@ def claim_folder(
     return False
 
 
+def refuse_inputs_inside(folder: Path, inputs: dict[str, str | os.PathLike]) -> None:
+    """A stage empties its folder when its settings change: an input inside it would be
+    deleted before it is read. One line naming the setting, before anything is deleted."""
+    for key, given in inputs.items():
+        path = Path(given).resolve()
+        if path == folder.resolve() or path.is_relative_to(folder.resolve()):
+            raise UserError(
+                f"{given}: {key} lies inside {folder}, which aepsl empties when the settings "
+                "of what it holds change; move these files out of the run folder"
+            )
+
+
 def _manifest(digest: str, complete: bool, settings: dict[str, Any] | None) -> dict[str, Any]:
     record: dict[str, Any] = {"settings_hash": digest, "complete": complete}
     if settings is not None:
@@ -382,7 +394,19 @@ class RunLayout:
         """claim_folder for `stage`: True when it already finished with these settings and
         its `required` outputs are there."""
         settings = stage_settings(self.config)[stage]
+        refuse_inputs_inside(self.folder(stage), self.inputs())
         return claim_folder(self.folder(stage), self.digest(stage), required, settings)
+
+    def inputs(self) -> dict[str, str]:
+        """The folders of files made elsewhere that the config names, by key."""
+        config = self.config
+        named = {
+            "mine.step1_cams": config.mine.step1_cams,
+            "labels.dir": config.labels.dir,
+            "labels.cams_dir": config.labels.cams_dir,
+            "saliency.dir": config.saliency.dir,
+        }
+        return {key: folder for key, folder in named.items() if folder}
 
     def finished(self, stage: str, required: Iterable[Path] = ()) -> bool:
         """claim(stage, required), saying so in one line when the stage is skipped."""

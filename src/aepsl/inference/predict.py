@@ -49,6 +49,7 @@ from aepsl.layout import (
     claim_folder,
     mark_complete,
     prediction_digest,
+    refuse_inputs_inside,
     writable_out,
 )
 from aepsl.models.saved import check_class_names
@@ -340,6 +341,8 @@ def run_predict(config: Config, job: PredictJob) -> dict[str, Any]:
     check_out(job.out, config)
     if job.images and job.out.resolve() == job.images.resolve():
         raise UserError(f"{job.out}: --out is the --images folder; write predictions elsewhere")
+    if job.images:
+        refuse_inputs_inside(job.out, {"--images": job.images})
     device = select_device(config)
     model = prepare_model(model, config, device)
     out = writable_out(job.out)
