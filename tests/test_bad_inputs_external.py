@@ -432,3 +432,22 @@ def test_images_inside_the_prediction_folder_are_refused(capsys, tmp_path, data)
     argv = ["predict", DEMO, "--checkpoint", str(model), "--images", str(images)]
     refuse(capsys, tmp_path, [*argv, "--out", str(out)], "--images lies inside", out=out)
     assert len(list(images.iterdir())) == len(list((data / "images").iterdir()))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        {"keys": np.array(["a"]), "high_res": ZEROS},
+        {"keys": None, "high_res": ZEROS},
+        {"keys": np.array([0]), "high_res": [[0.0, 1.0], [0.0]]},
+        {"keys": np.array([0]), "high_res": np.array([["x", "y"]])},
+        {0: ZEROS[0], 1: np.zeros((16, 16), np.float32)},
+    ],
+    ids=["string-keys", "none-keys", "ragged-map", "text-map", "seam-two-shapes"],
+)
+def test_npy_cam_dict_of_the_wrong_types_is_one_line(capsys, tmp_path, data, content):
+    """Each was a traceback (ValueError or TypeError from numpy)."""
+    cams = irn_cams(tmp_path / "cams")
+    np.save(cams / "img0.npy", np.array(content, dtype=object), allow_pickle=True)
+    message = external(capsys, tmp_path, data, f"labels.cams_dir={cams}")
+    assert message.startswith(f"{cams / 'img0.npy'}: CAM dict with values of the wrong type (")

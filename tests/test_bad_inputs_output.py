@@ -145,3 +145,42 @@ def test_demo_never_replaces_files_it_did_not_write(capsys, tmp_path, cwd):
     (mine / "notes.txt").write_text("mine")
     refuse(capsys, tmp_path, ["demo", "--tiny", "--out", str(tmp_path / "x")], "did not write")
     assert (mine / "notes.txt").read_text() == "mine"
+
+
+def test_a_second_process_on_the_same_run_folder_stops_and_a_dead_ones_lock_is_taken(
+    capsys, tmp_path, data
+):
+    """Two runs into one folder deleted each other's stage folders; now the second stops in one
+    line naming the first. The kernel drops the lock of a killed process."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    out = tmp_path / "run"
+    out.mkdir()
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from aepsl.layout import run_lock\n"
+            "with run_lock(Path(sys.argv[1])):\n    print('held', flush=True); time.sleep(60)",
+            str(out),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        argv = ["mine", DEMO, f"data.root={data}", *TINY, "--out", str(out)]
+        line = refuse(capsys, tmp_path, argv, f"{out}: in use by another aepsl process", out=out)
+        assert f"pid {holder.pid} on " in line and "wait for it to end" in line
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    time.sleep(0.1)
+    from aepsl.layout import run_lock
+
+    with run_lock(out):  # the killed process's lock is free
+        assert (out / ".aepsl.lock").is_file()
+    assert not (out / ".aepsl.lock").exists()  # a finished command leaves no lock file

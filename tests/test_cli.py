@@ -57,7 +57,7 @@ def test_evaluate_writes_metrics_and_config(folder_dataset, tmp_path, capsys):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["mIoU"] == 1.0 and metrics["split"] == "val"
     assert metrics["predictions"] == str(preds)
-    saved = yaml.safe_load((out / "config.yaml").read_text())
+    saved = yaml.safe_load((out / "evaluate_config.yaml").read_text())
     assert saved["data"]["root"] == str(folder_dataset) and "torch" in saved["versions"]
     # scoring again into the same folder replaces evaluate's own file
     assert (
@@ -117,7 +117,7 @@ def test_overrides_after_options(folder_dataset, tmp_path, capsys):
         "seed=3",
     ]
     assert main(argv) == 0
-    saved = yaml.safe_load((out / "config.yaml").read_text())
+    saved = yaml.safe_load((out / "evaluate_config.yaml").read_text())
     assert saved["seed"] == 3 and saved["data"]["root"] == str(folder_dataset)
     assert main(["data-info", "--check", f"data.root={folder_dataset}"]) == 0
 

@@ -390,6 +390,15 @@ def test_mask_cache_setting_reaches_the_reader(coco, tmp_path):
         ),
         (lambda d: d["images"][0].update(file_name="../x.jpg"), "not a plain file name"),
         (lambda d: d["categories"].append({"id": 1, "name": "again"}), "listed twice"),
+        (
+            lambda d: d["categories"].append({"id": 77, "name": "Background"}),
+            "category 77 is named 'background', label 0's name",
+        ),
+        (
+            lambda d: d["categories"].append({"id": 78, "name": d["categories"][0]["name"]}),
+            "two categories are named",
+        ),
+        (lambda d: d.update(images=[{"id": [9]}]), "image without an integer 'id'"),
         (lambda d: d.pop("annotations"), "no 'annotations' list"),
     ],
 )
@@ -486,3 +495,10 @@ def test_a_mask_cache_inside_the_dataset_is_refused(coco):
     with pytest.raises(UserError, match=r"data\.mask_cache lies inside the dataset folder"):
         _load(coco, coco / "masks_cache")
     assert snapshot(coco) == before
+
+
+def test_deeply_nested_json_is_one_line(coco, tmp_path):
+    """A few KB of [[[[...]]]] overflowed the parser's stack: a RecursionError traceback."""
+    (coco / "annotations" / "instances_train2014.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(UserError, match=r"invalid JSON \(nested too deeply\)"):
+        _load(coco, tmp_path / "cache")

@@ -115,6 +115,13 @@ def test_voc_recipe_end_to_end(tmp_path, capsys):
     for step in (1, 2):
         assert (run / "mine" / f"step{step}" / "classifier.pt").is_file()
     assert sorted(p.stem for p in (run / "labels").glob("*.png")) == TRAIN_AUG
+    # stage metrics on VOC train (as IRN's scripts and published numbers), not train_aug
+    printed = capsys.readouterr().out
+    assert f"seed mIoU on split 'train' ({len(VOC_TRAIN)} images)" in printed
+    assert f"pseudo labels on split 'train' ({len(VOC_TRAIN)} images)" in printed
+    for stage in ("mine", "labels"):
+        scored = json.loads((run / stage / "metrics.json").read_text())["scored"]
+        assert scored == {"split": "train", "images": len(VOC_TRAIN)}
     metrics = json.loads((run / "train" / "metrics.json").read_text())
     assert metrics["split"] == "val"
     assert 0 <= metrics["without_crf"]["mIoU"] <= 1 and 0 <= metrics["with_crf"]["mIoU"] <= 1

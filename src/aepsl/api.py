@@ -77,7 +77,7 @@ def run_stage(
     saliency, OUT/labels) or `train` (the segmentation network on OUT/labels, PSL unless
     train.psl=false, then the val split predicted and scored without and with CRF;
     OUT/train)."""
-    from aepsl.layout import prepare_out
+    from aepsl.layout import open_run
     from aepsl.mine.stage import run_mine
     from aepsl.pipeline import labels_stage, train_stage
 
@@ -87,19 +87,17 @@ def run_stage(
         raise UserError(f"unknown stage '{stage}' (mine, labels or train)")
     function, reads = stages[stage]
     config = resolve_config(config, **overrides)
-    with pixel_limit(config.data.max_pixels):
-        folder = prepare_out(config, out, reads=reads)
+    with pixel_limit(config.data.max_pixels), open_run(config, out, reads) as folder:
         return StageResult(stage, folder / stage, function(config, folder))
 
 
 def run(config: ConfigLike, out: str | os.PathLike, **overrides: Any) -> RunResult:
     """The whole method: mine, labels, train, val prediction and OUT/report.html."""
-    from aepsl.layout import prepare_out
+    from aepsl.layout import open_run
     from aepsl.pipeline import run_pipeline
 
     config = resolve_config(config, **overrides)
-    with pixel_limit(config.data.max_pixels):
-        folder = prepare_out(config, out)
+    with pixel_limit(config.data.max_pixels), open_run(config, out) as folder:
         result = run_pipeline(config, folder)
     return RunResult(
         folder,

@@ -52,6 +52,14 @@ class DataConfig(Section):
         min_length=1,
         description="the split mined, pseudo-labelled and trained on (voc: train_aug)",
     )
+    score_split: str | None = Field(
+        None,
+        description="the split the stage metrics of training images are computed on (mined "
+        "regions' precision / recall, the CAMs' seed mIoU, the pseudo labels' mIoU), its images "
+        "that are in data.train_split. null: `train` for the voc format (VOC 2012 train, 1,464 "
+        "images, as IRN's scripts and published numbers score it, not train_aug's 10,582), "
+        "else data.train_split",
+    )
     val_split: str = Field(
         "val",
         min_length=1,

@@ -19,6 +19,7 @@ from aepsl.data.real import make_real
 from aepsl.data.synth import make_synth
 from aepsl.errors import UserError
 from aepsl.io import pixel_limit
+from aepsl.layout import run_lock
 from aepsl.models.efficientnet import INSTALL_HINT, offline_weights_installed
 from aepsl.pipeline import run_pipeline
 from aepsl.record import save_config
@@ -54,8 +55,8 @@ def run_demo(
     print(f"demo: {preset.name}, backbone: {backbone}, precision: {effective_precision(config)}")
     if not (data_root / "labels.csv").is_file():
         _make_data(data_root, real, n=n, size=size, seed=config.seed)
-    save_config(config, out)
-    with pixel_limit(config.data.max_pixels):
+    with pixel_limit(config.data.max_pixels), run_lock(out):
+        save_config(config, out)
         result = run_pipeline(config, out)
     result["seconds"] = time.perf_counter() - started
     print(summary(result["mine"], result["labels"], result["val"], result["seconds"], backbone))

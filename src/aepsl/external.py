@@ -243,6 +243,31 @@ def _check_npz_sizes(path: Path, max_elements: int) -> None:
                 raise _TooLarge(shape)
 
 
+def _decode_cam_dict(path: Path, value: dict) -> tuple[list[int], np.ndarray]:
+    """(keys 1..C, maps) of an IRN / CLIP-ES / SEAM dict; values of the wrong type (string
+    or None keys, ragged or text maps, SEAM maps of two shapes) are one line."""
+    if "keys" in value:
+        field = next((k for k in ("high_res", "attn_highres") if k in value), None)
+        if field is None:
+            raise UserError(
+                f"{path}: CAM dict has no 'high_res' (IRN) or 'attn_highres' (CLIP-ES) "
+                f"entry; it holds {', '.join(map(str, value))}"
+            )
+    elif not all(isinstance(k, (int, np.integer)) for k in value):  # SEAM: {class: map}
+        raise UserError(f"{path}: not a CAM dict (IRN: keys, cam, high_res)")
+    try:
+        if "keys" in value:
+            keys = (_array(value["keys"]).astype(np.int64).ravel() + 1).tolist()
+            return keys, _array(value[field]).astype(np.float32)
+        maps = [_array(value[k]).astype(np.float32) for k in value]
+        cams = np.stack(maps) if maps else np.zeros((0, 0, 0), np.float32)
+        return [int(k) + 1 for k in value], cams
+    except (TypeError, ValueError) as exc:
+        raise UserError(
+            f"{path}: CAM dict with values of the wrong type ({_one_line(exc)})"
+        ) from None
+
+
 def cam_budget(num_classes: int, shape: tuple[int, int]) -> int:
     """The values a CAM file of an image of `shape` may declare in all: IRN's holds each class's
     map at image size and again at the network's stride, with its keys."""
@@ -291,21 +316,8 @@ def read_cam_file(path: Path, num_classes: int, max_elements: int) -> tuple[list
             value = value.item()
         if not isinstance(value, dict):
             raise UserError(f"{path}: not a CAM file: expected a dict saved with np.save")
-        if "keys" in value:
-            field = next((k for k in ("high_res", "attn_highres") if k in value), None)
-            if field is None:
-                raise UserError(
-                    f"{path}: CAM dict has no 'high_res' (IRN) or 'attn_highres' (CLIP-ES) "
-                    f"entry; it holds {', '.join(map(str, value))}"
-                )
-            keys = (_array(value["keys"]).astype(np.int64).ravel() + 1).tolist()
-            cams = _array(value[field]).astype(np.float32)
-        elif all(isinstance(k, (int, np.integer)) for k in value):  # SEAM: {class: map}
-            keys = [int(k) + 1 for k in value]
-            maps = [_array(value[k]).astype(np.float32) for k in value]
-            cams = np.stack(maps) if maps else np.zeros((0, 0, 0), np.float32)
-        else:
-            raise UserError(f"{path}: not a CAM dict (IRN: keys, cam, high_res)")
+        keys, cams = _decode_cam_dict(path, value)
+
     if cams.ndim == 2 and len(keys) == 1:
         cams = cams[None]
     if cams.ndim != 3 or len(cams) != len(keys):

@@ -36,10 +36,18 @@ import hashlib
 import json
 import os
 import shutil
+import socket
+import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock
+    fcntl = None
 
 from aepsl.config import Config, flatten
 from aepsl.errors import UserError
@@ -64,7 +72,10 @@ def training_settings(
     return {
         "seed": config.seed,
         # where and how the data is read, not what it is: no output depends on these
-        "data": config.data.model_dump(exclude={"num_workers", "max_pixels", "mask_cache"}),
+        "data": config.data.model_dump(
+            exclude={"num_workers", "max_pixels", "mask_cache"}
+            | (set() if config.data.score_split else {"score_split"})  # in the hash when set
+        ),
         "model": config.model.model_dump(),
         "precision": effective_precision(config),
         section: getattr(config, section).model_dump(exclude=set(exclude)),
@@ -300,15 +311,78 @@ def writable_out(path: str | os.PathLike) -> Path:
     return out
 
 
-def prepare_out(config: Config, out: str | os.PathLike, reads: str | None = None) -> Path:
+@contextmanager
+def open_run(config: Config, out: str | os.PathLike, reads: str | None = None) -> Iterator[Path]:
     """The run folder of a stage command, checked (outside the dataset, writable; the stage it
-    `reads` made with these settings), with the resolved config saved in it."""
+    `reads` made with these settings), held by this process (run_lock) with the resolved config
+    saved in it, for the block."""
     check_out(as_out(out), config)
     if reads is not None:
         RunLayout(out, config).check_input(reads)
     folder = writable_out(out)
-    save_config(config, folder)
-    return folder
+    with run_lock(folder):
+        save_config(config, folder)
+        yield folder
+
+
+LOCK_FILE = ".aepsl.lock"
+
+
+@contextmanager
+def run_lock(folder: Path) -> Iterator[None]:
+    """Hold `folder` for this process: a second aepsl process on it stops in one line naming
+    the holder (pid, host, command). The kernel drops the lock when its process ends, however
+    it ends, so a dead process's lock is taken over. The processes of one torchrun job (RANK
+    set, not 0) share rank 0's. Where the OS has no flock (Windows), nothing is held."""
+    if fcntl is None or os.environ.get("RANK", "0") != "0":
+        yield
+        return
+    path = folder / LOCK_FILE
+    fd = _take_lock(path)
+    try:
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "command": _command()}
+        os.ftruncate(fd, 0)  # a killed holder's words may still be there
+        os.pwrite(fd, json.dumps(holder).encode(), 0)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the lock goes: see _take_lock
+        os.close(fd)
+
+
+def _take_lock(path: Path) -> int:
+    """An open, exclusively locked descriptor of the lock file at `path`. A holder removes the
+    file before it unlocks, so a lock taken on a file that is no longer at `path` is dropped
+    and taken again on the new one (else two processes could each hold one)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise UserError(
+                f"{path.parent}: in use by another aepsl process ({_holder(path)}); wait for it "
+                "to end, or choose another --out"
+            ) from None
+        try:
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def _command() -> str:
+    words = ["aepsl", *sys.argv[1:]] if Path(sys.argv[0]).name == "aepsl" else sys.argv
+    text = " ".join(words)
+    return text if len(text) <= 120 else text[:117] + "..."
+
+
+def _holder(path: Path) -> str:
+    try:
+        holder = json.loads(path.read_text() or "{}")
+        return f"pid {holder['pid']} on {holder['host']}: {holder['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "holder unknown"
 
 
 class MineStep:

@@ -211,6 +211,8 @@ def _read_annotation(path: Path) -> dict[str, Any]:
     try:
         with open(path, "rb") as handle:
             data = json.load(handle)
+    except RecursionError:  # a few KB of [[[[...]]]] nests deeper than the parser's stack
+        raise UserError(f"{path}: invalid JSON (nested too deeply)") from None
     except UnicodeDecodeError as exc:
         raise UserError(f"{path}: not UTF-8 text (byte {exc.start})") from None
     except json.JSONDecodeError as exc:
@@ -238,6 +240,10 @@ def _classes(path: Path, categories: list[Any]) -> tuple[list[str], dict[int, in
             raise UserError(f"{path}: category {cat['id']} has no printable 'name'")
         if cat["id"] in seen:
             raise UserError(f"{path}: category id {cat['id']} is listed twice")
+        if name.strip().lower() == "background":  # label 0: its scores would be the background's
+            raise UserError(f"{path}: category {cat['id']} is named 'background', label 0's name")
+        if name.strip() in seen.values():  # per-class scores are keyed by name
+            raise UserError(f"{path}: two categories are named '{name.strip()}'")
         seen[cat["id"]] = name.strip()
     if not seen:
         raise UserError(f"{path}: lists no categories")

@@ -95,6 +95,17 @@ def check_inputs(dataset: Dataset, data: DataConfig) -> None:
             check_headers(dataset.split(split))
 
 
+def scored_samples(dataset: Dataset, data: DataConfig) -> tuple[str, list[Sample]]:
+    """(name, samples) of the split the training-image metrics are computed on
+    (data.score_split): the training split's images that are in it."""
+    name = data.score_split or ("train" if data.format == "voc" else data.train_split)
+    train = dataset.split(data.train_split)
+    if name == data.train_split:
+        return name, train
+    ids = {sample.id for sample in dataset.split(name)}
+    return name, [sample for sample in train if sample.id in ids]
+
+
 def validate(dataset: Dataset, split: str) -> None:
     """Decode every image and mask of a split once; raises UserError on the first bad file."""
     for sample in dataset.split(split):

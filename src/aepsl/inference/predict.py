@@ -50,6 +50,7 @@ from aepsl.layout import (
     mark_complete,
     prediction_digest,
     refuse_inputs_inside,
+    run_lock,
     writable_out,
 )
 from aepsl.models.saved import check_class_names
@@ -346,6 +347,21 @@ def run_predict(config: Config, job: PredictJob) -> dict[str, Any]:
     device = select_device(config)
     model = prepare_model(model, config, device)
     out = writable_out(job.out)
+    with run_lock(out):
+        return _predict_into(out, config, job, model, samples, names)
+
+
+def _predict_into(
+    out: Path,
+    config: Config,
+    job: PredictJob,
+    model: SegNet,
+    samples: list[Sample],
+    names: list[str],
+) -> dict[str, Any]:
+    """run_predict's work, in the held output folder."""
+    voc_test = job.format == "voc-test"
+    device = next(model.parameters()).device
     target = out / VOC_TEST_LAYOUT if voc_test else out
     # Predictions already in the folder count only if this checkpoint and these settings made
     # them (the folder's manifest); others are redone.

@@ -19,7 +19,14 @@ import torch
 from tqdm import tqdm
 
 from aepsl.config import Config
-from aepsl.data.datasets import Dataset, Sample, image_size, load_dataset, load_image
+from aepsl.data.datasets import (
+    Dataset,
+    Sample,
+    image_size,
+    load_dataset,
+    load_image,
+    scored_samples,
+)
 from aepsl.errors import UserError
 from aepsl.evaluation import evaluate_folder
 from aepsl.external import check_pseudo_labels, image_cams
@@ -88,11 +95,13 @@ def run_labels(config: Config, out: Path) -> dict[str, Any]:
         "bg_threshold": config.labels.bg_threshold,
         "low_saliency": config.labels.low_saliency,
     }
-    metrics.update(_scores(run.labels, train, data.classes))
+    metrics.update(_scores(run.labels, train, data, config))
     write_json(run.labels_metrics, metrics)
     if metrics.get("mIoU") is not None:
         print(
-            f"pseudo labels: mIoU {metrics['mIoU']:.3f} over labelled pixels "
+            f"pseudo labels on split '{metrics['scored']['split']}' "
+            f"({metrics['scored']['images']} images): mIoU {metrics['mIoU']:.3f} over labelled "
+            "pixels "
             f"({metrics['labelled_fraction']:.1%} of pixels labelled), "
             f"{metrics['unlabelled_as_background']['mIoU']:.3f} with unlabelled pixels as "
             "background"
@@ -110,7 +119,7 @@ def _external_labels(
     if run.finished("labels", [run.labels_metrics]):
         return read_json(run.labels_metrics, run.redo("labels"))
     check_pseudo_labels(folder, train, data.num_classes)
-    metrics: dict[str, Any] = {"source": str(folder), **_scores(folder, train, data.classes)}
+    metrics: dict[str, Any] = {"source": str(folder), **_scores(folder, train, data, config)}
     write_json(run.labels_metrics, metrics)
     score = (
         f", mIoU {metrics['mIoU']:.3f} over labelled pixels ({metrics['labelled_fraction']:.1%} "
@@ -126,15 +135,18 @@ def _external_labels(
     return metrics
 
 
-def _scores(folder: Path, train: list[Sample], classes: list[str]) -> dict[str, Any]:
-    """The pseudo labels in `folder` scored against the train masks when every image has one
-    (over labelled pixels, and with unlabelled pixels as background: what most papers print),
-    and their health warnings."""
-    scores: dict[str, Any] = {}
-    if train and all(s.mask is not None for s in train):
-        scores.update(evaluate_folder(folder, train, classes, "exclude"))
-        scores["unlabelled_as_background"] = evaluate_folder(folder, train, classes, "background")
-    scores["warnings"] = check_folder(folder, train, classes, "labels", "pseudo labels")
+def _scores(folder: Path, train: list[Sample], data: Dataset, config: Config) -> dict[str, Any]:
+    """The pseudo labels in `folder` scored against the masks of the scored images
+    (data.score_split) when every one has a mask (over labelled pixels, and with unlabelled
+    pixels as background: what most papers print), and the health warnings of all of them."""
+    split, scored = scored_samples(data, config.data)
+    scores: dict[str, Any] = {"scored": {"split": split, "images": len(scored)}}
+    if scored and all(s.mask is not None for s in scored):
+        scores.update(evaluate_folder(folder, scored, data.classes, "exclude"))
+        scores["unlabelled_as_background"] = evaluate_folder(
+            folder, scored, data.classes, "background"
+        )
+    scores["warnings"] = check_folder(folder, train, data.classes, "labels", "pseudo labels")
     return scores
 
 

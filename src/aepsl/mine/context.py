@@ -14,8 +14,9 @@ from aepsl.layout import MineStep, RunLayout
 
 @dataclass(frozen=True)
 class MineContext:
-    """Stage-wide inputs: the settings, the dataset and its training split, the run folder, the
-    erasing fill colour (the training images' mean pixel) and the device."""
+    """Stage-wide inputs: the settings, the dataset, its training split and the images of it
+    the metrics are computed on (data.score_split), the run folder, the erasing fill colour
+    (the training images' mean pixel) and the device."""
 
     config: Config
     data: Dataset
@@ -23,6 +24,8 @@ class MineContext:
     run: RunLayout
     fill: list[float]
     device: torch.device
+    scored: list[Sample]
+    score_split: str
 
     def erased_before(self, step: MineStep) -> list[Path]:
         """The region folders of the steps before `step`: what its classifier sees erased."""

@@ -71,9 +71,9 @@ def val_map(ctx: MineContext, model: CamClassifier) -> float | None:
 
 
 def score_regions(ctx: MineContext, step: int) -> dict[str, Any]:
-    """Region precision / recall of step `step` alone and of the union of steps 1..step; {}
-    when the training split has no masks."""
-    train, run = ctx.train, ctx.run
+    """Region precision / recall of step `step` alone and of the union of steps 1..step, on
+    the scored images (data.score_split); {} when they have no masks."""
+    train, run = ctx.scored, ctx.run
     if not train or any(s.mask is None for s in train):
         return {}
     totals = {"step": np.zeros(3, np.int64), "union": np.zeros(3, np.int64)}
@@ -101,8 +101,8 @@ def seed_scores(ctx: MineContext, steps: list[int]) -> dict[str, Any] | None:
     """Seed mIoU of each step's CAMs and of their union (the per-pixel max) by the field's
     protocol (evaluation.seed_confusions), swept over the background threshold, on the training
     images with masks. Each step's classifier sees the image as it did: earlier steps' regions
-    erased. None when the split has no masks."""
-    config, data, train = ctx.config, ctx.data, ctx.train
+    erased. None when the scored images (data.score_split) have no masks."""
+    config, data, train = ctx.config, ctx.data, ctx.scored
     if not steps or not train or any(s.mask is None for s in train):
         return None
     models = load_step_classifiers(ctx, steps)
@@ -136,7 +136,8 @@ def seed_scores(ctx: MineContext, steps: list[int]) -> dict[str, Any] | None:
     totals = all_reduce_sum(torch.from_numpy(totals)).numpy()
     result = {name: seed_miou_curve(totals[row], SEED_THRESHOLDS) for row, name in enumerate(names)}
     print(
-        "seed mIoU, best background threshold (an oracle, chosen on ground truth): "
+        f"seed mIoU on split '{ctx.score_split}' ({len(train)} images), best background "
+        "threshold (an oracle, chosen on ground truth): "
         + ", ".join(
             f"{name} {r['best_mIoU']:.3f} at {r['best_threshold']:.2f}"
             for name, r in result.items()

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from aepsl.config import Config
-from aepsl.data.datasets import Sample, check_inputs, load_dataset
+from aepsl.data.datasets import Sample, check_inputs, load_dataset, scored_samples
 from aepsl.errors import UserError
 from aepsl.health import check_folder
 from aepsl.io import read_json, write_json
@@ -54,7 +54,9 @@ def run_mine(config: Config, out: Path) -> dict[str, Any]:
     if on_main(run.finished, "mine", required):
         return read_json(run.mine_metrics, run.redo("mine"))
     check_inputs(data, config.data)  # every header and mask size, before hours of training
-    ctx = MineContext(config, data, train, run, on_main(_mean_pixel, run, train), device)
+    fill = on_main(_mean_pixel, run, train)
+    split, scored = scored_samples(data, config.data)
+    ctx = MineContext(config, data, train, run, fill, device, scored, split)
     _announce_epochs(ctx)
     steps: list[dict[str, Any]] = []
     for number in range(1, config.mine.steps + 1):
@@ -130,6 +132,7 @@ def _finish(ctx: MineContext, steps: list[dict[str, Any]]) -> dict[str, Any]:
         "region_metrics": "precision = correctly mined / mined pixels; recall = correctly "
         "mined / ground-truth object pixels; conflicts count as mined, never correct",
         "seed_mIoU": seeds,
+        "scored": {"split": ctx.score_split, "images": len(ctx.scored)},
         "warnings": found,
     }
     if is_main():
