@@ -153,7 +153,7 @@ def val_json() -> dict:
     return {"images": images, "annotations": anns, "categories": categories}
 
 
-def expected_masks() -> dict[str, np.ndarray]:
+def expected_masks(crowd: str = "class") -> dict[str, np.ndarray]:
     m9 = np.zeros((H, W), np.uint8)
     m9[2:20, 2:22] = PERSON
     m9[8:14, 10:18] = CAR
@@ -162,7 +162,7 @@ def expected_masks() -> dict[str, np.ndarray]:
     m9[10:12, 24:30] = PERSON  # the L
     m9[12:14, 24:26] = PERSON
     m25 = np.zeros((H, W), np.uint8)
-    m25[0:12, 0:16] = 255
+    m25[0:12, 0:16] = PERSON if crowd == "class" else 255  # the crowd: coco2voc paints it
     m25[4:10, 6:14] = TOOTHBRUSH
     m40 = np.zeros((H, W), np.uint8)
     m40[8:14, 8:16] = PERSON
@@ -215,14 +215,11 @@ def coco(tmp_path: Path) -> Path:
     return make_coco(tmp_path / "coco")
 
 
-def _load(root: Path, cache: Path, empty_labels: str = "skip"):
+def _load(root: Path, cache: Path, empty_labels: str = "skip", crowd: str = "class"):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        data = load_dataset(
-            DataConfig(
-                format="coco", root=str(root), empty_labels=empty_labels, mask_cache=str(cache)
-            )
-        )
+        settings = {"format": "coco", "root": str(root), "mask_cache": str(cache)}
+        data = load_dataset(DataConfig(**settings, empty_labels=empty_labels, coco_crowd=crowd))
     return data, [str(w.message) for w in caught]
 
 
@@ -265,9 +262,10 @@ def test_rle_strings_decode_as_pycocotools_encodes_them():
         assert rle_string(shape) == encoded.decode()
 
 
-def test_classes_labels_masks_and_skipped(coco, tmp_path):
+@pytest.mark.parametrize("crowd", ["class", "ignore"])
+def test_classes_labels_masks_and_skipped(coco, tmp_path, crowd):
     before = snapshot(coco)
-    data, messages = _load(coco, tmp_path / "cache")
+    data, messages = _load(coco, tmp_path / "cache", crowd=crowd)
     assert data.classes == ["person", "car", "toothbrush"]
     assert data.num_classes == 3
     assert data.skipped == {"empty label set": 3}  # 30 (crowd only), 31, and val's 52
@@ -285,7 +283,7 @@ def test_classes_labels_masks_and_skipped(coco, tmp_path):
         "COCO_train2014_000000000025",
         "COCO_train2014_000000000040",
     ]
-    expected = expected_masks()
+    expected = expected_masks(crowd)
     for split in ("train", "val"):
         for sample in data.split(split):
             assert sample.image.parent == coco / f"{split}2014"
@@ -399,6 +397,8 @@ def test_mask_cache_setting_reaches_the_reader(coco, tmp_path):
             "two categories are named",
         ),
         (lambda d: d.update(images=[{"id": [9]}]), "image without an integer 'id'"),
+        (lambda d: d["annotations"][0].update(image_id=[9]), r"image_id \[9\] is not an integer"),
+        (lambda d: d["annotations"][0].update(category_id=None), "category_id None is not an"),
         (lambda d: d.pop("annotations"), "no 'annotations' list"),
     ],
 )
@@ -502,3 +502,19 @@ def test_deeply_nested_json_is_one_line(coco, tmp_path):
     (coco / "annotations" / "instances_train2014.json").write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(UserError, match=r"invalid JSON \(nested too deeply\)"):
         _load(coco, tmp_path / "cache")
+
+
+def test_a_damaged_index_with_its_stamp_intact_is_rebuilt(coco, tmp_path):
+    """index.json whose entries are of the wrong shape (a traceback before) is rebuilt."""
+    cache = tmp_path / "cache"
+    _load(coco, cache)
+    index_path = (
+        cache_folder(cache, coco / "annotations" / "instances_train2014.json") / "index.json"
+    )
+    index = json.loads(index_path.read_text())
+    good = index["images"]
+    index["images"] = [entry[:2] for entry in good]
+    index_path.write_text(json.dumps(index))
+    data, _ = _load(coco, cache)
+    assert json.loads(index_path.read_text())["images"] == good
+    assert data.split("train")

@@ -47,6 +47,12 @@ class DataConfig(Section):
         description="coco: folder the semantic masks are built into once (the dataset folder "
         "is never written); default $XDG_CACHE_HOME/aepsl/coco_masks (~/.cache/aepsl/coco_masks)",
     )
+    coco_crowd: Literal["class", "ignore"] = Field(
+        "class",
+        description="coco: crowd regions (iscrowd 1) in the masks: `class`, painted with their "
+        "category like any object, as the COCO-to-VOC converter the field uses (coco2voc); "
+        "`ignore`, 255 where no object covers them. Masks of each are cached apart",
+    )
     train_split: str = Field(
         "train",
         min_length=1,

@@ -75,6 +75,7 @@ def training_settings(
         "data": config.data.model_dump(
             exclude={"num_workers", "max_pixels", "mask_cache"}
             | (set() if config.data.score_split else {"score_split"})  # in the hash when set
+            | (set() if config.data.format == "coco" else {"coco_crowd"})  # when it acts
         ),
         "model": config.model.model_dump(),
         "precision": effective_precision(config),

@@ -14,8 +14,10 @@ name without the extension (COCO_train2014_000000000009).
 Masks are rasterised from the polygons (pycocotools) and RLEs (decoded here) the way the
 field's COCO-to-VOC converter does it (alicranck/coco2voc, which ToCo and others point to):
 objects by increasing area, a pixel keeps the first (smallest) object that covers it, so small
-objects stay on top of the large ones they overlap. Crowd regions are 255 (ignore) where no
-object covers them.
+objects stay on top of the large ones they overlap. Crowd regions (`iscrowd: 1`) are painted
+with their category like any object, as coco2voc does (`data.coco_crowd: class`), or are 255
+(ignore) where no object covers them (`data.coco_crowd: ignore`). Image labels are the
+categories of the non-crowd annotations either way.
 
 The dataset folder is never written to. Masks go to `data.mask_cache` or, by default, to
 `$XDG_CACHE_HOME/aepsl/coco_masks` (`~/.cache/aepsl/coco_masks`), in one folder per annotation
@@ -53,15 +55,19 @@ def default_cache_root() -> Path:
     return Path(base) / "aepsl" / "coco_masks"
 
 
-def cache_folder(cache_root: Path, annotation: Path) -> Path:
-    """The cache of one annotation file: `<split folder>-<hash of the file's absolute path>`."""
+def cache_folder(cache_root: Path, annotation: Path, crowd: str = "class") -> Path:
+    """The cache of one annotation file: `<split folder>-<hash of the file's absolute path>`,
+    `-crowd-ignored` added for data.coco_crowd=ignore's masks."""
     name = annotation.stem.removeprefix("instances_")
     digest = hashlib.sha256(str(annotation.resolve()).encode("utf-8")).hexdigest()[:12]
-    return cache_root / f"{name}-{digest}"
+    return cache_root / f"{name}-{digest}{'-crowd-ignored' if crowd == 'ignore' else ''}"
 
 
-def load_coco(root: Path, empty_labels: str = "skip", mask_cache: str | None = None) -> Dataset:
-    """COCO 2014 at `root`, its masks built once into `mask_cache` (None: the default cache)."""
+def load_coco(
+    root: Path, empty_labels: str = "skip", mask_cache: str | None = None, crowd: str = "class"
+) -> Dataset:
+    """COCO 2014 at `root`, its masks built once into `mask_cache` (None: the default cache),
+    crowd regions painted with their category (`crowd` class) or 255 (ignore)."""
     if not root.is_dir():
         raise UserError(f"{root}: dataset folder not found")
     ann_dir = root / "annotations"
@@ -93,7 +99,7 @@ def load_coco(root: Path, empty_labels: str = "skip", mask_cache: str | None = N
         images_dir = root / folder
         if not images_dir.is_dir():
             raise UserError(f"{images_dir}: image folder not found (listed by {annotation})")
-        index, masks_dir = _cached_index(annotation, images_dir, cache_root)
+        index, masks_dir = _cached_index(annotation, images_dir, cache_root, crowd)
         if classes is None:
             classes, first_ann = index["classes"], annotation
         elif index["classes"] != classes:
@@ -130,10 +136,11 @@ def load_coco(root: Path, empty_labels: str = "skip", mask_cache: str | None = N
 # ---------------------------------------------------------------- the cache
 
 
-def _stamp(annotation: Path) -> dict[str, Any]:
+def _stamp(annotation: Path, crowd: str) -> dict[str, Any]:
     stat = annotation.stat()
     return {
         "version": CACHE_VERSION,
+        "crowd": crowd,
         "annotation": str(annotation.resolve()),
         "size": stat.st_size,
         "mtime_ns": stat.st_mtime_ns,
@@ -148,18 +155,33 @@ def _read_index(path: Path, stamp: dict[str, Any]) -> dict[str, Any] | None:
         return None
     if not isinstance(index, dict) or index.get("stamp") != stamp:
         return None
-    if not isinstance(index.get("classes"), list) or not isinstance(index.get("images"), list):
+    classes, images = index.get("classes"), index.get("images")
+    if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
         return None
+    if not isinstance(images, list) or not all(_index_entry(e, len(classes)) for e in images):
+        return None  # damaged with its stamp intact: rebuilt, as a changed file is
     return index
 
 
+def _index_entry(entry: Any, classes: int) -> bool:
+    """[image id, file name, labels 1..classes]: one image of a cached index."""
+    return (
+        isinstance(entry, list)
+        and len(entry) == 3
+        and isinstance(entry[0], str)
+        and isinstance(entry[1], str)
+        and isinstance(entry[2], list)
+        and all(_is_int(k) and 1 <= k <= classes for k in entry[2])
+    )
+
+
 def _cached_index(
-    annotation: Path, images_dir: Path, cache_root: Path
+    annotation: Path, images_dir: Path, cache_root: Path, crowd: str
 ) -> tuple[dict[str, Any], Path]:
-    folder = cache_folder(cache_root, annotation)
+    folder = cache_folder(cache_root, annotation, crowd)
     masks_dir = folder / "masks"
     index_path = folder / "index.json"
-    stamp = _stamp(annotation)
+    stamp = _stamp(annotation, crowd)
     index = _read_index(index_path, stamp)
     if index is not None and not _missing_masks(index, masks_dir):
         return index, masks_dir
@@ -223,6 +245,11 @@ def _read_annotation(path: Path) -> dict[str, Any]:
         if not isinstance(data.get(key), list):
             raise UserError(f"{path}: not a COCO annotation file (no '{key}' list)")
     return data
+
+
+def _short(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _is_int(value: Any) -> bool:
@@ -304,6 +331,9 @@ def _build(
         if not isinstance(ann, dict):
             raise UserError(f"{annotation}: an annotation is not a JSON object")
         where = f"{annotation}: annotation {ann.get('id')}"
+        for key in ("image_id", "category_id"):  # a list would be unhashable: a traceback
+            if not _is_int(ann.get(key)):
+                raise UserError(f"{where}: {key} {_short(ann.get(key))} is not an integer")
         if ann.get("image_id") not in by_image:
             raise UserError(f"{where}: image_id {ann.get('image_id')!r} is not in 'images'")
         if ann.get("category_id") not in cat_index:
@@ -321,7 +351,8 @@ def _build(
         if not labels or (only is not None and image_id not in only):
             continue
         img = images[coco_id]
-        mask = rasterise(anns, img["height"], img["width"], cat_index, annotation, mask_api)
+        shape = (img["height"], img["width"])
+        mask = rasterise(anns, shape, cat_index, stamp["crowd"], annotation, mask_api)
         mask = _orient(mask, images_dir / file_name, annotation)
         write_index_png(masks_dir / f"{image_id}.png", mask)
     if only is None:  # masks of images the file no longer lists
@@ -334,24 +365,26 @@ def _build(
 
 def rasterise(
     anns: list[dict[str, Any]],
-    height: int,
-    width: int,
+    shape: tuple[int, int],
     cat_index: dict[int, int],
+    crowd: str = "class",
     source: Path | str = "annotations",
     mask_api: Any = None,
 ) -> np.ndarray:
-    """One image's semantic mask: objects by increasing area (ties in file order), each pixel
-    keeping the first object that covers it; then crowd regions, 255 where still background."""
+    """One image's semantic mask of `shape` (height, width): objects by increasing area (ties
+    in file order), each pixel keeping the first object that covers it. Crowd regions (`crowd`
+    class, as coco2voc) are objects like the others; (ignore) 255 where no object covers them."""
     if mask_api is None:
         from pycocotools import mask as mask_api
-    mask = np.zeros((height, width), np.uint8)
-    objects = [a for a in anns if not a.get("iscrowd")]
-    crowds = [a for a in anns if a.get("iscrowd")]
-    decoded = [(a, _decode(a, height, width, source, mask_api)) for a in objects]
+    height, width = shape
+    mask = np.zeros(shape, np.uint8)
+    painted = anns if crowd == "class" else [a for a in anns if not a.get("iscrowd")]
+    ignored = [] if crowd == "class" else [a for a in anns if a.get("iscrowd")]
+    decoded = [(a, _decode(a, height, width, source, mask_api)) for a in painted]
     decoded.sort(key=lambda pair: _area(pair[0], pair[1]))  # stable: ties keep file order
     for ann, region in decoded:
         mask[region & (mask == 0)] = cat_index[ann["category_id"]]
-    for ann in crowds:
+    for ann in ignored:
         region = _decode(ann, height, width, source, mask_api)
         mask[region & (mask == 0)] = IGNORE
     return mask

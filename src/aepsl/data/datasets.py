@@ -390,4 +390,4 @@ def load_dataset(data: DataConfig) -> Dataset:
         return load_folder(root, data.empty_labels)
     if data.format == "voc":
         return load_voc(root, data.empty_labels)
-    return load_coco(root, data.empty_labels, data.mask_cache)
+    return load_coco(root, data.empty_labels, data.mask_cache, data.coco_crowd)
