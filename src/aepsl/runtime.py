@@ -127,10 +127,10 @@ def shard_batches(order: list[int], batch_size: int, rank: int, world: int) -> l
     ]
 
 
-def on_main(fn: Callable[..., T], *args: Any) -> T:
-    """Run `fn` on rank 0 only (e.g. to claim or write a shared file); every rank returns its
-    (picklable) result once rank 0 is done, so this is also a barrier."""
-    result = fn(*args) if is_main() else None
+def on_main(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run `fn(*args, **kwargs)` on rank 0 only (e.g. to claim or write a shared file); every
+    rank returns its (picklable) result once rank 0 is done, so this is also a barrier."""
+    result = fn(*args, **kwargs) if is_main() else None
     if distributed():
         box = [result]
         dist.broadcast_object_list(box, src=0)

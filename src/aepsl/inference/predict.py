@@ -275,7 +275,7 @@ def evaluate_trained(config: Config, out: Path, model: SegNet, device: torch.dev
     share = samples[rank() :: world_size()]
     also = PSL_CAUSE if config.train.psl else ""
     result["warnings"] = on_main(
-        check_folder, plain, samples, data.classes, "train", "val predictions", True, also
+        check_folder, plain, samples, data.classes, "train", "val predictions", also=also
     )
     result["without_crf"] = evaluate_folder(plain, share, data.classes, sharded=True)
     if use_crf:

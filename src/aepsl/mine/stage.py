@@ -120,8 +120,15 @@ def _finish(ctx: MineContext, steps: list[dict[str, Any]]) -> dict[str, Any]:
     used = [r["step"] for r in steps if "stopped" not in r]
     write_union(ctx, used)
     seeds = seed_scores(ctx, used)
+    names = ctx.data.classes
     found = on_main(
-        check_folder, run.union_regions, ctx.train, ctx.data.classes, "mine", "mined regions", False
+        check_folder,
+        run.union_regions,
+        ctx.train,
+        names,
+        "mine",
+        "mined regions",
+        check_dominant=False,  # unmined pixels (0) cover most of any image: no collapse
     )
     metrics = {
         "steps": steps,
