@@ -16,6 +16,7 @@ import random
 import sys
 from collections.abc import Callable, Iterator
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -28,6 +29,63 @@ from aepsl.errors import UserError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 T = TypeVar("T")
+
+
+# ------------------------------------------------------------------ CPU threads
+
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The CPUs this process may run on: its affinity mask (taskset, a scheduler's cpuset),
+    capped by its cgroup's CPU quota (a container given 2 CPUs of a 64-core host sees all 64 in
+    its mask, and torch would start 64 threads)."""
+    try:
+        count = len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        count = os.cpu_count() or 1
+    quota = cgroup_cpu_quota(cgroup)
+    return max(1, min(count, int(quota))) if quota else count
+
+
+def cgroup_cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs' worth of time the cgroup allows (cgroup v2 cpu.max, v1 cfs quota / period), or
+    None when unlimited or unknown."""
+    try:
+        quota, period = (cgroup / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((cgroup / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((cgroup / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota <= 0 else quota / period
+    except (OSError, ValueError):
+        return None
+
+
+_threads_configured = False
+
+
+def configure_threads(num_workers: int = 0) -> int:
+    """torch's threads: the usable CPUs shared by the processes of this machine's torchrun job
+    (LOCAL_WORLD_SIZE) less the DataLoader workers (one thread each), unless OMP_NUM_THREADS
+    chose. Once per process; says in one line when the machine is already loaded, since torch's
+    threads stall when another process holds a core. Returns the thread count."""
+    global _threads_configured
+    if _threads_configured or "OMP_NUM_THREADS" in os.environ:
+        return torch.get_num_threads()
+    _threads_configured = True
+    cpus = usable_cpus()
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    threads = max(1, cpus // local - num_workers)
+    torch.set_num_threads(threads)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    if load > cpus + 0.5 and os.environ.get("RANK", "0") == "0":
+        print(
+            f"note: the machine is busy (load {load:.1f} on {cpus} usable CPUs): torch's threads "
+            "stall when another process holds a core; run one heavy job at a time, or give each "
+            "its own cores (OMP_NUM_THREADS=1 taskset -c N aepsl ...)"
+        )
+    return threads
 
 
 # ------------------------------------------------------------------ data parallelism
@@ -96,6 +154,7 @@ def select_device(config: Config) -> torch.device:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda but no CUDA device is available; set device=cpu or auto")
     _init_distributed(config)
+    configure_threads(config.data.num_workers)
     cuda = wants_cuda(config)
     if cuda and distributed():
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))

@@ -1,0 +1,82 @@
+"""CPU threads follow the CPUs the process may use (issue 29): affinity, cgroup quota, the
+processes of one torchrun job, DataLoader workers; and the command sleeps idle OpenMP threads."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import aepsl.runtime as runtime
+
+
+@pytest.mark.parametrize(
+    "files, expected",
+    [
+        ({"cpu.max": "max 100000\n"}, None),
+        ({"cpu.max": "150000 100000\n"}, 1.5),
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+        ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3.0),
+        ({}, None),
+    ],
+    ids=["v2-unlimited", "v2-1.5", "v1-unlimited", "v1-3", "none"],
+)
+def test_cgroup_quota(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert runtime.cgroup_cpu_quota(tmp_path) == expected
+
+
+def test_usable_cpus_is_the_affinity_capped_by_the_quota(tmp_path):
+    mask = len(os.sched_getaffinity(0))
+    assert runtime.usable_cpus(tmp_path) == mask  # no cgroup files: the mask
+    (tmp_path / "cpu.max").write_text("50000 100000\n")  # half a CPU: at least one
+    assert runtime.usable_cpus(tmp_path) == 1
+
+
+def test_threads_are_shared_by_the_job_and_left_to_the_user(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(runtime, "usable_cpus", lambda: 8)
+        monkeypatch.setattr(runtime, "_threads_configured", False)
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+        assert runtime.configure_threads(num_workers=1) == 3  # 8 CPUs / 2 processes - 1 worker
+        assert torch.get_num_threads() == 3
+        monkeypatch.setattr(runtime, "_threads_configured", False)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the user's choice stands
+        torch.set_num_threads(2)
+        assert runtime.configure_threads(num_workers=0) == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_a_busy_machine_is_said_in_one_line(monkeypatch, capsys):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(runtime, "usable_cpus", lambda: 2)
+        monkeypatch.setattr(runtime, "_threads_configured", False)
+        monkeypatch.setattr(os, "getloadavg", lambda: (4.0, 4.0, 4.0))
+        runtime.configure_threads()
+        out = capsys.readouterr().out
+        assert out.startswith("note: the machine is busy (load 4.0 on 2 usable CPUs)")
+        assert "OMP_NUM_THREADS=1 taskset -c N" in out and out.count("\n") == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_command_sleeps_idle_openmp_threads():
+    """OMP_WAIT_POLICY=PASSIVE before torch loads (a spinning wait left each of two jobs 16% of
+    its speed, a sleeping one 57%: benchmarks/bench_contention.py), unless the user set one."""
+    code = "import os, aepsl.cli as c; c.main(['presets']); print(os.environ['OMP_WAIT_POLICY'])"
+    env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.stdout.splitlines()[-1] == "PASSIVE"
+    env["OMP_WAIT_POLICY"] = "ACTIVE"
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert result.stdout.splitlines()[-1] == "ACTIVE"
