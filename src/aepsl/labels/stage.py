@@ -98,16 +98,19 @@ def run_labels(config: Config, out: Path) -> dict[str, Any]:
     metrics.update(_scores(run.labels, train, data, config))
     write_json(run.labels_metrics, metrics)
     if metrics.get("mIoU") is not None:
-        print(
-            f"pseudo labels on split '{metrics['scored']['split']}' "
-            f"({metrics['scored']['images']} images): mIoU {metrics['mIoU']:.3f} over labelled "
-            "pixels "
-            f"({metrics['labelled_fraction']:.1%} of pixels labelled), "
-            f"{metrics['unlabelled_as_background']['mIoU']:.3f} with unlabelled pixels as "
-            "background"
-        )
+        print(_score_line(metrics))
     run.mark_complete("labels")
     return metrics
+
+
+def _score_line(metrics: dict[str, Any]) -> str:
+    scored = metrics["scored"]
+    return (
+        f"pseudo labels on split '{scored['split']}' ({scored['images']} images): mIoU "
+        f"{metrics['mIoU']:.3f} over labelled pixels ({metrics['labelled_fraction']:.1%} of "
+        f"pixels labelled), {metrics['unlabelled_as_background']['mIoU']:.3f} with unlabelled "
+        "pixels as background"
+    )
 
 
 def _external_labels(
