@@ -107,6 +107,34 @@ def segnet_trainer(config: Config, num_classes: int, device: torch.device) -> Tr
 # ------------------------------------------------------------------ timing
 
 
+def matmul_peak(
+    sizes: list[int], reps: int, dtype: torch.dtype, device: torch.device | str = "cpu"
+) -> tuple[float, int]:
+    """Best FLOP/s of `torch.mm` on square `dtype` matrices on `device`, and the size that
+    reached it."""
+    best, best_size = 0.0, sizes[0]
+    generator = torch.Generator().manual_seed(0)
+    for n in sizes:
+        a = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
+        b = torch.randn(n, n, generator=generator).to(device=device, dtype=dtype)
+        torch.mm(a, b)  # warm-up: oneDNN / MKL / cuBLAS pick and cache their kernel
+        for _ in range(reps):
+            synchronize(device)
+            start = time.perf_counter()
+            torch.mm(a, b)
+            synchronize(device)
+            rate = 2 * n**3 / (time.perf_counter() - start)
+            if rate > best:
+                best, best_size = rate, n
+    return best, best_size
+
+
+def synchronize(device: torch.device | str) -> None:
+    """Wait for `device`'s queued work (CUDA runs asynchronously), so a clock reads it whole."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def time_interleaved(
     runs: dict[str, Callable[[], Any]], warmup: int, iters: int
 ) -> dict[str, list[float]]:

@@ -22,7 +22,6 @@ Smoke: .venv/bin/python benchmarks/bench_flops.py --backbone tiny --size 64 --it
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from _common import (
@@ -30,6 +29,7 @@ from _common import (
     classifier_trainer,
     describe_machine,
     make_config,
+    matmul_peak,
     median,
     multi_hot,
     random_images,
@@ -45,23 +45,6 @@ from torch.utils.flop_counter import FlopCounterMode
 from aepsl.runtime import select_device
 
 TARGET = 0.5
-
-
-def matmul_peak(sizes: list[int], reps: int, dtype: torch.dtype) -> tuple[float, int]:
-    """Best FLOP/s of `torch.mm` on square `dtype` matrices, and the size that reached it."""
-    best, best_size = 0.0, sizes[0]
-    generator = torch.Generator().manual_seed(0)
-    for n in sizes:
-        a = torch.randn(n, n, generator=generator).to(dtype)
-        b = torch.randn(n, n, generator=generator).to(dtype)
-        torch.mm(a, b)  # warm-up: oneDNN / MKL pick and cache their kernel
-        for _ in range(reps):
-            start = time.perf_counter()
-            torch.mm(a, b)
-            rate = 2 * n**3 / (time.perf_counter() - start)
-            if rate > best:
-                best, best_size = rate, n
-    return best, best_size
 
 
 def build_runs(args: argparse.Namespace) -> tuple[dict, dict]:

@@ -334,9 +334,6 @@ def _close_progress_bars() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Before torch loads OpenMP: idle threads sleep instead of spinning, so a torch job beside
-    # another keeps its share of the cores (benchmarks/bench_contention.py)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     parser = build_parser()
     args = parse_args(parser, argv)
     signal.signal(signal.SIGTERM, _terminate)

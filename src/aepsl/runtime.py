@@ -82,8 +82,9 @@ def configure_threads(num_workers: int = 0) -> int:
     if load > cpus + 0.5 and os.environ.get("RANK", "0") == "0":
         print(
             f"note: the machine is busy (load {load:.1f} on {cpus} usable CPUs): torch's threads "
-            "stall when another process holds a core; run one heavy job at a time, or give each "
-            "its own cores (OMP_NUM_THREADS=1 taskset -c N aepsl ...)"
+            "stall when another process holds a core; run one heavy job at a time, give each its "
+            "own cores (OMP_NUM_THREADS=1 taskset -c N aepsl ...), or let idle threads sleep "
+            "(OMP_WAIT_POLICY=PASSIVE aepsl ...)"
         )
     return threads
 
