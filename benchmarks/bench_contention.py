@@ -19,6 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from aepsl.runtime import usable_cpus
+
 POLICIES = {  # libgomp's: no OMP_WAIT_POLICY spins GOMP_SPINCOUNT's default 300,000 times
     "ACTIVE": {"OMP_WAIT_POLICY": "ACTIVE"},
     "default": {"GOMP_SPINCOUNT": "300000"},
@@ -64,8 +66,7 @@ def main() -> None:
             check=True,
             stdout=subprocess.DEVNULL,
         )
-        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-        print(f"{cpus} usable CPUs; aepsl mine, demo_tiny, 1 step of {args.epochs} epochs")
+        print(f"{usable_cpus()} usable CPUs; aepsl mine, demo_tiny, 1 step of {args.epochs} epochs")
         print("demo alone: the demo preset (EfficientNet-Lite0), 1 step of 2 epochs, alone")
         header = f"{'wait':<10}{'alone s':>9}{'two at once s':>15}{'share each':>12}"
         print(header + f"{'demo alone s':>14}")

@@ -81,8 +81,12 @@ def run_stage(
     from aepsl.mine.stage import run_mine
     from aepsl.pipeline import labels_stage, train_stage
 
-    stages = {"mine": (run_mine, None), "labels": (labels_stage, "mine")}
-    stages["train"] = (train_stage, "labels")
+    # each stage's function, and the stage whose folder it reads
+    stages = {
+        "mine": (run_mine, None),
+        "labels": (labels_stage, "mine"),
+        "train": (train_stage, "labels"),
+    }
     if stage not in stages:
         raise UserError(f"unknown stage '{stage}' (mine, labels or train)")
     function, reads = stages[stage]

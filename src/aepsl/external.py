@@ -172,7 +172,13 @@ class _ArrayUnpickler(pickle._Unpickler):
 
 
 class _TooLarge(pickle.UnpicklingError):
-    pass
+    """An array or tensor of the shape in args[0] would exceed the budget."""
+
+    def error(self, path: Path, max_elements: int) -> UserError:
+        return UserError(
+            f"{path}: declares an array of shape {self.args[0]}, more values than CAMs of this "
+            f"data set can hold ({max_elements} in all); refused before reading it"
+        )
 
 
 class _Refused(pickle.UnpicklingError):
@@ -193,10 +199,7 @@ def safe_load_npy(path: Path, max_elements: int) -> Any:
                 return np.load(stream, allow_pickle=False)
             value = _ArrayUnpickler(stream, max_elements).load()
     except _TooLarge as exc:
-        raise UserError(
-            f"{path}: declares an array of shape {exc.args[0]}, more values than CAMs of this "
-            f"data set can hold ({max_elements} in all); refused before reading it"
-        ) from None
+        raise exc.error(path, max_elements) from None
     except _Refused as exc:
         raise UserError(
             f"{path}: refused: its pickle asks for {exc}, which could run code; only arrays, "
@@ -302,10 +305,7 @@ def read_cam_file(path: Path, num_classes: int, max_elements: int) -> tuple[list
                 keys = stored["keys"].astype(np.int64).ravel().tolist()
                 cams = stored["cams"].astype(np.float32)
         except _TooLarge as exc:
-            raise UserError(
-                f"{path}: declares an array of shape {exc.args[0]}, more values than CAMs of "
-                f"this data set can hold ({max_elements} in all); refused before reading it"
-            ) from None
+            raise exc.error(path, max_elements) from None
         except Exception as exc:
             raise UserError(
                 f"{path}: not a CAM .npz with keys and cams ({_one_line(exc)})"
@@ -317,7 +317,6 @@ def read_cam_file(path: Path, num_classes: int, max_elements: int) -> tuple[list
         if not isinstance(value, dict):
             raise UserError(f"{path}: not a CAM file: expected a dict saved with np.save")
         keys, cams = _decode_cam_dict(path, value)
-
     if cams.ndim == 2 and len(keys) == 1:
         cams = cams[None]
     if cams.ndim != 3 or len(cams) != len(keys):

@@ -26,8 +26,7 @@ Stages meet only through these files; this module is the one place that names th
 
 A stage folder's manifest.json holds the hash of the settings that produced it, the hash of
 the stage before it included (the chain below), those settings (to name what changed), and
-whether the stage finished. A changed
-setting re-runs its stage and every stage after it.
+whether the stage finished. A changed setting re-runs its stage and every stage after it.
 """
 
 from __future__ import annotations
@@ -458,9 +457,14 @@ class RunLayout:
     def saliency_map(self, image_id: str) -> Path:
         return self.saliency / f"{image_id}.png"
 
+    def settings(self, stage: str) -> dict[str, Any]:
+        """What the settings hash of `stage` covers (stage_settings). Each call lists any
+        folders made elsewhere again (their files' names, sizes and mtimes)."""
+        return stage_settings(self.config)[stage]
+
     def digest(self, stage: str) -> str:
         """The settings hash of `stage` (mine, labels or train) in the chain."""
-        return stage_digests(self.config)[stage]
+        return settings_digest(self.settings(stage))
 
     def folder(self, stage: str) -> Path:
         return {"mine": self.mine, "labels": self.labels, "train": self.train}[stage]
@@ -468,9 +472,9 @@ class RunLayout:
     def claim(self, stage: str, required: Iterable[Path] = ()) -> bool:
         """claim_folder for `stage`: True when it already finished with these settings and
         its `required` outputs are there."""
-        settings = stage_settings(self.config)[stage]
+        settings = self.settings(stage)
         refuse_inputs_inside(self.folder(stage), self.inputs())
-        return claim_folder(self.folder(stage), self.digest(stage), required, settings)
+        return claim_folder(self.folder(stage), settings_digest(settings), required, settings)
 
     def inputs(self) -> dict[str, str]:
         """The folders of files made elsewhere that the config names, by key."""
@@ -505,8 +509,9 @@ class RunLayout:
         if not manifest.is_file() or not self.reads(stage):
             return
         record = read_manifest(manifest)
-        if record["settings_hash"] != self.digest(stage):
-            changed = differences(record.get("settings"), stage_settings(self.config)[stage])
+        settings = self.settings(stage)
+        if record["settings_hash"] != settings_digest(settings):
+            changed = differences(record.get("settings"), settings)
             raise UserError(
                 f"{self.folder(stage)}: made with other settings than these ({changed}); run "
                 f"`aepsl {stage}` with the same settings and --out first (or `aepsl run`)"
@@ -520,7 +525,8 @@ class RunLayout:
     def mark_complete(self, stage: str) -> None:
         """The stage finished: its folder gets the config that made it, then the manifest."""
         save_config(self.config, self.folder(stage))
-        mark_complete(self.folder(stage), self.digest(stage), stage_settings(self.config)[stage])
+        settings = self.settings(stage)
+        mark_complete(self.folder(stage), settings_digest(settings), settings)
 
     def redo(self, stage: str) -> str:
         """What to do about a damaged file of `stage`'s folder (the end of an error line)."""

@@ -41,7 +41,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from aepsl.data.types import Dataset, Sample, check_id, warn_skipped
+from aepsl.data.types import Dataset, Sample, check_id, short, warn_skipped
 from aepsl.errors import UserError
 from aepsl.io import max_pixels, read_header, write_index_png, write_json
 from aepsl.labelmap import IGNORE
@@ -247,11 +247,6 @@ def _read_annotation(path: Path) -> dict[str, Any]:
     return data
 
 
-def _short(value: Any, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -333,7 +328,7 @@ def _build(
         where = f"{annotation}: annotation {ann.get('id')}"
         for key in ("image_id", "category_id"):  # a list would be unhashable: a traceback
             if not _is_int(ann.get(key)):
-                raise UserError(f"{where}: {key} {_short(ann.get(key))} is not an integer")
+                raise UserError(f"{where}: {key} {short(repr(ann.get(key)), 40)} is not an integer")
         if ann.get("image_id") not in by_image:
             raise UserError(f"{where}: image_id {ann.get('image_id')!r} is not in 'images'")
         if ann.get("category_id") not in cat_index:

@@ -344,8 +344,7 @@ def run_predict(config: Config, job: PredictJob) -> dict[str, Any]:
         raise UserError(f"{job.out}: --out is the --images folder; write predictions elsewhere")
     if job.images:
         refuse_inputs_inside(job.out, {"--images": job.images})
-    device = select_device(config)
-    model = prepare_model(model, config, device)
+    model = prepare_model(model, config, select_device(config))  # before --out is created
     out = writable_out(job.out)
     with run_lock(out):
         return _predict_into(out, config, job, model, samples, names)
@@ -361,7 +360,7 @@ def _predict_into(
 ) -> dict[str, Any]:
     """run_predict's work, in the held output folder."""
     voc_test = job.format == "voc-test"
-    device = next(model.parameters()).device
+    device = select_device(config)  # the one prepare_model put the model on
     target = out / VOC_TEST_LAYOUT if voc_test else out
     # Predictions already in the folder count only if this checkpoint and these settings made
     # them (the folder's manifest); others are redone.

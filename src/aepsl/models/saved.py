@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from aepsl.config import BACKBONES
 from aepsl.errors import UserError
 from aepsl.io import load_checkpoint
 
@@ -73,8 +74,6 @@ def check_segnet_file(
     """A segmentation model file's settings, checked against what they may be and against its
     own weights before anything is built from them (a class count or input size from a
     hostile file would otherwise reach allocations of any size), and its weights finite."""
-    from aepsl.config import BACKBONES
-
     backbone = settings.get("backbone")
     if backbone not in BACKBONES:
         raise UserError(f"{path}: damaged aepsl model file (backbone {backbone!r} is none of ours)")
