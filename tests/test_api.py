@@ -187,3 +187,20 @@ def test_export_never_writes_over_its_checkpoint(trained, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(copy), "--out", str(copy)]) == 2
     assert "--out is the checkpoint itself" in capsys.readouterr().err
     assert copy.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "out, message",
+    [("", "--out is empty"), ("adir", "--out is a folder; name the ONNX file to write")],
+)
+def test_export_to_an_empty_or_folder_out_is_one_line(
+    trained, tmp_path, capsys, monkeypatch, out, message
+):
+    base, _ = trained
+    (tmp_path / "adir").mkdir()
+    monkeypatch.chdir(tmp_path)
+    argv = ["export", "--checkpoint", str(base / "run" / "train" / "model.pt"), "--out", out]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adir"]

@@ -21,6 +21,7 @@ from torch import nn
 from aepsl.config import Config
 from aepsl.errors import UserError
 from aepsl.io import atomic_path
+from aepsl.layout import as_out
 from aepsl.models.segnet import SegNet, load_segnet
 
 OPSET = 18
@@ -52,13 +53,15 @@ def export_onnx(
         import onnxscript  # noqa: F401  (torch's exporter needs it)
     except ImportError:
         raise UserError("ONNX export needs the 'onnx' extra: pip install 'aepsl[onnx]'") from None
-    if Path(out).resolve() == Path(checkpoint).resolve():
+    out = as_out(out)
+    if out.is_dir():
+        raise UserError(f"{out}: --out is a folder; name the ONNX file to write (model.onnx)")
+    if out.resolve() == Path(checkpoint).resolve():
         raise UserError(f"{out}: --out is the checkpoint itself; write the ONNX file elsewhere")
     model = load_segnet(checkpoint, config).eval()
     wrapped = ExportedSegNet(model).eval()
     example = torch.rand(1, 3, 64, 80)
     batch, height, width = (torch.export.Dim(n, min=1) for n in ("batch", "height", "width"))
-    out = Path(out)
     with atomic_path(out, suffix=".onnx") as tmp:
         program = torch.onnx.export(
             wrapped,
