@@ -14,6 +14,10 @@ and the method's) and runs `aepsl run` into OUT/<cell>/seed<s>/<variant>:
 - before: the old defaults, `mine.cam_size=native train.upscale_small=false
   train.image_size=null`, the training length fixed at `train.iterations=400` (the demo's)
   instead of `train.epochs`, and PSL (`train.psl=true`);
+- sup: the ceiling, the preset's segmentation network trained on the cell's ground-truth masks
+  (`labels.dir=DATA/masks`: no mining, no pseudo labels; same network, crops, schedule and
+  length as after). Every other variant's val mIoU is also given as a fraction of sup's, per
+  seed (the columns /sup);
 - psl / nopsl: (--psl-ablation) `after` with `train.psl` the other way round: `psl` (PSL on)
   when the preset trains on the pseudo labels alone, as own_data.yaml does, `nopsl` (the pseudo
   labels alone) when it trains with PSL; it reuses after's mine/ and labels/ (copied), so only
@@ -83,6 +87,7 @@ QUICK = {
     "images_per_class": 8,
 }
 COLLAPSE_MARGIN = 0.01
+TARGET = 0.90  # of the ceiling, with CRF (issue 25)
 MIN_DIFFERENCE = 0.01  # a paired difference smaller than a point is not called a finding
 
 
@@ -119,9 +124,16 @@ def ints(text: str) -> list[int]:
 PSL_RUNS = ("psl", "nopsl")  # the PSL ablation's run, named after its train.psl
 
 
-def variant_overrides(variant: str, scale: float, preset: Config) -> list:
-    """`aepsl run` overrides of a variant, lengths multiplied by `scale`."""
+def variant_overrides(variant: str, scale: float, preset: Config, data: Path) -> list:
+    """`aepsl run` overrides of a variant on the data set `data`, lengths multiplied by
+    `scale`."""
     mine, train = preset.mine, preset.train
+    train_length = [
+        f"train.epochs={train.epochs * scale:g}",
+        f"train.min_iterations={round(train.min_iterations * scale)}",
+    ]
+    if variant == "sup":  # the ceiling: the same training on the real masks
+        return [f"labels.dir={data / 'masks'}", *train_length]
     common = [f"mine.epochs={max(1, round(mine.epochs * scale))}", "mine.save_cams=true"]
     if variant == "before":
         return [
@@ -134,12 +146,7 @@ def variant_overrides(variant: str, scale: float, preset: Config) -> list:
             f"train.iterations={max(1, round(OLD_ITERATIONS * scale))}",
             "train.psl=true",  # the old own-data preset trained with PSL
         ]
-    after = [
-        *common,
-        f"mine.min_positives={round(mine.min_positives * scale)}",
-        f"train.epochs={train.epochs * scale:g}",
-        f"train.min_iterations={round(train.min_iterations * scale)}",
-    ]
+    after = [*common, f"mine.min_positives={round(mine.min_positives * scale)}", *train_length]
     return after + ([f"train.psl={str(variant == 'psl').lower()}"] if variant in PSL_RUNS else [])
 
 
@@ -258,8 +265,9 @@ def run_scores(run: Path, timing: dict[str, Any] | None, floor: float) -> dict[s
         return None
     steps = read(run / "mine" / "metrics.json").get("steps", [])
     labels = read(run / "labels" / "metrics.json")
-    first = steps[0]
-    last = [s for s in steps if s.get("union_regions")][-1]
+    no_regions = {"precision": None, "recall": None}  # sup mines nothing
+    first = steps[0]["step_regions"] if steps else no_regions
+    last = [s["union_regions"] for s in steps if s.get("union_regions")][-1:] or [no_regions]
     warnings = [
         w
         for stage in ("mine", "labels", "train")
@@ -268,10 +276,10 @@ def run_scores(run: Path, timing: dict[str, Any] | None, floor: float) -> dict[s
     val = train["without_crf"]["mIoU"]
     one_class = any(ONE_CLASS in w for w in train.get("warnings") or [])
     return {
-        "s1P": first["step_regions"]["precision"],
-        "s1R": first["step_regions"]["recall"],
-        "uP": last["union_regions"]["precision"],
-        "uR": last["union_regions"]["recall"],
+        "s1P": first["precision"],
+        "s1R": first["recall"],
+        "uP": last[0]["precision"],
+        "uR": last[0]["recall"],
         "pseudo": labels.get("mIoU"),
         "val": val,
         "crf": (train.get("with_crf") or {}).get("mIoU"),
@@ -334,22 +342,38 @@ COLUMNS = (
     ("pseudo", 12),
     ("val", 12),
     ("val+CRF", 12),
+    ("val/sup", 12),
+    ("CRF/sup", 12),
     ("time s", 10),
     ("collapsed", 10),
     ("warned", 8),
 )
 
 
+def of_ceiling(rows: list[dict | None], sup: list[dict | None], key: str) -> list[float | None]:
+    """Per seed, `key` (val or crf) of a variant's run as a fraction of sup's (None: either
+    is missing, or sup collapsed: no ceiling to measure against)."""
+    return [
+        a[key] / b[key]
+        if a and b and a[key] is not None and b[key] and not b["collapsed"]
+        else None
+        for a, b in zip(rows, sup, strict=False)
+    ]
+
+
 def print_table(results: dict[Cell, dict[str, list]], seeds: list[int]) -> None:
     header = "".join(f"{name:>{width}}" for name, width in COLUMNS)
     print(f"\nvalues: mean ± half the difference over seeds {seeds}; P / R of regions (train)")
+    print("/sup: the variant's val mIoU as a fraction of sup's (trained on the real masks)")
     print("time s*: mine and labels reused from an earlier run (same settings): not in the time")
     for cell, variants in results.items():
         print(f"\n{cell.name}")
         print(header)
+        sup = variants.get("sup", [])
         for variant, rows in variants.items():
             if variant == "gain":
                 continue
+            fractions = {k: of_ceiling(rows, sup, k) for k in ("val", "crf")}
             ok = [row for row in rows if row]
             if not ok:
                 print(f"{variant:>8}  not finished")
@@ -363,6 +387,8 @@ def print_table(results: dict[Cell, dict[str, list]], seeds: list[int]) -> None:
                 spread([r["pseudo"] for r in ok]),
                 spread([r["val"] for r in ok]),
                 spread([r["crf"] for r in ok]),
+                spread(fractions["val"], 2),
+                spread(fractions["crf"], 2),
                 spread([r["time"] for r in ok], 0) + ("*" if any(r["reused"] for r in ok) else ""),
                 f"{collapsed}/{len(ok)}",
                 f"{warned}/{len(ok)}",
@@ -407,6 +433,16 @@ def verdicts(
                 lines.append(f"{variant} seed {seeds[i]} {word} ({'; '.join(why)})")
             if rows and not bad:
                 lines.append(f"{variant}: healthy")
+        sup = variants.get("sup", [])
+        for variant, runs in variants.items():
+            crf = [f for f in of_ceiling(runs, sup, "crf") if f is not None]
+            if variant not in ("gain", "sup") and crf:
+                word = "reached" if min(crf) >= TARGET else "did NOT reach"
+                values = ", ".join(f"{f:.2f}" for f in crf)
+                lines.append(
+                    f"{variant} {word} {TARGET:.2f} of the ceiling with CRF in every seed "
+                    f"(val mIoU with CRF / sup's per seed: {values})"
+                )
         gains = variants.get("gain", [])
         got = [g for g in gains if g is not None]
         if got:
@@ -476,10 +512,10 @@ def main() -> None:
         cells = parse_cells(args.cells or DEFAULT_CELLS)
     seeds = ints(args.seeds)
     preset = load_config(PRESET, ["data.root=."])
-    variants = ["after"] + ([] if args.no_before else ["before"])
+    variants = ["sup", "after"] + ([] if args.no_before else ["before"])
 
     def lengths(variant: str) -> str:
-        overrides = variant_overrides(variant, args.epochs_scale, preset)
+        overrides = variant_overrides(variant, args.epochs_scale, preset, Path("DATA"))
         return " ".join(
             o for o in overrides if any(k in o for k in ("epochs", "iterations", "positives"))
         )
@@ -510,7 +546,7 @@ def main() -> None:
                 if variant == ablation and not args.table_only:  # --table-only writes nothing
                     copy_stages(base / "after", run)
                 overrides = [f"seed={seed}"]
-                overrides += variant_overrides(variant, args.epochs_scale, preset)
+                overrides += variant_overrides(variant, args.epochs_scale, preset, data)
                 if args.table_only:
                     timing = finished_timing(run, expected_digests(data, overrides)["train"])
                 else:

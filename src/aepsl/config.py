@@ -535,6 +535,14 @@ class Config(Section):
         description="The dense CRF that refines predictions (Krähenbühl & Koltun 2011), with "
         "DeepLab-LargeFOV's parameters as defaults. Backends and speed: docs/crf.md.",
     )
+    ceiling: str | None = Field(
+        None,
+        description="a finished run folder of the same settings trained on this data's "
+        "ground-truth masks (`aepsl run CONFIG labels.dir=DATA/masks --out SUP`): the val scores "
+        "`aepsl run` and `aepsl train` print, and the report, also give this run's mIoU as a "
+        "fraction of that run's. It must have been scored on the same data and val split; a "
+        "collapsed one gives no fraction (docs/evaluation.md)",
+    )
 
 
 class _ConfigLoader(yaml.SafeLoader):

@@ -10,6 +10,7 @@ from typing import Any
 
 import yaml
 
+from aepsl.ceiling import Ceiling, read_ceiling
 from aepsl.config import Config
 from aepsl.data.datasets import Dataset, Sample, load_dataset
 from aepsl.errors import UserError
@@ -38,11 +39,18 @@ class RunReport:
     mine_curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     train_curves: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     predicted: tuple[Path | None, Path | None] = (None, None)  # report predictions, CRF
+    ceiling: Ceiling | None = None  # the run trained on the masks (setting `ceiling`)
+    ceiling_error: str | None = None  # why that run could not be used
 
 
 def read_run(config: Config, out: Path, max_train_images: int, val_images: int) -> RunReport:
     run = RunLayout(out, config)
     data, data_error = _try_dataset(config)
+    ceiling, ceiling_error = None, None
+    try:
+        ceiling = read_ceiling(config, out)
+    except UserError as exc:
+        ceiling_error = str(exc)
     mine_curves = {tag.split("/")[0]: p for tag, p in read_scalars(run.mine_tensorboard).items()}
     train_curves = {t.split("/")[-1]: p for t, p in read_scalars(run.train_tensorboard).items()}
     predicted = tuple(
@@ -66,6 +74,8 @@ def read_run(config: Config, out: Path, max_train_images: int, val_images: int) 
         mine_curves=mine_curves,
         train_curves=train_curves,
         predicted=predicted,
+        ceiling=ceiling,
+        ceiling_error=ceiling_error,
     )
 
 

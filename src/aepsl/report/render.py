@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from aepsl.ceiling import ceiling_line
 from aepsl.config import Config
 from aepsl.data.datasets import Sample, load_image
 from aepsl.errors import UserError
@@ -435,9 +436,19 @@ def _train_section(report: RunReport) -> str:
         body = (
             f"<p>val split '{html.escape(str(metrics.get('split')))}': mIoU without CRF "
             f"{_pct((results['without CRF'] or {}).get('mIoU'))}, with CRF "
-            f"{_pct((results['with CRF'] or {}).get('mIoU'))}.</p>" + _per_class(results)
+            f"{_pct((results['with CRF'] or {}).get('mIoU'))}.</p>"
+            + _ceiling(report)
+            + _per_class(results)
         )
     return head + note + body + chart
+
+
+def _ceiling(report: RunReport) -> str:
+    if report.ceiling_error:
+        return f'<p class="missing">{html.escape(report.ceiling_error)}</p>'
+    if report.ceiling is None or report.train_metrics is None:
+        return ""
+    return f"<p>{html.escape(ceiling_line(report.train_metrics, report.ceiling))}.</p>"
 
 
 def _rows_table(head: list[str], rows: list[tuple[str, list[str]]]) -> str:
