@@ -18,6 +18,10 @@ and the method's) and runs `aepsl run` into OUT/<cell>/seed<s>/<variant>:
   (`labels.dir=DATA/masks`: no mining, no pseudo labels; same network, crops, schedule and
   length as after). Every other variant's val mIoU is also given as a fraction of sup's, per
   seed (the columns /sup);
+- steps1 / round2 (--levers), each built on a finished after: steps1 the pseudo labels from
+  after's step-1 CAMs alone (`labels.cams_dir`: one erasing step, no mining again); round2 the
+  network retrained on after's CRF-refined predictions of the training images, classes the
+  image is not tagged with unlabelled (`aepsl predict --split train --crf`, then labels.dir);
 - psl / nopsl: (--psl-ablation) `after` with `train.psl` the other way round: `psl` (PSL on)
   when the preset trains on the pseudo labels alone, as own_data.yaml does, `nopsl` (the pseudo
   labels alone) when it trains with PSL; it reuses after's mine/ and labels/ (copied), so only
@@ -40,8 +44,9 @@ difference of two seeds (mean ± half the range with more). Below it, per cell, 
   (linear between neighbouring thresholds) is compared with the union's recall. Erasing beat
   the threshold when the union's recall is higher in every seed and by a point (0.01) or more
   on average; lost, the reverse; else no clear difference.
-- PSL vs pseudo labels alone (with --psl-ablation): val mIoU with CRF of the run with PSL minus
-  that of the run without, per seed, called the same way.
+- PSL vs pseudo labels alone (with --psl-ablation), 3 erasing steps vs 1 and a second round vs
+  one (with --levers): val mIoU with CRF of one run minus the other's, per seed, called the
+  same way.
 - collapse: a run whose val mIoU without CRF is at most the all-background score + 0.01 (every
   pixel predicted background, scored the same way), or whose val predictions give one class
   95% of the pixels (the health warning of that name).
@@ -70,7 +75,7 @@ from aepsl.data.datasets import load_dataset
 from aepsl.data.real import make_real
 from aepsl.data.synth import make_synth
 from aepsl.health import ONE_CLASS
-from aepsl.io import read_index_png
+from aepsl.io import read_index_png, write_index_png
 from aepsl.layout import stage_digests
 from aepsl.mine.sweep import sweep_step_cams, union_points
 
@@ -121,7 +126,9 @@ def ints(text: str) -> list[int]:
     return [int(v) for v in text.split(",")]
 
 
-PSL_RUNS = ("psl", "nopsl")  # the PSL ablation's run, named after its train.psl
+PSL_RUNS = ("psl", "nopsl")
+LEVERS = ("steps1", "round2")  # --levers: variants built on a finished after
+ROUND2_LABELS = "round2_labels"  # the PSL ablation's run, named after its train.psl
 
 
 def variant_overrides(variant: str, scale: float, preset: Config, data: Path) -> list:
@@ -134,6 +141,11 @@ def variant_overrides(variant: str, scale: float, preset: Config, data: Path) ->
     ]
     if variant == "sup":  # the ceiling: the same training on the real masks
         return [f"labels.dir={data / 'masks'}", *train_length]
+    if variant == "steps1":  # erasing's ablation: pseudo labels from after's step-1 CAMs
+        step1 = data.parent / "after" / "mine" / "step1" / "cams"
+        return [f"labels.cams_dir={step1}", *train_length]
+    if variant == "round2":  # a second round on after's CRF-refined training predictions
+        return [f"labels.dir={data.parent / ROUND2_LABELS}", *train_length]
     common = [f"mine.epochs={max(1, round(mine.epochs * scale))}", "mine.save_cams=true"]
     if variant == "before":
         return [
@@ -228,6 +240,30 @@ def run_variant(
     }
     timing.write_text(json.dumps(record) + "\n")
     return record
+
+
+def round2_labels(base: Path, data: Path, overrides: list[str]) -> None:
+    """base/round2_labels from a finished after: its network's CRF-refined predictions of the
+    training images (`aepsl predict --split train --crf`), a class the image is not tagged
+    with made 255 (unlabelled)."""
+    labels = base / ROUND2_LABELS
+    if (labels / "done").is_file():
+        return
+    model = base / "after" / "train" / "model.pt"
+    predicted = base / "round2_predict"
+    cmd = [sys.executable, "-m", "aepsl", "predict", str(PRESET), f"data.root={data}"]
+    cmd += [*overrides, "--checkpoint", str(model), "--split", "train", "--crf"]
+    cmd += ["--out", str(predicted)]
+    with open(base / "round2_predict.log", "a") as log:
+        if subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT) != 0:
+            raise SystemExit(f"{base}: aepsl predict failed; see {base / 'round2_predict.log'}")
+    config = load_config(PRESET, [f"data.root={data}"])
+    labels.mkdir(exist_ok=True)
+    for sample in load_dataset(config.data).split(config.data.train_split):
+        label = read_index_png(predicted / f"{sample.id}.png")
+        tagged = np.isin(label, (0, *sample.labels))
+        write_index_png(labels / f"{sample.id}.png", np.where(tagged, label, 255).astype(np.uint8))
+    (labels / "done").write_text("")
 
 
 def copy_stages(src: Path, dst: Path) -> None:
@@ -455,13 +491,20 @@ def verdicts(
             )
         elif gains:
             lines.append("erasing vs threshold: no threshold reaches the union's precision")
-        # paired by seed: a seed either run lacks is left out
-        pairs = zip(*(variants.get(v, []) for v in psl_pair), strict=False)
-        diffs = [a["crf"] - b["crf"] for a, b in pairs if a and b]
-        if diffs:
-            word = paired(diffs, "PSL BEAT", "PSL LOST to", "no clear difference between PSL and")
-            values = ", ".join(f"{d:+.3f}" for d in diffs)
-            lines.append(f"{word} the pseudo labels alone (val mIoU with CRF: {values})")
+        comparisons = (
+            (psl_pair, "PSL", "the pseudo labels alone"),
+            (("after", "steps1"), "3 erasing steps", "1 step"),
+            (("round2", "after"), "a second round", "one round"),
+        )
+        for (first, second), name, other in comparisons:
+            # paired by seed: a seed either run lacks is left out
+            pairs = zip(variants.get(first, []), variants.get(second, []), strict=False)
+            diffs = [a["crf"] - b["crf"] for a, b in pairs if a and b]
+            if diffs:
+                neither = f"no clear difference between {name} and"
+                word = paired(diffs, f"{name} BEAT", f"{name} LOST to", neither)
+                values = ", ".join(f"{d:+.3f}" for d in diffs)
+                lines.append(f"{word} {other} (val mIoU with CRF per seed: {values})")
         print(f"{cell.name}:")
         for line in lines:
             print(f"  {line}")
@@ -494,6 +537,12 @@ def main() -> None:
         "per run",
     )
     parser.add_argument("--no-before", action="store_true", help="skip the old defaults")
+    parser.add_argument(
+        "--levers",
+        action="store_true",
+        help="also steps1 (pseudo labels from after's step-1 CAMs: one erasing step) and round2 "
+        "(retrained on after's CRF-refined predictions of the training images)",
+    )
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--table-only", action="store_true", help="print finished cells only")
     parser.add_argument("--quick", action="store_true", help=f"smoke setting: {QUICK}")
@@ -525,6 +574,7 @@ def main() -> None:
         ("nopsl", ("after", "nopsl")) if preset.train.psl else ("psl", ("psl", "after"))
     )
     variants += [ablation] if args.psl_ablation else []
+    variants += list(LEVERS) if args.levers else []
     print(
         f"preset {PRESET.name}; {len(cells)} cell(s) x seeds {seeds} x {variants}; "
         f"n=max({args.n}, {args.images_per_class} x classes); lengths x{args.epochs_scale:g}: "
@@ -547,9 +597,17 @@ def main() -> None:
                     copy_stages(base / "after", run)
                 overrides = [f"seed={seed}"]
                 overrides += variant_overrides(variant, args.epochs_scale, preset, data)
-                if args.table_only:
-                    timing = finished_timing(run, expected_digests(data, overrides)["train"])
+                after_done = (base / "after" / "train" / "metrics.json").is_file()
+                if variant in LEVERS and not after_done:
+                    timing = None  # built on after's outputs: run again once after finished
+                elif args.table_only:
+                    ready = variant != "round2" or (base / ROUND2_LABELS / "done").is_file()
+                    digests = expected_digests(data, overrides) if ready else {}
+                    timing = finished_timing(run, digests["train"]) if ready else None
                 else:
+                    if variant == "round2":
+                        after = variant_overrides("after", args.epochs_scale, preset, data)
+                        round2_labels(base, data, [f"seed={seed}", *after])
                     print(f"{cell.name} seed {seed} {variant} ...", flush=True)
                     timing = run_variant(run, data, overrides, args.threads)
                 results[cell][variant].append(run_scores(run, timing, floor))
