@@ -56,7 +56,7 @@ def test_types_bounds_and_defaults_come_from_the_fields():
     assert "| `mine.cam_scales` | list of float, at least 1, each in (0, 4] | `[1.0]` |" in text
     assert "| `train.epochs` | float or `null`, > 0 | `null` |" in text
     assert "| `train.scale_range` | [float, float], each in (0, 4] | `[0.7, 1.3]` |" in text
-    assert "| `data.num_workers` | int, [0, 256] | `0` |" in text
+    assert "| `data.num_workers` | int or `auto`, [0, 256] | `auto` |" in text
 
 
 def test_cells_stay_markdown():

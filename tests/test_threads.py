@@ -67,3 +67,21 @@ def test_a_busy_machine_is_said_in_one_line(monkeypatch, capsys):
         assert out.count("\n") == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_auto_workers_follow_the_device_and_the_process_share(monkeypatch):
+    from aepsl.config import load_config
+    from aepsl.record import resolved_config
+
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    cpu = load_config(None, ["device=cpu"])
+    assert runtime.loader_workers(cpu) == 0  # the cores run the network
+    assert runtime.crf_workers(cpu) == 8  # 16 CPUs / 2 processes
+    monkeypatch.setattr(runtime, "wants_cuda", lambda config: True)
+    assert runtime.loader_workers(cpu) == 7  # on a GPU: its share less one for itself
+    given = load_config(None, ["data.num_workers=3", "crf.workers=1"])
+    assert (runtime.loader_workers(given), runtime.crf_workers(given)) == (3, 1)
+    assert resolved_config(given)["runtime"] | {"num_workers": 3, "crf_workers": 1} == (
+        resolved_config(given)["runtime"]
+    )

@@ -13,7 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from aepsl.errors import UserError
@@ -31,6 +39,17 @@ BACKBONES = ("tiny", "vgg16", "resnet50", "resnet101", "efficientnet_lite0")
 # A test scale: 0.5 halves each side. Above 4 an image mostly exhausts memory (a typo like 15
 # for 1.5 multiplies the pixels by 225).
 Scale = Annotated[float, Field(gt=0, le=4)]
+
+
+_UNION_MEMBERS = {"constrained-int", "int", "literal['auto']"}
+
+
+def _count_or_auto(value: Any) -> Any:
+    """A worker count as written: a whole number or 'auto' (before pydantic's own checks, so
+    that a word other than auto is named as such)."""
+    if isinstance(value, str) and value != "auto" and not value.strip().isdigit():
+        raise PydanticCustomError("count_or_auto", "must be a whole number or 'auto'")
+    return value
 
 
 class DataConfig(Section):
@@ -85,7 +104,16 @@ class DataConfig(Section):
         "CAMs and evaluation use whole images (mine.cam_size: scaled so that "
         "sqrt(height x width) equals this)",
     )
-    num_workers: int = Field(0, ge=0, le=256, description="DataLoader worker processes")
+    num_workers: Annotated[
+        Annotated[int, Field(ge=0, le=256)] | Literal["auto"], BeforeValidator(_count_or_auto)
+    ] = Field(
+        "auto",
+        description="DataLoader worker processes (JPEG decoding, erasing, crops). `auto`: 0 on "
+        "the CPU, whose cores run the network; on a GPU this process's share of the usable "
+        "CPUs less one for itself. At VOC's scale one core prepares about 100 erased training "
+        "images a second (benchmarks/bench_voc_scale.py): with 4 workers the loader, not the GPU, "
+        "would set the pace of VOC's mining (docs/voc.md)",
+    )
     max_pixels: int = Field(
         40_000_000,
         ge=1,
@@ -458,12 +486,14 @@ class CrfConfig(Section):
     gaussian_xy_std: float = Field(
         3.0, gt=0, description="smoothness kernel: standard deviation in pixels"
     )
-    workers: int = Field(
-        2,
-        ge=1,
-        le=256,
+    workers: Annotated[
+        Annotated[int, Field(ge=1, le=256)] | Literal["auto"], BeforeValidator(_count_or_auto)
+    ] = Field(
+        "auto",
         description="processes running the CRF on the CPU, one image each (torch: one thread "
-        "each); 1: in the main process (torch: with all its threads)",
+        "each); 1: in the main process (torch: with all its threads). `auto`: this process's "
+        "share of the usable CPUs (affinity and cgroup quota). On a GPU the torch backend runs "
+        "batched on the device instead",
     )
     backend: Literal["auto", "pydensecrf", "torch"] = Field(
         "auto",
@@ -659,7 +689,9 @@ def load_config(
         return Config.model_validate(tree)
     except ValidationError as exc:
         error = exc.errors()[0]
-        loc = tuple(str(p) for p in error["loc"])
+        # a union's member is named in the location (int | 'auto': "constrained-int"); the key
+        # is the config's part of it
+        loc = tuple(str(p) for p in error["loc"] if p not in _UNION_MEMBERS)
         key = ".".join(loc)
         got = error.get("input")
         if any(loc[: len(parts)] == parts for parts in overridden):

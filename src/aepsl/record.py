@@ -20,7 +20,7 @@ def resolved_config(config: Config) -> dict[str, Any]:
     import torch
     import torchvision
 
-    from aepsl.runtime import effective_precision
+    from aepsl.runtime import crf_workers, effective_precision, loader_workers
     from aepsl.version import __version__
 
     return {
@@ -34,6 +34,8 @@ def resolved_config(config: Config) -> dict[str, Any]:
         },
         "runtime": {
             "precision": effective_precision(config),
+            "num_workers": loader_workers(config),
+            "crf_workers": crf_workers(config),
             "cpu": torch.backends.cpu.get_cpu_capability(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         },

@@ -82,9 +82,10 @@ def _type(annotation: Any) -> tuple[str, list[Any]]:
     if origin is typing.Literal:
         return ", ".join(f"`{_value(a)}`" for a in args), []
     if origin in (typing.Union, types.UnionType):
-        kept = [a for a in args if a is not type(None)]
-        inner, bounds = _type(kept[0]) if len(kept) == 1 else (" or ".join(map(str, kept)), [])
-        return f"{inner} or `null`", bounds
+        parts = [_type(a) for a in args if a is not type(None)]
+        inner = " or ".join(kind for kind, _ in parts)
+        bounds = next((b for _, b in parts if b), [])
+        return (f"{inner} or `null`" if type(None) in args else inner), bounds
     if origin is list:
         inner, bounds = _type(args[0])
         return f"list of {inner}", bounds
@@ -117,7 +118,14 @@ def _row(key: str, field: FieldInfo) -> str:
     notes = [
         _interval(field.metadata),
         _length(field.metadata, kind),
-        f"each {_interval(element_bounds)}" if _interval(element_bounds) else "",
+        # a list's or tuple's elements carry the bounds ("each"); a number's own otherwise
+        (
+            f"each {_interval(element_bounds)}"
+            if kind.startswith(("list", "["))
+            else _interval(element_bounds)
+        )
+        if _interval(element_bounds)
+        else "",
     ]
     kind = ", ".join([kind, *(n for n in notes if n)])
     kind = kind.replace("each (", "each in (").replace("each [", "each in [")

@@ -65,6 +65,26 @@ def cgroup_cpu_quota(cgroup: Path = Path("/sys/fs/cgroup")) -> float | None:
 _threads_configured = False
 
 
+def process_cpus() -> int:
+    """This process's share of the usable CPUs: the machine's torchrun processes
+    (LOCAL_WORLD_SIZE) share them."""
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, usable_cpus() // local)
+
+
+def loader_workers(config: Config) -> int:
+    """data.num_workers, `auto` resolved: none on the CPU (its cores run the network), on a GPU
+    this process's CPUs less one for itself, since there the loader is what the GPU waits on."""
+    if config.data.num_workers != "auto":
+        return config.data.num_workers
+    return max(0, process_cpus() - 1) if wants_cuda(config) else 0
+
+
+def crf_workers(config: Config) -> int:
+    """crf.workers, `auto` resolved to this process's CPUs."""
+    return process_cpus() if config.crf.workers == "auto" else config.crf.workers
+
+
 def configure_threads(num_workers: int = 0) -> int:
     """torch's threads: the usable CPUs shared by the processes of this machine's torchrun job
     (LOCAL_WORLD_SIZE) less the DataLoader workers (one thread each), unless OMP_NUM_THREADS
@@ -75,8 +95,7 @@ def configure_threads(num_workers: int = 0) -> int:
         return torch.get_num_threads()
     _threads_configured = True
     cpus = usable_cpus()
-    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    threads = max(1, cpus // local - num_workers)
+    threads = max(1, process_cpus() - num_workers)
     torch.set_num_threads(threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > cpus + 0.5 and os.environ.get("RANK", "0") == "0":
@@ -155,7 +174,7 @@ def select_device(config: Config) -> torch.device:
     if config.device == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda but no CUDA device is available; set device=cpu or auto")
     _init_distributed(config)
-    configure_threads(config.data.num_workers)
+    configure_threads(loader_workers(config))
     cuda = wants_cuda(config)
     if cuda and distributed():
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))

@@ -30,6 +30,7 @@ from aepsl.runtime import (
     data_parallel,
     grad_scaler,
     is_main,
+    loader_workers,
     on_main,
     rank,
     seed_rank,
@@ -204,7 +205,7 @@ def epoch_loader(
         batch_size=plan.batch_size // world,
         sampler=sampler,
         drop_last=len(dataset) >= plan.batch_size,
-        num_workers=config.data.num_workers,
+        num_workers=loader_workers(config),
         pin_memory=device.type == "cuda",
     )
 

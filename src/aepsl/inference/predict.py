@@ -59,6 +59,7 @@ from aepsl.record import save_config
 from aepsl.runtime import (
     autocast,
     barrier,
+    crf_workers,
     is_main,
     on_main,
     prepare_model,
@@ -173,9 +174,10 @@ def predict_samples(
         or (crf_dir and not (crf_dir / f"{s.id}.png").is_file())
     ]
     pool = None  # CRF on the CPU: one image per process (torch with one thread each)
-    in_process = backend == "torch" and (device.type != "cpu" or config.crf.workers == 1)
-    if crf_dir is not None and not in_process and config.crf.workers > 1:
-        pool = crf_pool(backend, config.crf.workers)
+    workers = crf_workers(config)
+    in_process = backend == "torch" and (device.type != "cpu" or workers == 1)
+    if crf_dir is not None and not in_process and workers > 1:
+        pool = crf_pool(backend, workers)
     params = CrfParams.from_config(config.crf)
     refine = crf_job(backend, params)
     bar = tqdm(

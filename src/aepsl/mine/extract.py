@@ -31,7 +31,7 @@ from aepsl.mine.context import MineContext
 from aepsl.mine.data import ErasedImages, collate_list
 from aepsl.models.classifier import CamClassifier
 from aepsl.regions import cams_to_regions
-from aepsl.runtime import autocast, barrier, is_main, rank, to_device, world_size
+from aepsl.runtime import autocast, barrier, is_main, loader_workers, rank, to_device, world_size
 
 
 def same_size_batches(loader: DataLoader, limit: int) -> Iterator[list]:
@@ -52,7 +52,7 @@ def erased_loader(dataset: ErasedImages, config: Config) -> DataLoader:
         dataset,
         batch_size=config.mine.batch_size,
         collate_fn=collate_list,
-        num_workers=config.data.num_workers,
+        num_workers=loader_workers(config),
     )
 
 
