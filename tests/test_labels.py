@@ -102,3 +102,27 @@ def test_cam_background_needs_saved_cams(folder_dataset, tmp_path, capsys):
     )
     assert code == 2
     assert "mine.save_cams=true" in capsys.readouterr().err
+
+
+def test_labels_workers_write_the_same_files(folder_dataset, tmp_path, capsys):
+    """labels.workers=2 (a pool of processes) writes what one process does, byte for byte, and
+    a fault in a worker is the same one-line error."""
+    written = {}
+    for workers in (1, 2):
+        out = tmp_path / f"run{workers}"
+        _fake_mine(folder_dataset, out)
+        argv = ["labels", DEMO, f"data.root={folder_dataset}", f"labels.workers={workers}"]
+        assert main([*argv, "--out", str(out)]) == 0
+        written[workers] = {p.name: p.read_bytes() for p in (out / "labels").glob("*.png")}
+    assert written[1] == written[2] and len(written[1]) == 4  # the training images
+    out = tmp_path / "broken"
+    _fake_mine(folder_dataset, out)
+    (out / "mine" / "regions" / "img3.png").unlink()
+    argv = ["labels", DEMO, f"data.root={folder_dataset}", "labels.workers=2", "--out", str(out)]
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        f"aepsl labels: error: {out / 'mine' / 'regions' / 'img3.png'}: mined regions missing; "
+        "run `aepsl mine` with this --out first"
+    )

@@ -85,3 +85,16 @@ def test_auto_workers_follow_the_device_and_the_process_share(monkeypatch):
     assert resolved_config(given)["runtime"] | {"num_workers": 3, "crf_workers": 1} == (
         resolved_config(given)["runtime"]
     )
+
+
+def test_labels_workers_start_only_for_enough_images(monkeypatch):
+    from aepsl.config import load_config
+
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    auto = load_config(None, [])
+    per = runtime.LABELS_IMAGES_PER_WORKER
+    assert runtime.labels_workers(auto, per - 1) == 1  # in this process
+    assert runtime.labels_workers(auto, 3 * per) == 3
+    assert runtime.labels_workers(auto, 10_582) == 16
+    assert runtime.labels_workers(load_config(None, ["labels.workers=2"]), 1) == 2

@@ -320,6 +320,15 @@ class LabelsConfig(Section):
         "CAM is below this",
     )
     visualise: int = Field(8, ge=0, description="overlays written to labels/vis/")
+    workers: Annotated[
+        Annotated[int, Field(ge=1, le=256)] | Literal["auto"], BeforeValidator(_count_or_auto)
+    ] = Field(
+        "auto",
+        description="processes writing the pseudo labels, one image each. `auto`: this "
+        "process's share of the usable CPUs, at most one per 50 images (a process's start costs "
+        "about as much as 50 images: with the built-in saliency one core labels about 10 VOC-sized "
+        "images a second, benchmarks/bench_voc_scale.py)",
+    )
     dir: str | None = Field(
         None,
         description="a folder of pseudo labels made elsewhere (<id>.png index maps, 0 "

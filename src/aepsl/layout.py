@@ -104,7 +104,7 @@ def stage_settings(config: Config) -> dict[str, dict[str, Any]]:
     if config.mine.step1_cams:  # CAMs made elsewhere: their files' names, sizes and mtimes
         mine_settings["step1_cams"] = folder_digest(config.mine.step1_cams, CAM_SUFFIXES)
     mine = settings_digest(mine_settings)
-    labels_settings = config.labels.model_dump(exclude={"visualise", "dir", "cams_dir"})
+    labels_settings = config.labels.model_dump(exclude={"visualise", "workers", "dir", "cams_dir"})
     labels: dict[str, Any]
     if config.labels.dir:  # pseudo labels made elsewhere: nothing of ours goes into them
         labels = {"labels_dir": folder_digest(config.labels.dir, (".png",))}

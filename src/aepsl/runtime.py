@@ -80,6 +80,17 @@ def loader_workers(config: Config) -> int:
     return max(0, process_cpus() - 1) if wants_cuda(config) else 0
 
 
+def labels_workers(config: Config, images: int) -> int:
+    """labels.workers, `auto` resolved: this process's CPUs, at most one per
+    LABELS_IMAGES_PER_WORKER images (a worker's start costs about what that many images do)."""
+    if config.labels.workers != "auto":
+        return config.labels.workers
+    return max(1, min(process_cpus(), images // LABELS_IMAGES_PER_WORKER))
+
+
+LABELS_IMAGES_PER_WORKER = 50
+
+
 def crf_workers(config: Config) -> int:
     """crf.workers, `auto` resolved to this process's CPUs."""
     return process_cpus() if config.crf.workers == "auto" else config.crf.workers

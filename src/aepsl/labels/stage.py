@@ -11,6 +11,9 @@ labels is checked and scored, and `train` reads it.
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +47,7 @@ from aepsl.labels.fusion import background_from_cams, background_from_saliency, 
 from aepsl.labels.saliency import mbd_saliency
 from aepsl.layout import RunLayout, claim_folder, saliency_cache_digest
 from aepsl.regions import cams_to_regions
+from aepsl.runtime import labels_workers
 
 
 def run_labels(config: Config, out: Path) -> dict[str, Any]:
@@ -61,34 +65,28 @@ def run_labels(config: Config, out: Path) -> dict[str, Any]:
         claim_folder(run.saliency, saliency_cache_digest(config))
     last_cams = _last_step_cams(config, run)
     vis_ids = {s.id for s in train[: config.labels.visualise]}
-    for sample in tqdm(train, desc="labels", unit="img", dynamic_ncols=True):
-        path = run.union_region(sample.id)
-        if not config.labels.cams_dir and not path.is_file():
-            raise UserError(
-                f"{path}: mined regions missing; run `aepsl mine` with this --out first"
-            )
-        target = run.pseudo_label(sample.id)
-        if target.is_file() and sample.id not in vis_ids:
-            continue  # written before an interruption, with these settings
-        if config.labels.cams_dir:  # one step of regions, thresholded as mine does
-            shape = image_size(sample.image)
-            own = image_cams(config.labels.cams_dir, sample, data.num_classes, shape)
-            regions = cams_to_regions(
-                torch.from_numpy(own),
-                list(sample.labels),
-                config.mine.threshold_mode,
-                config.mine.threshold,
-            ).numpy()
-        else:
-            regions = read_index_png(path)
-        cams = None
-        if last_cams is not None:
-            cams = image_cams(last_cams, sample, data.num_classes, regions.shape)
-        background, saliency = _background(config, sample, regions.shape, run, cams)
-        labels = fuse_pseudo_label(regions, background, config.labels.low_saliency)
-        write_index_png(target, labels)
-        if sample.id in vis_ids:
-            write_png(run.labels_vis / f"{sample.id}.png", _overlay(sample, saliency, labels))
+    # written before an interruption with these settings: kept (overlays are redone)
+    todo = [s for s in train if s.id in vis_ids or not run.pseudo_label(s.id).is_file()]
+    job = functools.partial(
+        _label_image, config, out, data.num_classes, last_cams, frozenset(vis_ids)
+    )
+    workers = labels_workers(config, len(todo))
+    bar = tqdm(total=len(todo), desc="labels", unit="img", dynamic_ncols=True)
+    pool = (
+        multiprocessing.get_context("spawn").Pool(workers, _ignore_ctrl_c) if workers > 1 else None
+    )
+    try:
+        for _ in pool.imap_unordered(job, todo, chunksize=8) if pool else map(job, todo):
+            bar.update()
+    except BaseException:
+        if pool is not None:  # an error or Ctrl-C: the queued images are dropped
+            pool.terminate()
+        raise
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.close()
+            pool.join()
     metrics: dict[str, Any] = {
         "regions": config.labels.cams_dir or "mine/regions",  # relative to the run folder
         "saliency_source": config.saliency.source,
@@ -101,6 +99,45 @@ def run_labels(config: Config, out: Path) -> dict[str, Any]:
         print(_score_line(metrics))
     run.mark_complete("labels")
     return metrics
+
+
+def _ignore_ctrl_c() -> None:
+    """A labels worker leaves Ctrl-C to the main process, which ends the pool."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _label_image(
+    config: Config,
+    out: Path,
+    num_classes: int,
+    last_cams: Path | None,
+    vis_ids: frozenset[str],
+    sample: Sample,
+) -> None:
+    """One image's pseudo label (and overlay): its regions fused with its background."""
+    run = RunLayout(out, config)
+    path = run.union_region(sample.id)
+    if not config.labels.cams_dir and not path.is_file():
+        raise UserError(f"{path}: mined regions missing; run `aepsl mine` with this --out first")
+    if config.labels.cams_dir:  # one step of regions, thresholded as mine does
+        shape = image_size(sample.image)
+        own = image_cams(config.labels.cams_dir, sample, num_classes, shape)
+        regions = cams_to_regions(
+            torch.from_numpy(own),
+            list(sample.labels),
+            config.mine.threshold_mode,
+            config.mine.threshold,
+        ).numpy()
+    else:
+        regions = read_index_png(path)
+    cams = None
+    if last_cams is not None:
+        cams = image_cams(last_cams, sample, num_classes, regions.shape)
+    background, saliency = _background(config, sample, regions.shape, run, cams)
+    labels = fuse_pseudo_label(regions, background, config.labels.low_saliency)
+    write_index_png(run.pseudo_label(sample.id), labels)
+    if sample.id in vis_ids:
+        write_png(run.labels_vis / f"{sample.id}.png", _overlay(sample, saliency, labels))
 
 
 def _score_line(metrics: dict[str, Any]) -> str:
