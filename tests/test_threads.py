@@ -82,8 +82,9 @@ def test_auto_workers_follow_the_device_and_the_process_share(monkeypatch):
     assert runtime.loader_workers(cpu) == 7  # on a GPU: its share less one for itself
     given = load_config(None, ["data.num_workers=3", "crf.workers=1"])
     assert (runtime.loader_workers(given), runtime.crf_workers(given)) == (3, 1)
-    assert resolved_config(given)["runtime"] | {"num_workers": 3, "crf_workers": 1} == (
-        resolved_config(given)["runtime"]
+    assert (
+        resolved_config(given)["runtime"] | {"num_workers": 3, "crf_workers": 1}
+        == (resolved_config(given)["runtime"])
     )
 
 
