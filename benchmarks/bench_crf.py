@@ -64,6 +64,7 @@ from aepsl.inference.crf import (
     dense_crf_torch,
 )
 from aepsl.inference.crf_params import CrfParams
+from aepsl.runtime import process_cpus
 
 PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
 
@@ -205,7 +206,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=CrfConfig().workers)
+    parser.add_argument("--workers", type=int, default=process_cpus(), help="crf.workers")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--classes", type=int, default=21)
     parser.add_argument("--iterations", type=int, default=CrfConfig().iterations)

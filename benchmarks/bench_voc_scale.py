@@ -22,7 +22,7 @@ do beside it.
 - CRF torch / CRF pydensecrf: one image's dense CRF (VOC's parameters, 10 iterations).
 
     python benchmarks/bench_voc_scale.py                 # n = 8 and 32 images
-    python benchmarks/bench_voc_scale.py --n 4 --cores 2,16 --only labels,crf-torch
+    python benchmarks/bench_voc_scale.py --n 4 --cores 2,16 --only "labels (dir),CRF torch"
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from _common import describe_machine, make_config
+from bench_crf import PHOTOS, photographs, realistic_softmax
 from PIL import Image
 
 from aepsl.data.datasets import load_image, load_mask
@@ -53,20 +54,22 @@ from aepsl.regions import cams_to_regions
 
 WIDTH, HEIGHT, CLASSES = 500, 375, 20
 TRAIN_IMAGES, VAL_IMAGES, SCORED_IMAGES = 10_582, 1_449, 1_464
+NOISE = 2.0  # bench_crf.py's default
 VOC = Path(__file__).parent.parent / "configs" / "voc_vgg16.yaml"
 
 
 def make_voc_like(root: Path, n: int, seed: int = 0) -> list[Sample]:
-    """n JPEGs of 500 x 375 (quality 90, as VOC's), 1-3 elliptic objects of random classes on
-    a textured background, with their masks, two steps of regions and a saliency map each."""
+    """n JPEGs of 500 x 375 (quality 90, as VOC's): scikit-image's photographs with 1-3 elliptic
+    objects of random classes tinted in, with their masks, two steps of regions and a saliency
+    map each."""
     rng = np.random.default_rng(seed)
+    photos = photographs(2 * len(PHOTOS), WIDTH, HEIGHT)  # the four photographs, and mirrored
     for folder in ("images", "masks", "step1", "step2", "saliency", "labels"):
         (root / folder).mkdir(parents=True, exist_ok=True)
     yy, xx = np.mgrid[0:HEIGHT, 0:WIDTH]
     samples = []
     for i in range(n):
-        image = rng.integers(0, 256, (HEIGHT // 8, WIDTH // 8, 3), dtype=np.uint8)
-        image = np.asarray(Image.fromarray(image).resize((WIDTH, HEIGHT), Image.BILINEAR))
+        image = photos[i % len(photos)]
         mask = np.zeros((HEIGHT, WIDTH), np.uint8)
         classes = rng.choice(np.arange(1, CLASSES + 1), rng.integers(1, 4), replace=False)
         for k in classes:
@@ -100,12 +103,10 @@ def random_cams(sample: Sample, seed: int) -> torch.Tensor:
     return F.interpolate(coarse[None], size=(HEIGHT, WIDTH), mode="bilinear")[0]
 
 
-def probabilities(seed: int) -> np.ndarray:
-    """(21, H, W) class probabilities, as they come back from the device."""
-    coarse = torch.rand(
-        CLASSES + 1, HEIGHT // 8, WIDTH // 8, generator=torch.Generator().manual_seed(seed)
-    )
-    return F.interpolate(coarse[None], (HEIGHT, WIDTH), mode="bilinear")[0].softmax(0).numpy()
+def probabilities(image: np.ndarray, seed: int) -> np.ndarray:
+    """(21, H, W) class probabilities that follow the photograph's segments (bench_crf.py's),
+    as they come back from the device."""
+    return realistic_softmax(image, CLASSES + 1, seed, noise=NOISE)
 
 
 # A stage's work: set up (untimed) on the samples, it returns the work for image `index`.
@@ -175,7 +176,7 @@ def stage_work(root: Path, out: Path) -> dict[str, Work]:
 
     def with_probs(refine: Callable[[np.ndarray, np.ndarray], object] | None) -> Work:
         def setup(samples: list[Sample]) -> Callable[[int], object]:
-            probs = [probabilities(i) for i in range(len(samples))]
+            probs = [probabilities(load_image(s), i) for i, s in enumerate(samples)]
 
             def work(i: int) -> None:
                 image = load_image(samples[i])
@@ -206,18 +207,20 @@ def stage_work(root: Path, out: Path) -> dict[str, Work]:
 
 # Per stage: how many times VOC's recipe pays it (voc_vgg16: 15 epochs x 3 steps of 10,582
 # images; 6,000 iterations of 20 crops; seed mIoU on VOC train, 1,464 images; 1,449 val) and
-# how aepsl spreads it today: over data.num_workers loader processes, crf.workers CRF
-# processes, or one process per GPU.
+# how aepsl spreads it over C cores with its defaults on one GPU: loader workers C - 1
+# (data.num_workers auto), labels and the CRF on the CPU over C processes (labels.workers,
+# crf.workers auto), the rest in the GPU's process. The torch CRF runs on the GPU there; its
+# row is the CPU-only machine's.
 COUNTS = {
-    "mine loader": (15 * 3 * TRAIN_IMAGES, "workers"),
-    "psl loader": (6000 * 20, "workers"),
-    "CAM post": (TRAIN_IMAGES, "gpu"),
-    "labels (dir)": (TRAIN_IMAGES, "one"),
-    "labels (builtin)": (TRAIN_IMAGES, "one"),
-    "seed sweep": (SCORED_IMAGES, "gpu"),
-    "val predict": (VAL_IMAGES, "gpu"),
-    "CRF torch": (VAL_IMAGES, "crf"),
-    "CRF pydensecrf": (VAL_IMAGES, "crf"),
+    "mine loader": (15 * 3 * TRAIN_IMAGES, lambda c: max(1, c - 1)),
+    "psl loader": (6000 * 20, lambda c: max(1, c - 1)),
+    "CAM post": (TRAIN_IMAGES, lambda c: 1),
+    "labels (dir)": (TRAIN_IMAGES, lambda c: c),
+    "labels (builtin)": (TRAIN_IMAGES, lambda c: c),
+    "seed sweep": (SCORED_IMAGES, lambda c: 1),
+    "val predict": (VAL_IMAGES, lambda c: 1),
+    "CRF torch": (VAL_IMAGES, lambda c: c),
+    "CRF pydensecrf": (VAL_IMAGES, lambda c: c),
 }
 
 
@@ -237,12 +240,6 @@ def main() -> None:
     )
     parser.add_argument("--n", type=int, default=8, help="images of the small run (the large: 4n)")
     parser.add_argument("--cores", default="2,16", help="core counts to estimate wall time for")
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=4,
-        help="data.num_workers and crf.workers of the estimate (the VOC preset's 4)",
-    )
     parser.add_argument("--only", help="comma-separated stage names (default all)")
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -254,27 +251,21 @@ def main() -> None:
         samples = make_voc_like(Path(tmp) / "data", 4 * args.n)
         work = stage_work(Path(tmp) / "data", Path(tmp) / "out")
         names = [n for n in work if not args.only or n in args.only.split(",")]
-        head = f"{'stage':<18}{'s/image':>9}{'4n/n':>6}{'images':>10}"
-        head += "".join(f"{f'{c} cores now':>15}{f'{c} if parallel':>16}" for c in cores)
+        head = f"{'stage':<18}{'s/image':>9}{'4n/n':>6}{'times':>10}{'1 core':>9}"
+        head += "".join(f"{f'{c} cores':>10}" for c in cores)
         print(head)
         for name in names:
             small = time_stage(work[name], samples[: args.n])
             large = time_stage(work[name], samples)
-            count, spread_over = COUNTS[name]
+            count, spread = COUNTS[name]
             row = f"{name:<18}{large:>9.4f}{large * 4 / small:>6.2f}{count:>10,}"
-            for c in cores:
-                now = {"workers": min(c, args.workers), "crf": min(c, args.workers)}.get(
-                    spread_over, 1
-                )
-                row += f"{minutes(large * count / now):>15}{minutes(large * count / c):>16}"
+            row += f"{minutes(large * count):>9}"
+            row += "".join(f"{minutes(large * count / spread(c)):>10}" for c in cores)
             print(row, flush=True)
-    print(
-        "4n/n: the cost of 4n images over n's, per image x 4 (linear: 4.00); wall times in minutes"
-    )
-    print(
-        f"'now': spread as aepsl does (loaders over data.num_workers={args.workers}, the CRF "
-        f"over crf.workers={args.workers}, the rest in one process per GPU)"
-    )
+    print("s/image: one core; 4n/n: the cost of 4n images over n's, x 4 (linear: 4.00)")
+    print("times: how often VOC's recipe pays it; wall minutes on 1 core and on C cores beside one")
+    print("GPU as aepsl spreads it (loaders over C - 1 workers; labels and the CPU CRF over C")
+    print("processes; CAM post, seed sweep and val predict in the GPU's process)")
 
 
 def minutes(seconds: float) -> str:

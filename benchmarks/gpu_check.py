@@ -218,7 +218,7 @@ def _run_overrides(size: dict[str, Any], data: Path) -> list[str]:
         f"data.root={data}",
         "data.train_split=train",  # the preset's train_aug: a VOC folder's split
         "saliency.source=builtin",  # the preset's DRFI maps: not in generated data
-        f"data.num_workers={0 if dry else 4}",
+        f"data.num_workers={0 if dry else 'auto'}",
         f"device={size['device']}",
         f"precision={size['precision']}",
         f"model.backbone={size['backbone']}",
