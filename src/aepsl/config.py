@@ -52,6 +52,15 @@ def _count_or_auto(value: Any) -> Any:
     return value
 
 
+# process counts: a whole number or 'auto' (resolved by aepsl.runtime for the machine)
+LoaderWorkers = Annotated[
+    Annotated[int, Field(ge=0, le=256)] | Literal["auto"], BeforeValidator(_count_or_auto)
+]
+Processes = Annotated[
+    Annotated[int, Field(ge=1, le=256)] | Literal["auto"], BeforeValidator(_count_or_auto)
+]
+
+
 class DataConfig(Section):
     format: Literal["folder", "voc", "coco"] = Field(
         "folder",
@@ -104,9 +113,7 @@ class DataConfig(Section):
         "CAMs and evaluation use whole images (mine.cam_size: scaled so that "
         "sqrt(height x width) equals this)",
     )
-    num_workers: Annotated[
-        Annotated[int, Field(ge=0, le=256)] | Literal["auto"], BeforeValidator(_count_or_auto)
-    ] = Field(
+    num_workers: LoaderWorkers = Field(
         "auto",
         description="DataLoader worker processes (JPEG decoding, erasing, crops). `auto`: 0 on "
         "the CPU, whose cores run the network; on a GPU this process's share of the usable "
@@ -320,9 +327,7 @@ class LabelsConfig(Section):
         "CAM is below this",
     )
     visualise: int = Field(8, ge=0, description="overlays written to labels/vis/")
-    workers: Annotated[
-        Annotated[int, Field(ge=1, le=256)] | Literal["auto"], BeforeValidator(_count_or_auto)
-    ] = Field(
+    workers: Processes = Field(
         "auto",
         description="processes writing the pseudo labels, one image each. `auto`: this "
         "process's share of the usable CPUs, at most one per 50 images (a process's start costs "
@@ -495,9 +500,7 @@ class CrfConfig(Section):
     gaussian_xy_std: float = Field(
         3.0, gt=0, description="smoothness kernel: standard deviation in pixels"
     )
-    workers: Annotated[
-        Annotated[int, Field(ge=1, le=256)] | Literal["auto"], BeforeValidator(_count_or_auto)
-    ] = Field(
+    workers: Processes = Field(
         "auto",
         description="processes running the CRF on the CPU, one image each (torch: one thread "
         "each); 1: in the main process (torch: with all its threads). `auto`: this process's "
