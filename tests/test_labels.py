@@ -126,3 +126,16 @@ def test_labels_workers_write_the_same_files(folder_dataset, tmp_path, capsys):
         f"aepsl labels: error: {out / 'mine' / 'regions' / 'img3.png'}: mined regions missing; "
         "run `aepsl mine` with this --out first"
     )
+
+
+def test_labels_workers_keep_the_commands_pixel_limit():
+    """A spawned worker starts with the default data.max_pixels: the command's is passed on."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from aepsl.labels.stage import _worker_setup
+
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, context, _worker_setup, (123,)) as pool:
+        limit = pool.submit(eval, "__import__('aepsl.io').io._max_pixels").result()
+    assert limit == 123

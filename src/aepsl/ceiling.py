@@ -19,6 +19,7 @@ from aepsl.config import Config
 from aepsl.errors import UserError
 from aepsl.health import ONE_CLASS
 from aepsl.io import read_json
+from aepsl.layout import training_settings
 
 SCORES = ("without_crf", "with_crf")
 
@@ -28,20 +29,27 @@ class Ceiling:
     """The ceiling run's val scores and where its labels came from."""
 
     run: Path
-    miou: dict[str, float | None]  # without_crf / with_crf
+    scores: dict[str, dict[str, Any] | None]  # without_crf / with_crf: mIoU, images, pixels
     labels: str  # its labels.dir, or "pseudo labels" when it mined its own
     collapsed: bool  # its val predictions are one class: no ceiling to measure against
 
+    def miou(self, key: str) -> float | None:
+        return (self.scores[key] or {}).get("mIoU")
+
 
 def read_ceiling(config: Config, out: Path | None = None) -> Ceiling | None:
-    """The run folder named by `config.ceiling`, checked to be a finished run scored on the
-    same data and val split as this one (None when the setting is not given)."""
+    """The run folder named by `config.ceiling`, checked to be a finished run with this run's
+    data settings (its root apart: paths are written many ways) and networks (None when the
+    setting is not given). Whether it scored the same val images is checked with the scores."""
     if not config.ceiling:
         return None
     run = Path(config.ceiling)
     where = f"ceiling: {run}"
     if out is not None and run.resolve() == Path(out).resolve():
-        raise UserError(f"{where} is this run's own folder; name the run trained on the masks")
+        raise UserError(
+            f"{where} is this run's own folder; name the run trained on the masks, or give "
+            "ceiling=null when training that run"
+        )
     fix = "name a run folder whose train stage finished (aepsl run CONFIG labels.dir=DATA/masks)"
     if not run.is_dir():
         raise UserError(f"{where}: no such folder; {fix}")
@@ -49,55 +57,86 @@ def read_ceiling(config: Config, out: Path | None = None) -> Ceiling | None:
     metrics = read_json(run / "train" / "metrics.json", fix)
     if not manifest.get("complete"):
         raise UserError(f"{where}: its train stage did not finish; {fix}")
-    data = (manifest.get("settings") or {}).get("data") or {}
-    theirs = (data.get("root"), data.get("val_split"))
-    ours = (config.data.root, config.data.val_split)
-    if theirs[0] is None or Path(theirs[0]).resolve() != Path(str(ours[0])).resolve():
-        raise UserError(f"{where} was trained on data {theirs[0]}, this run on {ours[0]}")
-    if theirs[1] != ours[1] or metrics.get("split") != ours[1]:
-        raise UserError(f"{where} was scored on split '{theirs[1]}', this run on '{ours[1]}'")
-    miou = {key: (metrics.get(key) or {}).get("mIoU") for key in SCORES}
-    if miou["without_crf"] is None:
+    settings = manifest.get("settings")
+    if not isinstance(settings, dict):
+        raise UserError(f"{where}: its train manifest records no settings (an older aepsl); {fix}")
+    ours = training_settings(config, "train")
+    for section in ("data", "model"):
+        theirs = settings.get(section) or {}
+        differ = [
+            f"{section}.{key}"
+            for key in sorted(set(theirs) | set(ours[section]))
+            if key != "root" and theirs.get(key) != ours[section].get(key)
+        ]
+        if differ:
+            raise UserError(f"{where} differs from this run in {', '.join(differ)}")
+    scores = {
+        key: metrics.get(key) if isinstance(metrics.get(key), dict) else None for key in SCORES
+    }
+    if (scores["without_crf"] or {}).get("mIoU") is None:
         raise UserError(f"{where}: train/metrics.json holds no val mIoU; {fix}")
     collapsed = any(ONE_CLASS in w for w in metrics.get("warnings") or [])
-    return Ceiling(run, miou, _labels_source(run), collapsed)
+    return Ceiling(run, scores, _labels_source(run), collapsed)
 
 
 def _labels_source(run: Path) -> str:
+    """The ceiling's labels.dir, from the config its train stage saved (RUN/config.yaml is
+    rewritten by every command run in the folder)."""
+    saved_file = run / "train" / "config.yaml"
+    if not saved_file.is_file():
+        saved_file = run / "config.yaml"
     try:
-        saved = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+        saved = yaml.safe_load(saved_file.read_text(encoding="utf-8")) or {}
         return str(saved["labels"]["dir"] or "pseudo labels")
     except (OSError, yaml.YAMLError, KeyError, TypeError):
         return "unknown (no readable config.yaml)"
 
 
 def ceiling_fractions(metrics: dict[str, Any], ceiling: Ceiling) -> dict[str, float | None]:
-    """Per score (without / with CRF), this run's val mIoU over the ceiling's (None where either
-    is missing, or the ceiling collapsed)."""
+    """Per score (without / with CRF), this run's val mIoU over the ceiling's: None where either
+    is missing, the ceiling's is 0 or it collapsed, or the two scored other val pixels."""
     fractions: dict[str, float | None] = {}
     for key in SCORES:
-        ours = (metrics.get(key) or {}).get("mIoU")
-        theirs = ceiling.miou[key]
-        usable = ours is not None and theirs and not ceiling.collapsed
-        fractions[key] = ours / theirs if usable else None
+        ours, theirs = metrics.get(key) or {}, ceiling.scores[key] or {}
+        usable = (
+            ours.get("mIoU") is not None
+            and theirs.get("mIoU")
+            and not ceiling.collapsed
+            and _same_pixels(ours, theirs)
+        )
+        fractions[key] = ours["mIoU"] / theirs["mIoU"] if usable else None
     return fractions
+
+
+def _same_pixels(ours: dict[str, Any], theirs: dict[str, Any]) -> bool:
+    """Both scored the same number of val images and labelled pixels (when both say)."""
+    return all(
+        ours.get(k) is None or theirs.get(k) is None or ours[k] == theirs[k]
+        for k in ("images", "pixels")
+    )
 
 
 def ceiling_line(metrics: dict[str, Any], ceiling: Ceiling) -> str:
     """One line for the terminal and the report: the fractions, or why there are none."""
+    head = f"val mIoU as a fraction of the ceiling ({ceiling.run}, trained on {ceiling.labels})"
     if ceiling.collapsed:
+        return f"{head}: none; its network collapsed to one class (its health warnings)"
+    ours = metrics.get("without_crf") or {}
+    theirs = ceiling.scores["without_crf"] or {}
+    if ours and not _same_pixels(ours, theirs):
         return (
-            f"ceiling {ceiling.run}: its network collapsed to one class (its health warnings), "
-            "so no fraction of it is given"
+            f"{head}: none; it scored other val images ({theirs.get('images')} images, "
+            f"{theirs.get('pixels')} pixels; this run {ours.get('images')}, {ours.get('pixels')})"
         )
+    if not ceiling.miou("without_crf"):
+        return f"{head}: none; its val mIoU is 0"
     fractions = ceiling_fractions(metrics, ceiling)
     parts = [
-        f"{key.replace('_', ' ')} {fractions[key]:.2f} of {ceiling.miou[key]:.3f}"
+        f"{key.replace('_crf', ' CRF').replace('_', ' ')} {fractions[key]:.2f} "
+        f"(ceiling {ceiling.miou(key):.3f})"
         for key in SCORES
         if fractions[key] is not None
     ]
     if not parts:
-        return f"ceiling {ceiling.run}: this run has no val mIoU to compare"
-    return f"of the ceiling ({ceiling.run}, trained on {ceiling.labels}): val mIoU " + ", ".join(
-        parts
-    )
+        return f"{head}: none; this run has no val mIoU"
+    return f"{head}: " + ", ".join(parts)

@@ -47,7 +47,8 @@ _UNION_MEMBERS = {"constrained-int", "int", "literal['auto']"}
 def _count_or_auto(value: Any) -> Any:
     """A worker count as written: a whole number or 'auto' (before pydantic's own checks, so
     that a word other than auto is named as such)."""
-    if isinstance(value, str) and value != "auto" and not value.strip().isdigit():
+    text = isinstance(value, str) and (value == "auto" or value.strip().isdigit())
+    if not text and (isinstance(value, bool) or not isinstance(value, int | float)):
         raise PydanticCustomError("count_or_auto", "must be a whole number or 'auto'")
     return value
 

@@ -11,9 +11,13 @@ labels is checked and scored, and `train` reads it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 import signal
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,7 @@ from aepsl.evaluation import evaluate_folder
 from aepsl.external import check_pseudo_labels, image_cams
 from aepsl.health import check_folder
 from aepsl.io import (
+    pixel_limit,
     read_gray_png,
     read_index_png,
     read_json,
@@ -70,23 +75,17 @@ def run_labels(config: Config, out: Path) -> dict[str, Any]:
     job = functools.partial(
         _label_image, config, out, data.num_classes, last_cams, frozenset(vis_ids)
     )
-    workers = labels_workers(config, len(todo))
+    workers = min(labels_workers(config, len(todo)), len(todo))
     bar = tqdm(total=len(todo), desc="labels", unit="img", dynamic_ncols=True)
-    pool = (
-        multiprocessing.get_context("spawn").Pool(workers, _ignore_ctrl_c) if workers > 1 else None
-    )
     try:
-        for _ in pool.imap_unordered(job, todo, chunksize=8) if pool else map(job, todo):
-            bar.update()
-    except BaseException:
-        if pool is not None:  # an error or Ctrl-C: the queued images are dropped
-            pool.terminate()
-        raise
+        if workers <= 1:
+            for sample in todo:
+                job(sample)
+                bar.update()
+        else:
+            _in_workers(job, todo, workers, config.data.max_pixels, bar)
     finally:
         bar.close()
-        if pool is not None:
-            pool.close()
-            pool.join()
     metrics: dict[str, Any] = {
         "regions": config.labels.cams_dir or "mine/regions",  # relative to the run folder
         "saliency_source": config.saliency.source,
@@ -101,9 +100,40 @@ def run_labels(config: Config, out: Path) -> dict[str, Any]:
     return metrics
 
 
-def _ignore_ctrl_c() -> None:
-    """A labels worker leaves Ctrl-C to the main process, which ends the pool."""
+def _in_workers(
+    job: Callable[[Sample], None], todo: list[Sample], workers: int, max_pixels: int, bar: tqdm
+) -> None:
+    """`job` on every sample in a pool of `workers` spawned processes. On an error or Ctrl-C the
+    images not started are dropped and those started finish (no half-written file); a worker
+    that died is a one-line error."""
+    context = multiprocessing.get_context("spawn")
+    pool = ProcessPoolExecutor(workers, context, _worker_setup, (max_pixels,))
+    try:
+        for future in as_completed([pool.submit(job, sample) for sample in todo]):
+            future.result()  # a worker's UserError is raised here as it was
+            bar.update()
+    except BrokenProcessPool:
+        raise UserError(
+            "labels: a worker process died (out of memory?); run again to resume, with "
+            "labels.workers=1 to label in this process"
+        ) from None
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_setup(max_pixels: int) -> None:
+    """A labels worker: Ctrl-C left to the main process, one torch thread, and the command's
+    data.max_pixels (a spawned process starts from the default)."""
+    global _worker_pixel_limit
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    torch.set_num_threads(1)
+    # entered for the worker's whole life: kept referenced, or collecting it would restore the
+    # default
+    _worker_pixel_limit = pixel_limit(max_pixels)
+    _worker_pixel_limit.__enter__()
+
+
+_worker_pixel_limit: contextlib.AbstractContextManager | None = None
 
 
 def _label_image(
