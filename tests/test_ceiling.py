@@ -63,6 +63,10 @@ def test_no_fraction_is_printed_where_there_is_no_ceiling_to_measure_against():
         HEAD + "none; it scored other val images (2 images, 100 pixels; this run 2, 90)"
     )
     assert ceiling_line(_metrics(0.4, 0.4), _ceiling(0.0, 0.0)) == HEAD + "none; its val mIoU is 0"
+    assert ceiling_line(_metrics(0.4, 0.4), _ceiling(0.5, 0.3)).endswith(
+        "with CRF 1.33 (ceiling 0.300); above 1: the network trained on the masks is no ceiling "
+        "at this length (train it longer, or on more images)"
+    )
 
 
 def _fake_run(folder: Path, root: Path, metrics: dict, complete: bool = True) -> Path:

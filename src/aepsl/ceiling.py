@@ -139,4 +139,12 @@ def ceiling_line(metrics: dict[str, Any], ceiling: Ceiling) -> str:
     ]
     if not parts:
         return f"{head}: none; this run has no val mIoU"
-    return f"{head}: " + ", ".join(parts)
+    above = [f for f in fractions.values() if f is not None and f > 1]
+    # seen with 180 training images: the masks' network, as long, scored below the pseudo labels'
+    warning = (
+        "; above 1: the network trained on the masks is no ceiling at this length (train it "
+        "longer, or on more images)"
+        if above
+        else ""
+    )
+    return f"{head}: " + ", ".join(parts) + warning
