@@ -438,6 +438,8 @@ def paired(differences: list[float], beat: str, lost: str, neither: str) -> str:
     """A per-seed difference is a finding when it has the same sign in every seed and its mean
     is at least MIN_DIFFERENCE (one point)."""
     mean = sum(differences) / len(differences)
+    if len(differences) < 2:
+        return neither + " (one seed only)"
     if min(differences) > 0 and mean >= MIN_DIFFERENCE:
         return beat
     if max(differences) < 0 and mean <= -MIN_DIFFERENCE:
@@ -471,13 +473,16 @@ def verdicts(
                 lines.append(f"{variant}: healthy")
         sup = variants.get("sup", [])
         for variant, runs in variants.items():
+            if variant in ("gain", "sup"):
+                continue
             crf = [f for f in of_ceiling(runs, sup, "crf") if f is not None]
-            if variant not in ("gain", "sup") and crf:
+            if crf:
                 word = "reached" if min(crf) >= TARGET else "did NOT reach"
                 values = ", ".join(f"{f:.2f}" for f in crf)
+                above = "; above 1: sup is no ceiling here" if max(crf) > 1 else ""
                 lines.append(
                     f"{variant} {word} {TARGET:.2f} of the ceiling with CRF in every seed "
-                    f"(val mIoU with CRF / sup's per seed: {values})"
+                    f"(val mIoU with CRF / sup's per seed: {values}{above})"
                 )
         gains = variants.get("gain", [])
         got = [g for g in gains if g is not None]
