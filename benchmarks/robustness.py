@@ -439,7 +439,7 @@ def paired(differences: list[float], beat: str, lost: str, neither: str) -> str:
     is at least MIN_DIFFERENCE (one point)."""
     mean = sum(differences) / len(differences)
     if len(differences) < 2:
-        return neither + " (one seed only)"
+        return neither  # one seed is no finding
     if min(differences) > 0 and mean >= MIN_DIFFERENCE:
         return beat
     if max(differences) < 0 and mean <= -MIN_DIFFERENCE:
