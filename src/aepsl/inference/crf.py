@@ -15,10 +15,11 @@ This module imports torch only inside the torch functions, so pydensecrf's worke
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 import signal
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from multiprocessing.pool import Pool
 from typing import TYPE_CHECKING
 
@@ -146,11 +147,24 @@ def crf_labels_torch_job(
     return crf_labels_torch([image], [probs], "cpu", 1, params)[0]
 
 
+@contextlib.contextmanager
+def ctrl_c_ignored() -> Iterator[None]:
+    """SIGINT ignored in this process within the block, so that worker processes spawned in it
+    start ignoring it: a Ctrl-C while a worker is still importing, before its initializer runs,
+    printed that worker's traceback. The main process handles Ctrl-C again after the block."""
+    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
 def crf_pool(backend: str, workers: int) -> Pool:
     """A spawn Pool of `workers` CRF processes for `backend` (torch ones use one thread)."""
-    return multiprocessing.get_context("spawn").Pool(
-        workers, initializer=_worker_setup, initargs=(backend,)
-    )
+    with ctrl_c_ignored():  # Pool starts its processes here
+        return multiprocessing.get_context("spawn").Pool(
+            workers, initializer=_worker_setup, initargs=(backend,)
+        )
 
 
 def crf_job(backend: str, params: CrfParams) -> functools.partial:

@@ -38,6 +38,7 @@ from aepsl.errors import UserError
 from aepsl.evaluation import evaluate_folder
 from aepsl.external import check_pseudo_labels, image_cams
 from aepsl.health import check_folder
+from aepsl.inference.crf import ctrl_c_ignored
 from aepsl.io import (
     pixel_limit,
     read_gray_png,
@@ -109,7 +110,9 @@ def _in_workers(
     context = multiprocessing.get_context("spawn")
     pool = ProcessPoolExecutor(workers, context, _worker_setup, (max_pixels,))
     try:
-        for future in as_completed([pool.submit(job, sample) for sample in todo]):
+        with ctrl_c_ignored():  # the workers start on the first submissions
+            futures = [pool.submit(job, sample) for sample in todo]
+        for future in as_completed(futures):
             future.result()  # a worker's UserError is raised here as it was
             bar.update()
     except BrokenProcessPool:
