@@ -41,9 +41,6 @@ def test_unknown_key_in_file(tmp_path):
         load_config(path)
 
 
-EFFICIENTNET = ["model.backbone=efficientnet_lite0", "model.weights=none"]
-
-
 @pytest.mark.parametrize(
     "override, key",
     [
@@ -126,12 +123,6 @@ def test_auto_precision_follows_the_hardware(
     config = load_config(None, [f"precision={precision}", f"device={device}"])
     assert runtime.effective_precision(config) == expected
     assert training_settings(config, "mine")["precision"] == expected
-    # EfficientNet-Lite0's depthwise convolutions gain nothing from bf16 on a CPU
-    lite = load_config(None, [f"precision={precision}", f"device={device}", *EFFICIENTNET])
-    cpu = not (cuda and device == "auto")
-    assert runtime.effective_precision(lite) == (
-        "fp32" if cpu and precision == "auto" else expected
-    )
 
 
 @pytest.mark.parametrize(

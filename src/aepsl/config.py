@@ -531,9 +531,7 @@ class Config(Section):
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto",
         description="autocast dtype. `auto`: bf16 on a GPU that has it (else fp16) and on a CPU "
-        "with bf16 hardware (AVX-512 or AMX) for VGG16, ResNets and the tiny CNN, fp32 on other "
-        "CPUs and for EfficientNet-Lite0, whose depthwise convolutions trained 15% slower in "
-        "bf16 on Sapphire Rapids and no faster on Zen 4; on an AVX2-only CPU bf16 is "
+        "with bf16 hardware (AVX-512 or AMX), fp32 on other CPUs: on an AVX2-only CPU bf16 is "
         "emulated, and a bf16 matmul ran at 0.3 GFLOP/s against 79 in fp32 (2-core AMD EPYC). "
         "`bf16` runs on the CPU and CUDA, `fp16` needs CUDA (with a gradient scaler). "
         "RUN/config.yaml records what `auto` resolved to, under `runtime`",

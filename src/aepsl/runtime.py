@@ -374,16 +374,12 @@ def cpu_has_fast_bf16() -> bool:
 
 def effective_precision(config: Config) -> str:
     """`config.precision` with `auto` resolved for the device `config.device` selects: bf16 on a
-    GPU that has it (else fp16) and on a CPU with bf16 hardware for a backbone that gains from it,
-    fp32 on other CPUs."""
-    from aepsl.models.backbones import backbone_spec
-
+    GPU that has it (else fp16) and on a CPU with bf16 hardware, fp32 on other CPUs."""
     if config.precision != "auto":
         return config.precision
     if wants_cuda(config):
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    gains = backbone_spec(config.model.backbone).cpu_bf16
-    return "bf16" if cpu_has_fast_bf16() and gains else "fp32"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
 
 
 def check_precision(config: Config, device: torch.device) -> None:

@@ -230,9 +230,6 @@ class Backbone:
     # torchvision whole-model state dict -> seg_head's state dict, None when it has none
     # (VGG16: fc6/fc7 decimated, DeepLab-LargeFOV's initialisation); without it heads start random
     head_weights: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor] | None] | None = None
-    # precision=auto on a CPU with bf16 hardware autocasts to bf16 (False: fp32 there, for
-    # networks of depthwise convolutions, whose training steps bf16 made slower)
-    cpu_bf16: bool = True
 
     def stride(self, asked: int) -> int:
         """The output stride the backbone is built at when `asked` is (16 or 8): as asked,
@@ -291,9 +288,6 @@ REGISTRY: dict[str, Backbone] = {
         seg_head=dilated_head,
         seg_head_channels=1024,
         load_weights=load_features,
-        # training steps in bf16 against fp32, 2 threads: classifier 1.04 / 0.89 s, segmentation
-        # 0.62 / 0.53 s on Sapphire Rapids (AMX); no faster on Zen 4 (docs/measurements.md)
-        cpu_bf16=False,
     ),
 }
 
