@@ -19,7 +19,7 @@ from aepsl.config import Config
 from aepsl.errors import UserError
 from aepsl.health import ONE_CLASS
 from aepsl.io import read_json
-from aepsl.layout import training_settings
+from aepsl.layout import differences, training_settings
 
 SCORES = ("without_crf", "with_crf")
 
@@ -61,15 +61,13 @@ def read_ceiling(config: Config, out: Path | None = None) -> Ceiling | None:
     if not isinstance(settings, dict):
         raise UserError(f"{where}: its train manifest records no settings (an older aepsl); {fix}")
     ours = training_settings(config, "train")
-    for section in ("data", "model"):
-        theirs = settings.get(section) or {}
-        differ = [
-            f"{section}.{key}"
-            for key in sorted(set(theirs) | set(ours[section]))
-            if key != "root" and theirs.get(key) != ours[section].get(key)
-        ]
-        if differ:
-            raise UserError(f"{where} differs from this run in {', '.join(differ)}")
+    compared = ("data", "model")
+    changed = differences(
+        {s: _without_root(settings.get(s) or {}) for s in compared},
+        {s: _without_root(ours[s]) for s in compared},
+    )
+    if changed:
+        raise UserError(f"{where} differs from this run in {changed}")
     scores = {
         key: metrics.get(key) if isinstance(metrics.get(key), dict) else None for key in SCORES
     }
@@ -77,6 +75,11 @@ def read_ceiling(config: Config, out: Path | None = None) -> Ceiling | None:
         raise UserError(f"{where}: train/metrics.json holds no val mIoU; {fix}")
     collapsed = any(ONE_CLASS in w for w in metrics.get("warnings") or [])
     return Ceiling(run, scores, _labels_source(run), collapsed)
+
+
+def _without_root(section: dict[str, Any]) -> dict[str, Any]:
+    """A settings section less the data root: a path is written many ways."""
+    return {key: value for key, value in section.items() if key != "root"}
 
 
 def _labels_source(run: Path) -> str:

@@ -583,8 +583,9 @@ class Config(Section):
         description="a finished run folder of the same settings trained on this data's "
         "ground-truth masks (`aepsl run CONFIG labels.dir=DATA/masks --out SUP`): the val scores "
         "`aepsl run` and `aepsl train` print, and the report, also give this run's mIoU as a "
-        "fraction of that run's. It must have been scored on the same data and val split; a "
-        "collapsed one gives no fraction (docs/evaluation.md)",
+        "fraction of that run's. It must have this run's data and model settings (the data root "
+        "apart) and have scored the same val images; a collapsed one gives no fraction "
+        "(docs/evaluation.md)",
     )
 
 

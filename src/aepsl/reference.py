@@ -115,18 +115,10 @@ def _cell(text: str) -> str:
 
 def _row(key: str, field: FieldInfo) -> str:
     kind, element_bounds = _type(field.annotation)
-    notes = [
-        _interval(field.metadata),
-        _length(field.metadata, kind),
-        # a list's or tuple's elements carry the bounds ("each"); a number's own otherwise
-        (
-            f"each {_interval(element_bounds)}"
-            if kind.startswith(("list", "["))
-            else _interval(element_bounds)
-        )
-        if _interval(element_bounds)
-        else "",
-    ]
+    inner = _interval(element_bounds)
+    if inner and kind.startswith(("list", "[")):  # a list's or tuple's elements carry them
+        inner = f"each {inner}"
+    notes = [_interval(field.metadata), _length(field.metadata, kind), inner]
     kind = ", ".join([kind, *(n for n in notes if n)])
     kind = kind.replace("each (", "each in (").replace("each [", "each in [")
     default = _value(field.get_default(call_default_factory=True))
