@@ -133,9 +133,9 @@ def test_labels_workers_keep_the_commands_pixel_limit():
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from aepsl.labels.stage import _worker_setup
+    from aepsl.workers import worker_setup
 
     context = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(1, context, _worker_setup, (123,)) as pool:
+    with ProcessPoolExecutor(1, context, worker_setup, (True, 123)) as pool:
         limit = pool.submit(eval, "__import__('aepsl.io').io._max_pixels").result()
     assert limit == 123

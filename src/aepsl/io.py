@@ -305,15 +305,22 @@ def max_pixels() -> int:
     return _max_pixels
 
 
+def set_pixel_limit(limit: int) -> None:
+    """From now on, the readers here decode images of at most `limit` pixels (a worker process
+    takes its command's for its whole life; a command uses `pixel_limit`)."""
+    global _max_pixels
+    _max_pixels = int(limit)
+    # Pillow's own decompression-bomb limit must not be the tighter one.
+    Image.MAX_IMAGE_PIXELS = max(_max_pixels, _PILLOW_MAX_PIXELS)
+
+
 @contextmanager
 def pixel_limit(limit: int) -> Iterator[None]:
     """Within the block, the readers here decode images of at most `limit` pixels (a command's
     `data.max_pixels`); the limit before is restored after it."""
     global _max_pixels
     before, pillow_before = _max_pixels, Image.MAX_IMAGE_PIXELS
-    _max_pixels = int(limit)
-    # Pillow's own decompression-bomb limit must not be the tighter one.
-    Image.MAX_IMAGE_PIXELS = max(_max_pixels, _PILLOW_MAX_PIXELS)
+    set_pixel_limit(limit)
     try:
         yield
     finally:

@@ -15,11 +15,9 @@ This module imports torch only inside the torch functions, so pydensecrf's worke
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import multiprocessing
-import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from multiprocessing.pool import Pool
 from typing import TYPE_CHECKING
 
@@ -27,6 +25,7 @@ import numpy as np
 
 from aepsl.errors import UserError
 from aepsl.inference.crf_params import CrfParams
+from aepsl.workers import ctrl_c_ignored, worker_setup
 
 if TYPE_CHECKING:
     import torch
@@ -128,17 +127,6 @@ def crf_labels_torch(
     return labels
 
 
-def _worker_setup(backend: str) -> None:
-    """A CRF worker leaves Ctrl-C to the main process, which says it in one line and ends the
-    pool (otherwise every worker printed a KeyboardInterrupt traceback); torch workers use one
-    thread each."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    if backend == "torch":
-        import torch
-
-        torch.set_num_threads(1)
-
-
 def crf_labels_torch_job(
     job: tuple[np.ndarray, np.ndarray], params: CrfParams | None = None
 ) -> np.ndarray:
@@ -147,23 +135,11 @@ def crf_labels_torch_job(
     return crf_labels_torch([image], [probs], "cpu", 1, params)[0]
 
 
-@contextlib.contextmanager
-def ctrl_c_ignored() -> Iterator[None]:
-    """SIGINT ignored in this process within the block, so that worker processes spawned in it
-    start ignoring it: a Ctrl-C while a worker is still importing, before its initializer runs,
-    printed that worker's traceback. The main process handles Ctrl-C again after the block."""
-    before = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, before)
-
-
 def crf_pool(backend: str, workers: int) -> Pool:
     """A spawn Pool of `workers` CRF processes for `backend` (torch ones use one thread)."""
     with ctrl_c_ignored():  # Pool starts its processes here
         return multiprocessing.get_context("spawn").Pool(
-            workers, initializer=_worker_setup, initargs=(backend,)
+            workers, initializer=worker_setup, initargs=(backend == "torch",)
         )
 
 

@@ -11,10 +11,8 @@ labels is checked and scored, and `train` reads it.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import multiprocessing
-import signal
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
@@ -38,9 +36,7 @@ from aepsl.errors import UserError
 from aepsl.evaluation import evaluate_folder
 from aepsl.external import check_pseudo_labels, image_cams
 from aepsl.health import check_folder
-from aepsl.inference.crf import ctrl_c_ignored
 from aepsl.io import (
-    pixel_limit,
     read_gray_png,
     read_index_png,
     read_json,
@@ -54,6 +50,7 @@ from aepsl.labels.saliency import mbd_saliency
 from aepsl.layout import RunLayout, claim_folder, saliency_cache_digest
 from aepsl.regions import cams_to_regions
 from aepsl.runtime import labels_workers
+from aepsl.workers import ctrl_c_ignored, worker_setup
 
 
 def run_labels(config: Config, out: Path) -> dict[str, Any]:
@@ -73,9 +70,7 @@ def run_labels(config: Config, out: Path) -> dict[str, Any]:
     vis_ids = {s.id for s in train[: config.labels.visualise]}
     # written before an interruption with these settings: kept (overlays are redone)
     todo = [s for s in train if s.id in vis_ids or not run.pseudo_label(s.id).is_file()]
-    job = functools.partial(
-        _label_image, config, out, data.num_classes, last_cams, frozenset(vis_ids)
-    )
+    job = functools.partial(_label_image, run, data.num_classes, last_cams, frozenset(vis_ids))
     workers = min(labels_workers(config, len(todo)), len(todo))
     bar = tqdm(total=len(todo), desc="labels", unit="img", dynamic_ncols=True)
     try:
@@ -108,7 +103,7 @@ def _in_workers(
     images not started are dropped and those started finish (no half-written file); a worker
     that died is a one-line error."""
     context = multiprocessing.get_context("spawn")
-    pool = ProcessPoolExecutor(workers, context, _worker_setup, (max_pixels,))
+    pool = ProcessPoolExecutor(workers, context, worker_setup, (True, max_pixels))
     try:
         with ctrl_c_ignored():  # the workers start on the first submissions
             futures = [pool.submit(job, sample) for sample in todo]
@@ -124,31 +119,15 @@ def _in_workers(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _worker_setup(max_pixels: int) -> None:
-    """A labels worker: Ctrl-C left to the main process, one torch thread, and the command's
-    data.max_pixels (a spawned process starts from the default)."""
-    global _worker_pixel_limit
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    torch.set_num_threads(1)
-    # entered for the worker's whole life: kept referenced, or collecting it would restore the
-    # default
-    _worker_pixel_limit = pixel_limit(max_pixels)
-    _worker_pixel_limit.__enter__()
-
-
-_worker_pixel_limit: contextlib.AbstractContextManager | None = None
-
-
 def _label_image(
-    config: Config,
-    out: Path,
+    run: RunLayout,
     num_classes: int,
     last_cams: Path | None,
     vis_ids: frozenset[str],
     sample: Sample,
 ) -> None:
     """One image's pseudo label (and overlay): its regions fused with its background."""
-    run = RunLayout(out, config)
+    config = run.config
     path = run.union_region(sample.id)
     if not config.labels.cams_dir and not path.is_file():
         raise UserError(f"{path}: mined regions missing; run `aepsl mine` with this --out first")
