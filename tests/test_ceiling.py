@@ -114,6 +114,15 @@ def test_read_ceiling_checks_the_run_it_names(tmp_path):
         read_ceiling(_config(root, unfinished), tmp_path / "run")
     collapsed = _fake_run(tmp_path / "collapsed", root, _metrics(0.1, 0.1, [f"x: {ONE_CLASS}"]))
     assert read_ceiling(_config(root, collapsed), tmp_path / "run").collapsed
+    hostile = _fake_run(tmp_path / "hostile", root, _metrics(0.5, 0.6))
+    metrics = _metrics(0.5, 0.6) | {"warnings": [3, None]}
+    metrics["with_crf"]["mIoU"] = "0.6"
+    (hostile / "train" / "metrics.json").write_text(json.dumps(metrics))
+    with pytest.raises(UserError, match="with_crf mIoU is not a number"):
+        read_ceiling(_config(root, hostile), tmp_path / "run")
+    metrics["with_crf"]["mIoU"] = 0.6
+    (hostile / "train" / "metrics.json").write_text(json.dumps(metrics))
+    assert not read_ceiling(_config(root, hostile), tmp_path / "run").collapsed
     old = _fake_run(tmp_path / "old", root, _metrics(0.5, 0.6))
     (old / "train" / "manifest.json").write_text(json.dumps({"complete": True}))
     with pytest.raises(UserError, match="records no settings"):

@@ -71,9 +71,16 @@ def read_ceiling(config: Config, out: Path | None = None) -> Ceiling | None:
     scores = {
         key: metrics.get(key) if isinstance(metrics.get(key), dict) else None for key in SCORES
     }
+    for key, score in scores.items():
+        miou = (score or {}).get("mIoU")
+        if miou is not None and (isinstance(miou, bool) or not isinstance(miou, int | float)):
+            raise UserError(f"{where}: train/metrics.json: {key} mIoU is not a number; {fix}")
     if (scores["without_crf"] or {}).get("mIoU") is None:
         raise UserError(f"{where}: train/metrics.json holds no val mIoU; {fix}")
-    collapsed = any(ONE_CLASS in w for w in metrics.get("warnings") or [])
+    warnings = metrics.get("warnings")
+    collapsed = isinstance(warnings, list) and any(
+        isinstance(w, str) and ONE_CLASS in w for w in warnings
+    )
     return Ceiling(run, scores, _labels_source(run), collapsed)
 
 
