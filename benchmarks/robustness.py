@@ -18,10 +18,12 @@ and the method's) and runs `aepsl run` into OUT/<cell>/seed<s>/<variant>:
   (`labels.dir=DATA/masks`: no mining, no pseudo labels; same network, crops, schedule and
   length as after). Every other variant's val mIoU is also given as a fraction of sup's, per
   seed (the columns /sup);
-- steps1 / round2 (--levers), each built on a finished after: steps1 the pseudo labels from
-  after's step-1 CAMs alone (`labels.cams_dir`: one erasing step, no mining again); round2 the
-  network retrained on after's CRF-refined predictions of the training images, classes the
-  image is not tagged with unlabelled (`aepsl predict --split train --crf`, then labels.dir);
+- steps1 / round2 / crfrefine / crffill (--levers), each built on a finished after: steps1 the
+  pseudo labels from after's step-1 CAMs alone (`labels.cams_dir`: one erasing step, no mining
+  again); round2 the network retrained on after's CRF-refined predictions of the training
+  images, classes the image is not tagged with unlabelled (`aepsl predict --split train
+  --crf`, then labels.dir); crfrefine / crffill after's mine/ (copied) with a dense CRF on the
+  pseudo labels (`labels.crf=refine` / `fill`);
 - psl / nopsl: (--psl-ablation) `after` with `train.psl` the other way round: `psl` (PSL on)
   when the preset trains on the pseudo labels alone, as own_data.yaml does, `nopsl` (the pseudo
   labels alone) when it trains with PSL; it reuses after's mine/ and labels/ (copied), so only
@@ -44,9 +46,9 @@ difference of two seeds (mean ± half the range with more). Below it, per cell, 
   (linear between neighbouring thresholds) is compared with the union's recall. Erasing beat
   the threshold when the union's recall is higher in every seed and by a point (0.01) or more
   on average; lost, the reverse; else no clear difference.
-- PSL vs pseudo labels alone (with --psl-ablation), 3 erasing steps vs 1 and a second round vs
-  one (with --levers): val mIoU with CRF of one run minus the other's, per seed, called the
-  same way.
+- PSL vs pseudo labels alone (with --psl-ablation), 3 erasing steps vs 1, a second round vs
+  one and the CRF on the pseudo labels vs none (with --levers): val mIoU with CRF of one run
+  minus the other's, per seed, called the same way.
 - collapse: a run whose val mIoU without CRF is at most the all-background score + 0.01 (every
   pixel predicted background, scored the same way), or whose val predictions give one class
   95% of the pixels (the health warning of that name).
@@ -127,7 +129,8 @@ def ints(text: str) -> list[int]:
 
 
 PSL_RUNS = ("psl", "nopsl")
-LEVERS = ("steps1", "round2")  # --levers: variants built on a finished after
+LEVERS = ("steps1", "round2", "crfrefine", "crffill")  # --levers: built on a finished after
+LABEL_CRF = {"crfrefine": "refine", "crffill": "fill"}  # after's regions, labels.crf set
 ROUND2_LABELS = "round2_labels"  # the PSL ablation's run, named after its train.psl
 
 
@@ -159,6 +162,8 @@ def variant_overrides(variant: str, scale: float, preset: Config, data: Path) ->
             "train.psl=true",  # the old own-data preset trained with PSL
         ]
     after = [*common, f"mine.min_positives={round(mine.min_positives * scale)}", *train_length]
+    if variant in LABEL_CRF:  # after's mine/ (copied, same settings), then labels with a CRF
+        return [*after, f"labels.crf={LABEL_CRF[variant]}"]
     return after + ([f"train.psl={str(variant == 'psl').lower()}"] if variant in PSL_RUNS else [])
 
 
@@ -266,12 +271,13 @@ def round2_labels(base: Path, data: Path, overrides: list[str]) -> None:
     (labels / "done").write_text("")
 
 
-def copy_stages(src: Path, dst: Path) -> None:
-    """The PSL ablation starts from after's mine/ and labels/ (same settings hash: skipped),
-    once after has finished: a copy of stages still being written would resume them there."""
+def copy_stages(src: Path, dst: Path, stages: tuple[str, ...] = ("mine", "labels")) -> None:
+    """The PSL ablation starts from after's mine/ and labels/ (same settings hash: skipped), the
+    CRF levers from its mine/ and saliency cache, once after has finished: a copy of stages
+    still being written would resume them there."""
     if not (src / "train" / "metrics.json").is_file():
         return
-    for stage in ("mine", "labels"):
+    for stage in stages:
         if (src / stage).is_dir() and not (dst / stage).exists():
             shutil.copytree(src / stage, dst / stage)
 
@@ -500,6 +506,8 @@ def verdicts(
             (psl_pair, "PSL", "the pseudo labels alone"),
             (("after", "steps1"), "3 erasing steps", "1 step"),
             (("round2", "after"), "a second round", "one round"),
+            (("crfrefine", "after"), "the CRF on the pseudo labels (refine)", "none"),
+            (("crffill", "after"), "the CRF on the pseudo labels (fill)", "none"),
         )
         for (first, second), name, other in comparisons:
             # paired by seed: a seed either run lacks is left out
@@ -545,8 +553,14 @@ def main() -> None:
     parser.add_argument(
         "--levers",
         action="store_true",
-        help="also steps1 (pseudo labels from after's step-1 CAMs: one erasing step) and round2 "
-        "(retrained on after's CRF-refined predictions of the training images)",
+        help="also steps1 (pseudo labels from after's step-1 CAMs: one erasing step), round2 "
+        "(retrained on after's CRF-refined predictions of the training images), crfrefine and "
+        "crffill (after's regions, labels.crf=refine / fill)",
+    )
+    parser.add_argument(
+        "--only",
+        help="run and show only these of the variants the other options name, e.g. sup (the "
+        "ceiling of cells whose other variants ran in an earlier pass)",
     )
     parser.add_argument("--threads", type=int, help="OMP_NUM_THREADS of each run")
     parser.add_argument("--table-only", action="store_true", help="print finished cells only")
@@ -580,6 +594,11 @@ def main() -> None:
     )
     variants += [ablation] if args.psl_ablation else []
     variants += list(LEVERS) if args.levers else []
+    if args.only:
+        only = args.only.split(",")
+        if unknown := set(only) - set(variants):
+            raise SystemExit(f"--only: {sorted(unknown)} not among this grid's {variants}")
+        variants = [v for v in variants if v in only]
     print(
         f"preset {PRESET.name}; {len(cells)} cell(s) x seeds {seeds} x {variants}; "
         f"n=max({args.n}, {args.images_per_class} x classes); lengths x{args.epochs_scale:g}: "
@@ -600,6 +619,8 @@ def main() -> None:
                 run = base / variant
                 if variant == ablation and not args.table_only:  # --table-only writes nothing
                     copy_stages(base / "after", run)
+                if variant in LABEL_CRF and not args.table_only:
+                    copy_stages(base / "after", run, ("mine", "saliency"))
                 overrides = [f"seed={seed}"]
                 overrides += variant_overrides(variant, args.epochs_scale, preset, data)
                 after_done = (base / "after" / "train" / "metrics.json").is_file()

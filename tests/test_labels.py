@@ -9,7 +9,13 @@ from helpers import DEMO
 
 from aepsl.cli import main
 from aepsl.io import read_index_png, write_index_png
-from aepsl.labels.fusion import background_from_cams, background_from_saliency, fuse_pseudo_label
+from aepsl.labels.fusion import (
+    background_from_cams,
+    background_from_saliency,
+    fuse_pseudo_label,
+    label_probabilities,
+    merge_crf_label,
+)
 
 # One pixel per case: mined, conflict, unmined low saliency, unmined high saliency,
 # mined with low saliency, conflict with low saliency.
@@ -36,6 +42,58 @@ def test_background_sources():
     cams = np.array([[[0.1, 0.5, 0.0]], [[0.1, 0.0, 0.3]]])
     assert background_from_cams(cams, 0.2).tolist() == [[True, False, False]]
     assert background_from_cams(np.zeros((0, 1, 3)), 0.2).all()
+
+
+def test_label_probabilities():
+    """Labelled pixels: `confidence` on their class, the rest shared; unlabelled: uniform."""
+    labels = np.array([[0, 4, 255]], np.uint8)
+    probs = label_probabilities(labels, [0, 2, 4], 0.7)
+    assert probs.shape == (3, 1, 3) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs[:, 0, 0], [0.7, 0.15, 0.15])
+    np.testing.assert_allclose(probs[:, 0, 1], [0.15, 0.15, 0.7])
+    np.testing.assert_allclose(probs[:, 0, 2], [1 / 3] * 3)
+    np.testing.assert_allclose(probs.sum(0), 1, rtol=1e-6)
+    assert label_probabilities(labels[:, [0, 2]], [0], 0.7).shape == (1, 1, 2)
+    with pytest.raises(ValueError, match=r"\[4\] are not among"):
+        label_probabilities(labels, [0, 2], 0.7)
+    with pytest.raises(ValueError, match="confidence"):
+        label_probabilities(labels, [0, 4], 1.0)
+
+
+def test_merge_crf_label():
+    labels = np.array([[0, 4, 255, 255]], np.uint8)
+    index = np.array([[1, 0, 1, 0]])  # into classes [0, 4]
+    assert merge_crf_label(labels, index, [0, 4], fill=False).tolist() == [[4, 0, 255, 255]]
+    assert merge_crf_label(labels, index, [0, 4], fill=True).tolist() == [[4, 0, 4, 0]]
+
+
+def test_labels_crf_moves_edges_to_the_image(tmp_path):
+    """A square object whose pseudo label is a band too wide, with an unlabelled ring: the CRF
+    on the label pulls the edge back to the image's and `fill` labels the ring."""
+    from aepsl.config import load_config
+    from aepsl.data.types import Sample
+    from aepsl.io import write_png
+    from aepsl.labels.stage import _crf_label
+
+    image = np.full((48, 48, 3), 30, np.uint8)
+    image[12:36, 12:36] = 220
+    write_png(tmp_path / "im.png", image)
+    truth = np.zeros((48, 48), np.uint8)
+    truth[12:36, 12:36] = 3
+    label = np.zeros((48, 48), np.uint8)
+    label[10:38, 10:38] = 255  # unsure ring
+    label[14:34, 8:34] = 3  # too far left by 4 columns
+    sample = Sample("im", tmp_path / "im.png", (3,))
+    for mode in ("refine", "fill"):
+        config = load_config(DEMO, [f"labels.crf={mode}", "data.root=."])
+        out = _crf_label(config, sample, label)
+        labelled = label != 255
+        wrong_before = (label[labelled] != truth[labelled]).sum()
+        assert (out[labelled] != truth[labelled]).sum() < wrong_before / 4
+        if mode == "refine":
+            assert (out[~labelled] == 255).all()
+        else:
+            assert 255 not in out and (out != truth).mean() < 0.02
 
 
 def _fake_mine(root: Path, out: Path) -> None:
@@ -139,3 +197,22 @@ def test_labels_workers_keep_the_commands_pixel_limit():
     with ProcessPoolExecutor(1, context, worker_setup, (True, 123)) as pool:
         limit = pool.submit(eval, "__import__('aepsl.io').io._max_pixels").result()
     assert limit == 123
+
+
+def test_labels_stage_with_crf(folder_dataset, tmp_path):
+    """labels.crf=fill through the command: every pixel labelled, with the image's tags only,
+    recorded in metrics.json; the setting is in the labels' settings hash only when set."""
+    from aepsl.config import load_config
+    from aepsl.layout import stage_digests, stage_settings
+
+    out = tmp_path / "run"
+    _fake_mine(folder_dataset, out)
+    argv = ["labels", DEMO, f"data.root={folder_dataset}", "labels.crf=fill", "labels.workers=2"]
+    assert main([*argv, "--out", str(out)]) == 0
+    assert json.loads((out / "labels" / "metrics.json").read_text())["crf"] == "fill"
+    label = read_index_png(out / "labels" / "img2.png")
+    assert 255 not in label and set(np.unique(label).tolist()) <= {0, 1, 2}
+    modes = ("none", "refine", "fill")
+    configs = {c: load_config(DEMO, ["data.root=.", f"labels.crf={c}"]) for c in modes}
+    assert len({stage_digests(c)["labels"] for c in configs.values()}) == 3
+    assert "crf" not in stage_settings(configs["none"])["labels"]["labels"]

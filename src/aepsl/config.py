@@ -327,6 +327,20 @@ class LabelsConfig(Section):
         description="saliency.source=none: background where every present class's last-step "
         "CAM is below this",
     )
+    crf: Literal["none", "refine", "fill"] = Field(
+        "none",
+        description="a dense CRF (the `crf` section's kernels) on each pseudo label, its unary "
+        "from the label (labels.crf_confidence; unlabelled pixels: every class alike) over the "
+        "background and the image's tags: `refine`, labelled pixels take the CRF's class, "
+        "unlabelled stay so; `fill`, every pixel takes it. Not in the paper "
+        "(docs/robustness.md)",
+    )
+    crf_confidence: float = Field(
+        0.7,
+        gt=0,
+        lt=1,
+        description="labels.crf: the probability a labelled pixel gives its class (IRN's 0.7)",
+    )
     visualise: int = Field(8, ge=0, description="overlays written to labels/vis/")
     workers: Processes = Field(
         "auto",

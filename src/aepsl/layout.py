@@ -104,7 +104,11 @@ def stage_settings(config: Config) -> dict[str, dict[str, Any]]:
     if config.mine.step1_cams:  # CAMs made elsewhere: their files' names, sizes and mtimes
         mine_settings["step1_cams"] = folder_digest(config.mine.step1_cams, CAM_SUFFIXES)
     mine = settings_digest(mine_settings)
-    labels_settings = config.labels.model_dump(exclude={"visualise", "workers", "dir", "cams_dir"})
+    unhashed = {"visualise", "workers", "dir", "cams_dir"}
+    unhashed |= {"crf", "crf_confidence"} if config.labels.crf == "none" else set()  # added later
+    labels_settings = config.labels.model_dump(exclude=unhashed)
+    if config.labels.crf != "none":  # the CRF's kernels shape the labels too
+        labels_settings["crf_kernels"] = config.crf.model_dump(exclude={"workers", "backend"})
     labels: dict[str, Any]
     if config.labels.dir:  # pseudo labels made elsewhere: nothing of ours goes into them
         labels = {"labels_dir": folder_digest(config.labels.dir, (".png",))}

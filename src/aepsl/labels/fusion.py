@@ -4,10 +4,14 @@ Rules: a pixel mined for one class c gets c; a conflict (mined for two classes) 
 an unmined pixel whose saliency is below the background threshold is background; all else is
 ignored (255). When a mined pixel has low saliency the paper does not say who wins:
 `low_saliency="mined"` (default) keeps the class, `"background"` makes it background.
+
+Optionally (`labels.crf`, not in the paper) a dense CRF then moves the label's edges to the
+image's: `label_probabilities` is its unary, `merge_crf_label` what is kept of its answer.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 import numpy as np
@@ -47,3 +51,35 @@ def background_from_cams(cams: np.ndarray, threshold: float) -> np.ndarray:
     if len(cams) == 0:
         return np.ones(cams.shape[-2:], bool)
     return (cams < threshold).all(axis=0)
+
+
+def label_probabilities(
+    labels: np.ndarray, classes: Sequence[int], confidence: float
+) -> np.ndarray:
+    """A dense CRF's (K, H, W) float32 probabilities from a pseudo label, over `classes` (the
+    background and the image's tags, in that order): a labelled pixel gives its class
+    `confidence` and the K - 1 others an equal share of the rest; an unlabelled one (255) gives
+    every class 1 / K, so its label comes from its neighbours."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence {confidence} is not in (0, 1)")
+    stray = np.setdiff1d(np.unique(labels), [*classes, IGNORE])
+    if stray.size:
+        raise ValueError(f"label values {stray.tolist()} are not among classes {list(classes)}")
+    k = len(classes)
+    if k < 2:  # one class: nothing to decide
+        return np.ones((1, *labels.shape), np.float32)
+    other = (1 - confidence) / (k - 1)
+    probs = np.full((k, *labels.shape), other, np.float32)
+    for index, value in enumerate(classes):
+        probs[index][labels == value] = confidence
+    probs[:, labels == IGNORE] = 1 / k
+    return probs
+
+
+def merge_crf_label(
+    labels: np.ndarray, crf_index: np.ndarray, classes: Sequence[int], fill: bool
+) -> np.ndarray:
+    """The pseudo label after the CRF: `crf_index` (H, W) indexes `classes`. Every labelled pixel
+    takes the CRF's class; an unlabelled one stays unlabelled, or with `fill` takes it too."""
+    refined = np.asarray(classes, np.uint8)[crf_index]
+    return refined if fill else np.where(labels == IGNORE, IGNORE, refined).astype(np.uint8)

@@ -36,6 +36,8 @@ from aepsl.errors import UserError
 from aepsl.evaluation import evaluate_folder
 from aepsl.external import check_pseudo_labels, image_cams
 from aepsl.health import check_folder
+from aepsl.inference.crf_params import CrfParams
+from aepsl.inference.meanfield import mean_field_labels
 from aepsl.io import (
     read_gray_png,
     read_index_png,
@@ -45,7 +47,13 @@ from aepsl.io import (
     write_png,
 )
 from aepsl.labelmap import colourise
-from aepsl.labels.fusion import background_from_cams, background_from_saliency, fuse_pseudo_label
+from aepsl.labels.fusion import (
+    background_from_cams,
+    background_from_saliency,
+    fuse_pseudo_label,
+    label_probabilities,
+    merge_crf_label,
+)
 from aepsl.labels.saliency import mbd_saliency
 from aepsl.layout import RunLayout, claim_folder, saliency_cache_digest
 from aepsl.regions import cams_to_regions
@@ -87,6 +95,7 @@ def run_labels(config: Config, out: Path) -> dict[str, Any]:
         "saliency_source": config.saliency.source,
         "bg_threshold": config.labels.bg_threshold,
         "low_saliency": config.labels.low_saliency,
+        "crf": config.labels.crf,
     }
     metrics.update(_scores(run.labels, train, data, config))
     write_json(run.labels_metrics, metrics)
@@ -147,9 +156,23 @@ def _label_image(
         cams = image_cams(last_cams, sample, num_classes, regions.shape)
     background, saliency = _background(config, sample, regions.shape, run, cams)
     labels = fuse_pseudo_label(regions, background, config.labels.low_saliency)
+    if config.labels.crf != "none":
+        labels = _crf_label(config, sample, labels)
     write_index_png(run.pseudo_label(sample.id), labels)
     if sample.id in vis_ids:
         write_png(run.labels_vis / f"{sample.id}.png", _overlay(sample, saliency, labels))
+
+
+def _crf_label(config: Config, sample: Sample, labels: np.ndarray) -> np.ndarray:
+    """labels.crf: the pseudo label's edges moved to the image's by a dense CRF over the
+    background and the image's tags (the torch mean field, in this process)."""
+    classes = [0, *sorted(sample.labels)]
+    probs = label_probabilities(labels, classes, config.labels.crf_confidence)
+    if len(classes) < 2:
+        return labels
+    image = load_image(sample)
+    (index,) = mean_field_labels([image], [probs], CrfParams.from_config(config.crf), "cpu")
+    return merge_crf_label(labels, index.numpy(), classes, config.labels.crf == "fill")
 
 
 def _score_line(metrics: dict[str, Any]) -> str:

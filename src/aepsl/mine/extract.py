@@ -100,6 +100,22 @@ def compute_cams(
     return _summed(_class_map_passes(model, images, config, device), images.shape[-2:])
 
 
+def compute_cams_of(
+    model: CamClassifier, images: list[torch.Tensor], config: Config, device: torch.device
+) -> list[torch.Tensor]:
+    """compute_cams of (3, H, W) images of any sizes, one batch per size; (C, H, W) each, in
+    the order given."""
+    by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for row, image in enumerate(images):
+        by_size[tuple(image.shape)].append(row)
+    cams: list[torch.Tensor] = [torch.empty(0)] * len(images)
+    for rows in by_size.values():
+        batch = compute_cams(model, torch.stack([images[r] for r in rows]), config, device)
+        for row, cam in zip(rows, batch, strict=True):
+            cams[row] = cam
+    return cams
+
+
 @torch.no_grad()
 def compute_cams_strided(
     model: CamClassifier, images: torch.Tensor, config: Config, device: torch.device

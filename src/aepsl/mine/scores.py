@@ -22,7 +22,7 @@ from aepsl.external import image_cams
 from aepsl.io import read_index_png
 from aepsl.mine.context import MineContext
 from aepsl.mine.data import ErasedImages
-from aepsl.mine.extract import compute_cams, erased_loader, same_size_batches, union_of_steps
+from aepsl.mine.extract import compute_cams_of, erased_loader, same_size_batches, union_of_steps
 from aepsl.mine.train import load_step_classifiers
 from aepsl.models.classifier import CamClassifier
 from aepsl.runtime import (
@@ -116,23 +116,35 @@ def seed_scores(ctx: MineContext, steps: list[int]) -> dict[str, Any] | None:
     labels = data.num_classes + 1
     totals = np.zeros((len(names), len(SEED_THRESHOLDS), labels, labels), np.int64)
     mine = list(range(len(train)))[rank() :: world_size()]
-    for index in tqdm(mine, desc="seed mIoU", unit="img", leave=False, disable=not is_main()):
-        sample = train[index]
-        keys = list(sample.labels)
-        union = None
-        for row, number in enumerate(steps):
-            image = views[number][index][0][None]
-            if number not in models:  # step 1 from mine.step1_cams
-                shape = tuple(image.shape[-2:])
-                external = config.mine.step1_cams
-                own = torch.from_numpy(image_cams(external, sample, data.num_classes, shape))
-            else:
-                cams = compute_cams(models[number], image, config, ctx.device)
-                own = cams[0][[k - 1 for k in keys]]
-            union = own if union is None else torch.maximum(union, own)
-            target = load_mask(sample, tuple(own.shape[-2:]), data.num_classes)
-            totals[row] += seed_confusions(own.numpy(), keys, target, SEED_THRESHOLDS, labels - 1)
-        totals[-1] += seed_confusions(union.numpy(), keys, target, SEED_THRESHOLDS, labels - 1)
+    batch = config.mine.batch_size  # the CAMs of this many images per forward pass and step
+    bar = tqdm(total=len(mine), desc="seed mIoU", unit="img", leave=False, disable=not is_main())
+    for start in range(0, len(mine), batch):
+        chunk = mine[start : start + batch]
+        images = {number: [views[number][index][0] for index in chunk] for number in steps}
+        cams = {
+            number: compute_cams_of(models[number], images[number], config, ctx.device)
+            for number in steps
+            if number in models  # step 1 from mine.step1_cams has none
+        }
+        for row_in_chunk, index in enumerate(chunk):
+            sample = train[index]
+            keys = list(sample.labels)
+            union = None
+            for row, number in enumerate(steps):
+                if number in cams:
+                    own = cams[number][row_in_chunk][[k - 1 for k in keys]]
+                else:
+                    shape = tuple(images[number][row_in_chunk].shape[-2:])
+                    external = config.mine.step1_cams
+                    own = torch.from_numpy(image_cams(external, sample, data.num_classes, shape))
+                union = own if union is None else torch.maximum(union, own)
+                target = load_mask(sample, tuple(own.shape[-2:]), data.num_classes)
+                totals[row] += seed_confusions(
+                    own.numpy(), keys, target, SEED_THRESHOLDS, labels - 1
+                )
+            totals[-1] += seed_confusions(union.numpy(), keys, target, SEED_THRESHOLDS, labels - 1)
+            bar.update()
+    bar.close()
     totals = all_reduce_sum(torch.from_numpy(totals)).numpy()
     result = {name: seed_miou_curve(totals[row], SEED_THRESHOLDS) for row, name in enumerate(names)}
     print(

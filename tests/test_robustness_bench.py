@@ -1,0 +1,42 @@
+"""benchmarks/robustness.py: each variant's `aepsl run` overrides, so that a lever built on a
+finished `after` reuses its mining (same settings hash) and changes only what it names."""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+from aepsl.config import load_config
+from aepsl.layout import stage_digests
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "robustness.py"
+spec = importlib.util.spec_from_file_location("robustness", SCRIPT)
+robustness = importlib.util.module_from_spec(spec)
+sys.modules["robustness"] = robustness  # its dataclasses look their module up
+spec.loader.exec_module(robustness)
+
+
+def _digests(variant: str, data: Path) -> dict[str, str]:
+    preset = load_config(robustness.PRESET, ["data.root=."])
+    overrides = robustness.variant_overrides(variant, 1.0, preset, data)
+    return stage_digests(load_config(robustness.PRESET, [f"data.root={data}", *overrides]))
+
+
+def test_label_crf_levers_reuse_afters_mining(tmp_path):
+    after = _digests("after", tmp_path)
+    for variant, mode in robustness.LABEL_CRF.items():
+        lever = _digests(variant, tmp_path)
+        assert lever["mine"] == after["mine"], variant  # the copied mine/ is skipped
+        assert lever["labels"] != after["labels"], variant
+        preset = load_config(robustness.PRESET, ["data.root=."])
+        assert f"labels.crf={mode}" in robustness.variant_overrides(variant, 1.0, preset, tmp_path)
+
+
+def test_only_names_variants_of_the_grid(tmp_path):
+    argv = [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--only", "crffill", "--quick"]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0
+    assert "--only: ['crffill'] not among this grid's ['sup', 'after', 'before']" in result.stderr
+    assert not any(tmp_path.iterdir())  # refused before any data was made
