@@ -202,6 +202,11 @@ def test_config_value_that_would_fail_later(capsys, tmp_path, data, override, me
             "labels) or labels.cams_dir, not both (got 'cams')",
         ),
         (
+            ["labels.crf=fill", "labels.dir=theirs"],
+            "command line: config key 'labels.dir': labels.crf refines the pseudo labels aepsl "
+            "builds; with labels.dir none are built: set labels.crf=none (got 'theirs')",
+        ),
+        (
             ["mine.step1_cams="],
             "command line: config key 'mine.step1_cams': must not be empty (a folder of CAMs, or "
             "null) (got '')",
@@ -221,7 +226,7 @@ def test_config_value_that_would_fail_later(capsys, tmp_path, data, override, me
             "'png')",
         ),
     ],
-    ids=["both", "empty-step1-cams", "empty-dir", "empty-cams-dir", "cam-format"],
+    ids=["both", "crf-on-theirs", "empty-step1-cams", "empty-dir", "empty-cams-dir", "cam-format"],
 )
 def test_external_settings(capsys, tmp_path, data, overrides, message):
     argv = ["data-info", DEMO, f"data.root={data}", *overrides, "--check"]

@@ -368,6 +368,12 @@ class LabelsConfig(Section):
     def _folder_not_empty(cls, path: str | None, info: ValidationInfo) -> str | None:
         if path is not None and not path.strip():
             raise PydanticCustomError("empty", "must not be empty (a folder, or null)")
+        if info.field_name == "dir" and path is not None and info.data.get("crf") != "none":
+            raise PydanticCustomError(
+                "crf",
+                "labels.crf refines the pseudo labels aepsl builds; with labels.dir none "
+                "are built: set labels.crf=none",
+            )
         if info.field_name == "cams_dir" and path is not None and info.data.get("dir"):
             raise PydanticCustomError(
                 "both", "give labels.dir (finished pseudo labels) or labels.cams_dir, not both"
