@@ -216,3 +216,31 @@ def test_labels_stage_with_crf(folder_dataset, tmp_path):
     configs = {c: load_config(DEMO, ["data.root=.", f"labels.crf={c}"]) for c in modes}
     assert len({stage_digests(c)["labels"] for c in configs.values()}) == 3
     assert "crf" not in stage_settings(configs["none"])["labels"]["labels"]
+
+
+@pytest.mark.parametrize("fault", ["size", "tags"])
+def test_regions_that_do_not_fit_their_image_are_one_line(folder_dataset, tmp_path, capsys, fault):
+    """Stale mined regions (another size, or a class the image is no longer tagged with) stop
+    the stage with a line naming the file, with or without the CRF."""
+    out = tmp_path / "run"
+    _fake_mine(folder_dataset, out)
+    path = out / "mine" / "regions" / "img2.png"
+    regions = read_index_png(path)
+    bad = regions[:-2] if fault == "size" else np.where(regions == 0, 7, regions)  # no tag 7
+    write_index_png(path, bad.astype(np.uint8))
+    argv = ["labels", DEMO, f"data.root={folder_dataset}", "labels.workers=1", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    why = "mined regions are" if fault == "size" else "that the image is not tagged with"
+    assert err.startswith(f"aepsl labels: error: {path}: ") and why in err
+
+
+def test_labels_crf_leaves_an_unlabelled_image_unlabelled(tmp_path):
+    from aepsl.config import load_config
+    from aepsl.data.types import Sample
+    from aepsl.labels.stage import _crf_label
+
+    config = load_config(DEMO, ["labels.crf=fill", "data.root=."])
+    label = np.full((8, 8), 255, np.uint8)
+    sample = Sample("x", tmp_path / "missing.png", (1,))  # not read: nothing to refine
+    assert (_crf_label(config, sample, label) == 255).all()

@@ -46,7 +46,7 @@ from aepsl.io import (
     write_json,
     write_png,
 )
-from aepsl.labelmap import colourise
+from aepsl.labelmap import CONFLICT, IGNORE, colourise
 from aepsl.labels.fusion import (
     background_from_cams,
     background_from_saliency,
@@ -97,6 +97,8 @@ def run_labels(config: Config, out: Path) -> dict[str, Any]:
         "low_saliency": config.labels.low_saliency,
         "crf": config.labels.crf,
     }
+    if config.labels.crf != "none":
+        metrics["crf_confidence"] = config.labels.crf_confidence
     metrics.update(_scores(run.labels, train, data, config))
     write_json(run.labels_metrics, metrics)
     if metrics.get("mIoU") is not None:
@@ -151,6 +153,7 @@ def _label_image(
         ).numpy()
     else:
         regions = read_index_png(path)
+        _check_regions(path, regions, sample)
     cams = None
     if last_cams is not None:
         cams = image_cams(last_cams, sample, num_classes, regions.shape)
@@ -163,13 +166,30 @@ def _label_image(
         write_png(run.labels_vis / f"{sample.id}.png", _overlay(sample, saliency, labels))
 
 
+def _check_regions(path: Path, regions: np.ndarray, sample: Sample) -> None:
+    """Mined regions that do not fit their image (its size, its tags): a one-line error."""
+    height, width = image_size(sample.image)
+    if regions.shape != (height, width):
+        raise UserError(
+            f"{path}: mined regions are {regions.shape[1]}x{regions.shape[0]} but the image is "
+            f"{width}x{height}; run `aepsl mine` again with this --out"
+        )
+    stray = np.setdiff1d(np.unique(regions), [0, *sample.labels, CONFLICT])
+    if stray.size:
+        raise UserError(
+            f"{path}: mined regions of classes {stray.tolist()} that the image is not tagged "
+            "with (were its tags changed?); run `aepsl mine` again with this --out"
+        )
+
+
 def _crf_label(config: Config, sample: Sample, labels: np.ndarray) -> np.ndarray:
     """labels.crf: the pseudo label's edges moved to the image's by a dense CRF over the
-    background and the image's tags (the torch mean field, in this process)."""
+    background and the image's tags (the torch mean field on the CPU, in this process). A
+    label without a labelled pixel, or an image without tags, is left as it is."""
     classes = [0, *sorted(sample.labels)]
-    probs = label_probabilities(labels, classes, config.labels.crf_confidence)
-    if len(classes) < 2:
+    if len(classes) < 2 or (labels == IGNORE).all():
         return labels
+    probs = label_probabilities(labels, classes, config.labels.crf_confidence)
     image = load_image(sample)
     (index,) = mean_field_labels([image], [probs], CrfParams.from_config(config.crf), "cpu")
     return merge_crf_label(labels, index.numpy(), classes, config.labels.crf == "fill")
