@@ -75,13 +75,17 @@ def test_settings_added_later_keep_the_hashes_of_earlier_runs_at_their_defaults(
         "labels": "a9d3572ddaa3de5c",
         "train": "e6a29a6dad59a63c",
     }
-    demo = load_config(DEMO_FULL, ["data.root=/x", "precision=fp32"])
+    # the demo preset's lengths when the hashes were pinned
+    lengths = ["mine.epochs=5", "train.epochs=17.78"]
+    demo = load_config(DEMO_FULL, ["data.root=/x", "precision=fp32", *lengths])
     assert stage_digests(demo) == {
         "mine": "85c831da31b4a3fe",
         "labels": "623e725d18c5e87f",
         "train": "565fe812b5809969",
     }
-    floor = load_config(DEMO_FULL, ["data.root=/x", "precision=fp32", "train.min_iterations=500"])
+    floor = load_config(
+        DEMO_FULL, ["data.root=/x", "precision=fp32", *lengths, "train.min_iterations=500"]
+    )
     assert stage_digests(floor)["train"] != stage_digests(demo)["train"]  # demo has epochs
 
 

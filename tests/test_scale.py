@@ -146,7 +146,7 @@ def test_length_in_epochs_scales_with_the_data():
     assert with_length(config, 3).train.iterations == 4  # round(3.75)
     assert with_length(load_config(None), 180).train.iterations == 6000  # no epochs: as given
     demo = load_config(DEMO_FULL)
-    assert with_length(demo, 180).train.iterations == 400  # the demo's measured length
+    assert with_length(demo, 180).train.iterations == 250  # the demo's 5-minute length
     by_hand = load_config(DEMO_FULL, ["train.iterations=50"])
     assert by_hand.train.epochs is None and with_length(by_hand, 180).train.iterations == 50
 

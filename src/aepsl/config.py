@@ -402,7 +402,7 @@ class TrainConfig(Section):
         ge=0,
         description="with train.epochs, at least this many iterations, so a small data set "
         "still gets the updates the network needs (0: the epochs alone; "
-        "configs/own_data.yaml: 400, the demo's length)",
+        "configs/own_data.yaml: 400)",
     )
     psl_warmup: int = Field(
         0,
