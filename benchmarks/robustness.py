@@ -454,9 +454,13 @@ def paired(differences: list[float], beat: str, lost: str, neither: str) -> str:
 
 
 def verdicts(
-    results: dict[Cell, dict[str, list]], seeds: list[int], psl_pair: tuple[str, str]
+    results: dict[Cell, dict[str, list]],
+    seeds: list[int],
+    psl_pair: tuple[str, str],
+    left_out: set[str],
 ) -> None:
-    """The table's findings in words; `psl_pair`: the variants (with PSL, without)."""
+    """The table's findings in words; `psl_pair`: the variants (with PSL, without);
+    `left_out`: the variants --only dropped (a comparison with one is said not to be made)."""
     print("\nin words (a difference within the seed spread is not a finding):")
     for cell, variants in results.items():
         lines = []
@@ -510,6 +514,12 @@ def verdicts(
             (("crffill", "after"), "the CRF on the pseudo labels (fill)", "none"),
         )
         for (first, second), name, other in comparisons:
+            missing = {first, second} & left_out
+            if missing and {first, second} & set(variants):
+                lines.append(
+                    f"{name} vs {other}: not compared ({', '.join(missing)} not in --only)"
+                )
+                continue
             # paired by seed: a seed either run lacks is left out
             pairs = zip(variants.get(first, []), variants.get(second, []), strict=False)
             diffs = [a["crf"] - b["crf"] for a, b in pairs if a and b]
@@ -594,10 +604,12 @@ def main() -> None:
     )
     variants += [ablation] if args.psl_ablation else []
     variants += list(LEVERS) if args.levers else []
+    left_out: set[str] = set()
     if args.only:
         only = args.only.split(",")
         if unknown := set(only) - set(variants):
             raise SystemExit(f"--only: {sorted(unknown)} not among this grid's {variants}")
+        left_out = set(variants) - set(only)
         variants = [v for v in variants if v in only]
     print(
         f"preset {PRESET.name}; {len(cells)} cell(s) x seeds {seeds} x {variants}; "
@@ -641,7 +653,7 @@ def main() -> None:
             if (after / "train" / "metrics.json").is_file():
                 results[cell]["gain"].append(sweep_gain(after, data))
     print_table(results, seeds)
-    verdicts(results, seeds, psl_pair)
+    verdicts(results, seeds, psl_pair, left_out)
 
 
 if __name__ == "__main__":

@@ -40,3 +40,13 @@ def test_only_names_variants_of_the_grid(tmp_path):
     assert result.returncode != 0
     assert "--only: ['crffill'] not among this grid's ['sup', 'after', 'before']" in result.stderr
     assert not any(tmp_path.iterdir())  # refused before any data was made
+
+
+def test_a_comparison_with_a_variant_left_out_is_said_not_made(capsys):
+    row = {"crf": 0.5, "val": 0.4, "floor": 0.1, "collapsed": False, "one_class": False}
+    cell = robustness.Cell(64, 3, 2, "synth")
+    results = {cell: {"after": [row | {"warnings": []}], "gain": []}}
+    robustness.verdicts(results, [0], ("psl", "after"), {"steps1"})
+    out = capsys.readouterr().out
+    assert "3 erasing steps vs 1 step: not compared (steps1 not in --only)" in out
+    assert "PSL" not in out  # psl was not asked for at all: nothing to say
