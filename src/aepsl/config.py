@@ -368,7 +368,7 @@ class LabelsConfig(Section):
     def _folder_not_empty(cls, path: str | None, info: ValidationInfo) -> str | None:
         if path is not None and not path.strip():
             raise PydanticCustomError("empty", "must not be empty (a folder, or null)")
-        if info.field_name == "dir" and path is not None and info.data.get("crf") != "none":
+        if info.field_name == "dir" and path is not None and info.data.get("crf", "none") != "none":
             raise PydanticCustomError(
                 "crf",
                 "labels.crf refines the pseudo labels aepsl builds; with labels.dir none "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import io
 import math
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +34,8 @@ from aepsl.regions import cams_to_regions
 from aepsl.runtime import autocast, barrier, is_main, loader_workers, rank, to_device, world_size
 
 
-def same_size_batches(loader: DataLoader, limit: int) -> Iterator[list]:
-    """Group a list-collated loader's items into stacks of equal image size."""
+def same_size_batches(loader: Iterable[list], limit: int) -> Iterator[list]:
+    """Group a list-collated loader's items (image first) into stacks of equal image size."""
     pending: dict[tuple[int, ...], list] = defaultdict(list)
     for items in loader:
         for item in items:
@@ -105,13 +105,11 @@ def compute_cams_of(
 ) -> list[torch.Tensor]:
     """compute_cams of (3, H, W) images of any sizes, one batch per size; (C, H, W) each, in
     the order given."""
-    by_size: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for row, image in enumerate(images):
-        by_size[tuple(image.shape)].append(row)
+    items = [(image, row) for row, image in enumerate(images)]
     cams: list[torch.Tensor] = [torch.empty(0)] * len(images)
-    for rows in by_size.values():
-        batch = compute_cams(model, torch.stack([images[r] for r in rows]), config, device)
-        for row, cam in zip(rows, batch, strict=True):
+    for group in same_size_batches([items], len(items)):
+        batch = compute_cams(model, torch.stack([image for image, _ in group]), config, device)
+        for (_, row), cam in zip(group, batch, strict=True):
             cams[row] = cam
     return cams
 
