@@ -18,12 +18,16 @@ and the method's) and runs `aepsl run` into OUT/<cell>/seed<s>/<variant>:
   (`labels.dir=DATA/masks`: no mining, no pseudo labels; same network, crops, schedule and
   length as after). Every other variant's val mIoU is also given as a fraction of sup's, per
   seed (the columns /sup);
-- steps1 / round2 / crfrefine / crffill (--levers), each built on a finished after: steps1 the
-  pseudo labels from after's step-1 CAMs alone (`labels.cams_dir`: one erasing step, no mining
-  again); round2 the network retrained on after's CRF-refined predictions of the training
-  images, classes the image is not tagged with unlabelled (`aepsl predict --split train
-  --crf`, then labels.dir); crfrefine / crffill after's mine/ (copied) with a dense CRF on the
-  pseudo labels (`labels.crf=refine` / `fill`);
+- steps1 / ms1 / round2 / crfrefine / crffill (--levers), each built on a finished after:
+  steps1 the pseudo labels from after's step-1 CAMs alone (`labels.cams_dir`: one erasing step,
+  no mining again); ms1 one erasing step with after's step-1 classifier (copied: its training
+  does not depend on how CAMs are taken, so its time leaves that training out) and CAMs at the
+  field's scales 1.0 / 0.5 / 1.5 / 2.0, flipped too (`mine.steps=1 mine.cam_scales=...
+  mine.cam_flip=true`): against steps1, the multi-scale CAMs alone; round2 the network
+  retrained on after's CRF-refined predictions of the training images, classes the image is
+  not tagged with unlabelled (`aepsl predict --split train --crf`, then labels.dir);
+  crfrefine / crffill after's mine/ (copied) with a dense CRF on the pseudo labels
+  (`labels.crf=refine` / `fill`);
 - psl / nopsl: (--psl-ablation) `after` with `train.psl` the other way round: `psl` (PSL on)
   when the preset trains on the pseudo labels alone, as own_data.yaml does, `nopsl` (the pseudo
   labels alone) when it trains with PSL; it reuses after's mine/ and labels/ (copied), so only
@@ -78,7 +82,7 @@ from aepsl.data.real import make_real
 from aepsl.data.synth import make_synth
 from aepsl.health import ONE_CLASS
 from aepsl.io import read_index_png, write_index_png
-from aepsl.layout import stage_digests
+from aepsl.layout import RunLayout, stage_digests
 from aepsl.mine.sweep import sweep_step_cams, union_points
 
 PRESET = Path(aepsl.__file__).parent / "configs" / "own_data.yaml"
@@ -129,7 +133,8 @@ def ints(text: str) -> list[int]:
 
 
 PSL_RUNS = ("psl", "nopsl")
-LEVERS = ("steps1", "round2", "crfrefine", "crffill")  # --levers: built on a finished after
+LEVERS = ("steps1", "ms1", "round2", "crfrefine", "crffill")  # --levers: on a finished after
+MULTI_SCALE = ["mine.cam_scales=[1.0,0.5,1.5,2.0]", "mine.cam_flip=true"]  # the field's (IRN's)
 LABEL_CRF = {"crfrefine": "refine", "crffill": "fill"}  # after's regions, labels.crf set
 ROUND2_LABELS = "round2_labels"  # the PSL ablation's run, named after its train.psl
 
@@ -164,6 +169,8 @@ def variant_overrides(variant: str, scale: float, preset: Config, data: Path) ->
     after = [*common, f"mine.min_positives={round(mine.min_positives * scale)}", *train_length]
     if variant in LABEL_CRF:  # after's mine/ (copied, same settings), then labels with a CRF
         return [*after, f"labels.crf={LABEL_CRF[variant]}"]
+    if variant == "ms1":  # one step, after's step-1 classifier (copied), multi-scale CAMs
+        return [*after, "mine.steps=1", *MULTI_SCALE]
     return after + ([f"train.psl={str(variant == 'psl').lower()}"] if variant in PSL_RUNS else [])
 
 
@@ -280,6 +287,19 @@ def copy_stages(src: Path, dst: Path, stages: tuple[str, ...] = ("mine", "labels
     for stage in stages:
         if (src / stage).is_dir() and not (dst / stage).exists():
             shutil.copytree(src / stage, dst / stage)
+
+
+def copy_step1_classifier(after: Path, run: Path, config: Config) -> None:
+    """Start `run`'s mining (claimed for `config`'s settings, so `aepsl run` resumes it) with
+    after's trained step-1 classifier: the step then only takes its CAMs."""
+    source, layout = RunLayout(after, config).step(1), RunLayout(run, config)
+    target = layout.step(1)
+    if target.classifier.is_file() or not (after / "train" / "metrics.json").is_file():
+        return
+    layout.claim("mine")
+    target.root.mkdir(parents=True, exist_ok=True)
+    for name in ("train.json", "classifier.pt"):  # the classifier last: the step's marker
+        shutil.copy2(source.root / name, target.root / name)
 
 
 def all_background_miou(data_root: Path) -> float:
@@ -509,6 +529,7 @@ def verdicts(
         comparisons = (
             (psl_pair, "PSL", "the pseudo labels alone"),
             (("after", "steps1"), "3 erasing steps", "1 step"),
+            (("ms1", "steps1"), "multi-scale, flipped step-1 CAMs", "one scale"),
             (("round2", "after"), "a second round", "one round"),
             (("crfrefine", "after"), "the CRF on the pseudo labels (refine)", "none"),
             (("crffill", "after"), "the CRF on the pseudo labels (fill)", "none"),
@@ -563,7 +584,8 @@ def main() -> None:
     parser.add_argument(
         "--levers",
         action="store_true",
-        help="also steps1 (pseudo labels from after's step-1 CAMs: one erasing step), round2 "
+        help="also steps1 (pseudo labels from after's step-1 CAMs: one erasing step), ms1 (one "
+        "step, after's step-1 classifier, CAMs at scales 1, 0.5, 1.5, 2 and flipped), round2 "
         "(retrained on after's CRF-refined predictions of the training images), crfrefine and "
         "crffill (after's regions, labels.crf=refine / fill)",
     )
@@ -635,6 +657,9 @@ def main() -> None:
                     copy_stages(base / "after", run, ("mine", "saliency"))
                 overrides = [f"seed={seed}"]
                 overrides += variant_overrides(variant, args.epochs_scale, preset, data)
+                if variant == "ms1" and not args.table_only:
+                    config = load_config(PRESET, [f"data.root={data}", *overrides])
+                    copy_step1_classifier(base / "after", run, config)
                 after_done = (base / "after" / "train" / "metrics.json").is_file()
                 if variant in LEVERS and not after_done:
                     timing = None  # built on after's outputs: run again once after finished

@@ -4,6 +4,7 @@ finished `after` reuses its mining (same settings hash) and changes only what it
 from __future__ import annotations
 
 import importlib.util
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -50,3 +51,27 @@ def test_a_comparison_with_a_variant_left_out_is_said_not_made(capsys):
     out = capsys.readouterr().out
     assert "3 erasing steps vs 1 step: not compared (steps1 not in --only)" in out
     assert "PSL" not in out  # psl was not asked for at all: nothing to say
+
+
+def test_ms1_starts_from_afters_step1_classifier(tmp_path):
+    data = tmp_path / "data"
+    preset = load_config(robustness.PRESET, ["data.root=."])
+    overrides = robustness.variant_overrides("ms1", 1.0, preset, data)
+    assert "mine.steps=1" in overrides and "mine.cam_flip=true" in overrides
+    config = load_config(robustness.PRESET, [f"data.root={data}", *overrides])
+    assert config.mine.cam_scales == [1.0, 0.5, 1.5, 2.0]
+    after, run = tmp_path / "after", tmp_path / "ms1"
+    step1 = after / "mine" / "step1"
+    step1.mkdir(parents=True)
+    (step1 / "classifier.pt").write_bytes(b"weights")
+    (step1 / "train.json").write_text('{"train_loss": 0.1}')
+    robustness.copy_step1_classifier(after, run, config)
+    assert not run.exists()  # after has not finished: nothing to start from
+    (after / "train").mkdir()
+    (after / "train" / "metrics.json").write_text("{}")
+    robustness.copy_step1_classifier(after, run, config)
+    assert (run / "mine" / "step1" / "classifier.pt").read_bytes() == b"weights"
+    manifest = json.loads((run / "mine" / "manifest.json").read_text())
+    # claimed for ms1's own settings and unfinished: `aepsl run` resumes there, loading the copy
+    assert manifest["settings_hash"] == stage_digests(config)["mine"]
+    assert not manifest["complete"]
