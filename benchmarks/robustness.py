@@ -291,12 +291,14 @@ def copy_stages(src: Path, dst: Path, stages: tuple[str, ...] = ("mine", "labels
 
 def copy_step1_classifier(after: Path, run: Path, config: Config) -> None:
     """Start `run`'s mining (claimed for `config`'s settings, so `aepsl run` resumes it) with
-    after's trained step-1 classifier: the step then only takes its CAMs."""
+    after's trained step-1 classifier: the step then only takes its CAMs. A mine folder of
+    other settings is emptied by the claim, so the copy is made again, not trained anew."""
     source, layout = RunLayout(after, config).step(1), RunLayout(run, config)
     target = layout.step(1)
-    if target.classifier.is_file() or not (after / "train" / "metrics.json").is_file():
+    if not (after / "train" / "metrics.json").is_file():
         return
-    layout.claim("mine")
+    if layout.claim("mine") or target.classifier.is_file():
+        return  # finished with these settings, or the copy is there
     target.root.mkdir(parents=True, exist_ok=True)
     for name in ("train.json", "classifier.pt"):  # the classifier last: the step's marker
         shutil.copy2(source.root / name, target.root / name)

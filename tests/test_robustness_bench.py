@@ -75,3 +75,11 @@ def test_ms1_starts_from_afters_step1_classifier(tmp_path):
     # claimed for ms1's own settings and unfinished: `aepsl run` resumes there, loading the copy
     assert manifest["settings_hash"] == stage_digests(config)["mine"]
     assert not manifest["complete"]
+    # ms1 asked again with other settings (e.g. another --epochs-scale): the folder the old
+    # settings claimed is emptied and the classifier copied again, not trained anew
+    (run / "mine" / "step1" / "classifier.pt").write_bytes(b"stale")
+    other = load_config(robustness.PRESET, [f"data.root={data}", *overrides, "mine.epochs=2"])
+    robustness.copy_step1_classifier(after, run, other)
+    assert (run / "mine" / "step1" / "classifier.pt").read_bytes() == b"weights"
+    manifest = json.loads((run / "mine" / "manifest.json").read_text())
+    assert manifest["settings_hash"] == stage_digests(other)["mine"]
