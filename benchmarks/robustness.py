@@ -18,7 +18,7 @@ and the method's) and runs `aepsl run` into OUT/<cell>/seed<s>/<variant>:
   (`labels.dir=DATA/masks`: no mining, no pseudo labels; same network, crops, schedule and
   length as after). Every other variant's val mIoU is also given as a fraction of sup's, per
   seed (the columns /sup);
-- steps1 / ms1 / round2 / crfrefine / crffill (--levers), each built on a finished after:
+- steps1 / ms1 / round2 / crfrefine / crffill / fill (--levers), each built on a finished after:
   steps1 the pseudo labels from after's step-1 CAMs alone (`labels.cams_dir`: one erasing step,
   no mining again); ms1 one erasing step with after's step-1 classifier (copied: its training
   does not depend on how CAMs are taken, so its time leaves that training out) and CAMs at the
@@ -27,7 +27,8 @@ and the method's) and runs `aepsl run` into OUT/<cell>/seed<s>/<variant>:
   retrained on after's CRF-refined predictions of the training images, classes the image is
   not tagged with unlabelled (`aepsl predict --split train --crf`, then labels.dir);
   crfrefine / crffill after's mine/ (copied) with a dense CRF on the pseudo labels
-  (`labels.crf=refine` / `fill`);
+  (`labels.crf=refine` / `fill`); fill after's mine/ (copied) with the salient pixels no step
+  mined labelled from the steps' CAMs (`labels.salient_fill=true`);
 - psl / nopsl: (--psl-ablation) `after` with `train.psl` the other way round: `psl` (PSL on)
   when the preset trains on the pseudo labels alone, as own_data.yaml does, `nopsl` (the pseudo
   labels alone) when it trains with PSL; it reuses after's mine/ and labels/ (copied), so only
@@ -133,9 +134,13 @@ def ints(text: str) -> list[int]:
 
 
 PSL_RUNS = ("psl", "nopsl")
-LEVERS = ("steps1", "ms1", "round2", "crfrefine", "crffill")  # --levers: on a finished after
+LEVERS = ("steps1", "ms1", "round2", "crfrefine", "crffill", "fill")  # --levers: on after
 MULTI_SCALE = ["mine.cam_scales=[1.0,0.5,1.5,2.0]", "mine.cam_flip=true"]  # the field's (IRN's)
 LABEL_CRF = {"crfrefine": "refine", "crffill": "fill"}  # after's regions, labels.crf set
+LABEL_LEVERS = {  # after's mine/ (copied, same settings), labels built another way
+    **{name: f"labels.crf={mode}" for name, mode in LABEL_CRF.items()},
+    "fill": "labels.salient_fill=true",
+}
 ROUND2_LABELS = "round2_labels"  # the PSL ablation's run, named after its train.psl
 
 
@@ -167,8 +172,8 @@ def variant_overrides(variant: str, scale: float, preset: Config, data: Path) ->
             "train.psl=true",  # the old own-data preset trained with PSL
         ]
     after = [*common, f"mine.min_positives={round(mine.min_positives * scale)}", *train_length]
-    if variant in LABEL_CRF:  # after's mine/ (copied, same settings), then labels with a CRF
-        return [*after, f"labels.crf={LABEL_CRF[variant]}"]
+    if variant in LABEL_LEVERS:
+        return [*after, LABEL_LEVERS[variant]]
     if variant == "ms1":  # one step, after's step-1 classifier (copied), multi-scale CAMs
         return [*after, "mine.steps=1", *MULTI_SCALE]
     return after + ([f"train.psl={str(variant == 'psl').lower()}"] if variant in PSL_RUNS else [])
@@ -280,7 +285,7 @@ def round2_labels(base: Path, data: Path, overrides: list[str]) -> None:
 
 def copy_stages(src: Path, dst: Path, stages: tuple[str, ...] = ("mine", "labels")) -> None:
     """The PSL ablation starts from after's mine/ and labels/ (same settings hash: skipped), the
-    CRF levers from its mine/ and saliency cache, once after has finished: a copy of stages
+    label levers from its mine/ and saliency cache, once after has finished: a copy of stages
     still being written would resume them there."""
     if not (src / "train" / "metrics.json").is_file():
         return
@@ -535,6 +540,7 @@ def verdicts(
             (("round2", "after"), "a second round", "one round"),
             (("crfrefine", "after"), "the CRF on the pseudo labels (refine)", "none"),
             (("crffill", "after"), "the CRF on the pseudo labels (fill)", "none"),
+            (("fill", "after"), "salient pixels filled from the CAMs", "left unlabelled"),
         )
         for (first, second), name, other in comparisons:
             missing = {first, second} & left_out
@@ -589,7 +595,8 @@ def main() -> None:
         help="also steps1 (pseudo labels from after's step-1 CAMs: one erasing step), ms1 (one "
         "step, after's step-1 classifier, CAMs at scales 1, 0.5, 1.5, 2 and flipped), round2 "
         "(retrained on after's CRF-refined predictions of the training images), crfrefine and "
-        "crffill (after's regions, labels.crf=refine / fill)",
+        "crffill (after's regions, labels.crf=refine / fill), fill (after's regions, "
+        "labels.salient_fill=true)",
     )
     parser.add_argument(
         "--only",
@@ -655,7 +662,7 @@ def main() -> None:
                 run = base / variant
                 if variant == ablation and not args.table_only:  # --table-only writes nothing
                     copy_stages(base / "after", run)
-                if variant in LABEL_CRF and not args.table_only:
+                if variant in LABEL_LEVERS and not args.table_only:
                     copy_stages(base / "after", run, ("mine", "saliency"))
                 overrides = [f"seed={seed}"]
                 overrides += variant_overrides(variant, args.epochs_scale, preset, data)

@@ -8,10 +8,12 @@ import pytest
 from helpers import DEMO
 
 from aepsl.cli import main
+from aepsl.config import load_config
 from aepsl.io import read_index_png, write_index_png
 from aepsl.labels.fusion import (
     background_from_cams,
     background_from_saliency,
+    fill_from_cams,
     fuse_pseudo_label,
     label_probabilities,
     merge_crf_label,
@@ -44,6 +46,24 @@ def test_background_sources():
     assert background_from_cams(np.zeros((0, 1, 3)), 0.2).all()
 
 
+def test_fill_from_cams():
+    """Unlabelled, not background, a CAM at the threshold: the strongest tag; else as it was."""
+    labels = np.array([[3, 255, 255, 255, 255, 0]], np.uint8)
+    background = np.array([[False, False, False, False, True, True]])
+    cams = np.array(
+        [
+            [[0.9, 0.6, 0.2, 0.1, 0.9, 0.9]],  # tag 3
+            [[0.1, 0.7, 0.3, 0.2, 0.1, 0.1]],  # tag 5
+        ],
+        np.float32,
+    )
+    filled = fill_from_cams(labels, cams, [3, 5], background, 0.3)
+    assert filled.tolist() == [[3, 5, 5, 255, 255, 0]] and filled.dtype == np.uint8
+    assert fill_from_cams(labels, cams[:0], [], background, 0.3).tolist() == labels.tolist()
+    with pytest.raises(ValueError):
+        fill_from_cams(labels, cams, [3], background, 0.3)
+
+
 def test_label_probabilities():
     """Labelled pixels: `confidence` on their class, the rest shared; unlabelled: uniform."""
     labels = np.array([[0, 4, 255]], np.uint8)
@@ -70,7 +90,6 @@ def test_merge_crf_label():
 def test_labels_crf_moves_edges_to_the_image(tmp_path):
     """A square object whose pseudo label is a band too wide, with an unlabelled ring: the CRF
     on the label pulls the edge back to the image's and `fill` labels the ring."""
-    from aepsl.config import load_config
     from aepsl.data.types import Sample
     from aepsl.io import write_png
     from aepsl.labels.stage import _crf_label
@@ -202,7 +221,6 @@ def test_labels_workers_keep_the_commands_pixel_limit():
 def test_labels_stage_with_crf(folder_dataset, tmp_path):
     """labels.crf=fill through the command: every pixel labelled, with the image's tags only,
     recorded in metrics.json; the setting is in the labels' settings hash only when set."""
-    from aepsl.config import load_config
     from aepsl.layout import stage_digests, stage_settings
 
     out = tmp_path / "run"
@@ -236,7 +254,6 @@ def test_regions_that_do_not_fit_their_image_are_one_line(folder_dataset, tmp_pa
 
 
 def test_labels_crf_leaves_an_unlabelled_image_unlabelled(tmp_path):
-    from aepsl.config import load_config
     from aepsl.data.types import Sample
     from aepsl.labels.stage import _crf_label
 
@@ -244,3 +261,52 @@ def test_labels_crf_leaves_an_unlabelled_image_unlabelled(tmp_path):
     label = np.full((8, 8), 255, np.uint8)
     sample = Sample("x", tmp_path / "missing.png", (1,))  # not read: nothing to refine
     assert (_crf_label(config, sample, label) == 255).all()
+
+
+def _fake_step_cams(root: Path, out: Path, steps: int) -> None:
+    """Every step's CAMs as mining keeps them: 1 on the ground truth's object of each tag."""
+    from aepsl.data.datasets import load_dataset
+    from aepsl.mine.extract import _save_npz
+
+    config = load_config(DEMO, [f"data.root={root}"])
+    for sample in load_dataset(config.data).split(config.data.train_split):
+        mask = read_index_png(sample.mask)
+        keys = np.array(sorted(sample.labels), np.uint8)
+        cams = np.stack([(mask == k).astype(np.float16) for k in keys])
+        for step in range(1, steps + 1):
+            _save_npz(out / "mine" / f"step{step}" / "cams" / f"{sample.id}.npz", keys, cams)
+
+
+def test_labels_stage_with_salient_fill(folder_dataset, tmp_path, capsys):
+    """labels.salient_fill through the command: with a perfect saliency map and CAMs on the
+    objects, the salient pixels mining left out get their object's class (mIoU 1, every pixel
+    labelled); in the hash only when set; mining keeps the CAMs for it; missing CAMs are one
+    line."""
+    from aepsl.layout import stage_digests, stage_settings
+
+    out = tmp_path / "run"
+    _fake_mine(folder_dataset, out)
+    for mask_path in (folder_dataset / "masks").glob("*.png"):
+        fg = ((read_index_png(mask_path) % 255) > 0).astype(np.uint8) * 255
+        write_index_png(folder_dataset / "saliency" / mask_path.name, fg)
+    argv = ["labels", DEMO, f"data.root={folder_dataset}", "saliency.source=dir"]
+    argv += ["labels.salient_fill=true", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        f"aepsl labels: error: {out / 'mine'}: labels.salient_fill needs every mining step's "
+        "CAMs; run `aepsl mine` again with this --out (it keeps them now)"
+    )
+    _fake_step_cams(folder_dataset, out, 2)
+    assert main(argv) == 0
+    metrics = json.loads((out / "labels" / "metrics.json").read_text())
+    assert metrics["salient_fill"] == {"threshold": 0.3}
+    assert metrics["mIoU"] == pytest.approx(1.0) and metrics["labelled_fraction"] == 1.0
+    plain, fill, saved = (
+        load_config(DEMO, ["data.root=.", *extra])
+        for extra in ([], ["labels.salient_fill=true"], ["mine.save_cams=true"])
+    )
+    assert "salient_fill" not in stage_settings(plain)["labels"]["labels"]
+    assert stage_digests(fill)["labels"] != stage_digests(plain)["labels"]
+    assert fill.keeps_cams() and not plain.keeps_cams()
+    assert stage_digests(fill)["mine"] == stage_digests(saved)["mine"]

@@ -137,6 +137,17 @@ def test_labels_without_saliency_use_saved_cams(mined):
     assert metrics["saliency_source"] == "none" and 0 < metrics["labelled_fraction"] <= 1
 
 
+def test_salient_fill_reads_the_kept_cams(mined, capsys):
+    """labels.salient_fill keeps the CAMs as mine.save_cams=true does: the same mining (not
+    redone), and the labels read its steps' CAMs."""
+    root, out = mined
+    settings = [f"data.root={root}", *TINY, "labels.salient_fill=true"]
+    assert main(["labels", str(DEMO), *settings, "--out", str(out)]) == 0
+    assert f"{out / 'mine'}: settings changed" not in capsys.readouterr().out
+    metrics = json.loads((out / "labels" / "metrics.json").read_text())
+    assert metrics["salient_fill"] == {"threshold": 0.3} and 0 < metrics["labelled_fraction"] <= 1
+
+
 def test_changed_setting_mines_again(mined, capsys):
     root, out = mined
     run_mine(_config(root, "mine.save_cams=true", "mine.threshold=0.3", "mine.steps=1"), out)

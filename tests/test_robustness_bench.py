@@ -35,6 +35,14 @@ def test_label_crf_levers_reuse_afters_mining(tmp_path):
         assert f"labels.crf={mode}" in robustness.variant_overrides(variant, 1.0, preset, tmp_path)
 
 
+def test_fill_lever_reuses_afters_mining(tmp_path):
+    after, fill = _digests("after", tmp_path), _digests("fill", tmp_path)
+    assert fill["mine"] == after["mine"]  # after keeps its CAMs: the copied mine/ is skipped
+    assert fill["labels"] != after["labels"]
+    preset = load_config(robustness.PRESET, ["data.root=."])
+    assert "labels.salient_fill=true" in robustness.variant_overrides("fill", 1.0, preset, tmp_path)
+
+
 def test_only_names_variants_of_the_grid(tmp_path):
     argv = [sys.executable, str(SCRIPT), "--out", str(tmp_path), "--only", "crffill", "--quick"]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=120)

@@ -327,6 +327,19 @@ class LabelsConfig(Section):
         description="saliency.source=none: background where every present class's last-step "
         "CAM is below this",
     )
+    salient_fill: bool = Field(
+        False,
+        description="salient pixels left unlabelled (saliency at least bg_threshold, mined by no "
+        "step or by two) take the image's tag whose CAM is highest there (per class the most "
+        "of the mining steps' CAMs, which mining then keeps), when that CAM is at least "
+        "labels.fill_threshold. Not in the paper (docs/robustness.md)",
+    )
+    fill_threshold: float = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description="labels.salient_fill: the CAM (max-normalised to 0..1) a filled pixel needs",
+    )
     crf: Literal["none", "refine", "fill"] = Field(
         "none",
         description="a dense CRF (the `crf` section's kernels) on each pseudo label, its unary "
@@ -607,6 +620,10 @@ class Config(Section):
         "apart) and have scored the same val images; a collapsed one gives no fraction "
         "(docs/evaluation.md)",
     )
+
+    def keeps_cams(self) -> bool:
+        """Mining keeps every step's CAMs: asked for, or labels.salient_fill reads them."""
+        return self.mine.save_cams or self.labels.salient_fill
 
 
 class _ConfigLoader(yaml.SafeLoader):

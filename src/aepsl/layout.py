@@ -99,6 +99,8 @@ def stage_settings(config: Config) -> dict[str, dict[str, Any]]:
     mine_settings = training_settings(config, "mine", new)
     if config.mine.min_positives:  # the floor now counts whole batches only: other epochs
         mine_settings["mine"]["floor"] = "whole batches"
+    if config.keeps_cams():  # labels.salient_fill keeps them as save_cams would
+        mine_settings["mine"]["save_cams"] = True
     if config.mine.cam_format != "npz":
         mine_settings["mine"]["cam_format"] = config.mine.cam_format
     if config.mine.step1_cams:  # CAMs made elsewhere: their files' names, sizes and mtimes
@@ -106,6 +108,7 @@ def stage_settings(config: Config) -> dict[str, dict[str, Any]]:
     mine = settings_digest(mine_settings)
     unhashed = {"visualise", "workers", "dir", "cams_dir"}
     unhashed |= {"crf", "crf_confidence"} if config.labels.crf == "none" else set()  # added later
+    unhashed |= set() if config.labels.salient_fill else {"salient_fill", "fill_threshold"}
     labels_settings = config.labels.model_dump(exclude=unhashed)
     if config.labels.crf != "none":  # the CRF's kernels shape the labels too
         labels_settings["crf_kernels"] = config.crf.model_dump(exclude={"workers", "backend"})

@@ -5,6 +5,9 @@ an unmined pixel whose saliency is below the background threshold is background;
 ignored (255). When a mined pixel has low saliency the paper does not say who wins:
 `low_saliency="mined"` (default) keeps the class, `"background"` makes it background.
 
+Optionally (`labels.salient_fill`, not in the paper) a salient pixel left unlabelled takes the
+tag whose CAM is highest there: `fill_from_cams`.
+
 Optionally (`labels.crf`, not in the paper) a dense CRF then moves the label's edges to the
 image's: `label_probabilities` is its unary, `merge_crf_label` what is kept of its answer.
 """
@@ -51,6 +54,26 @@ def background_from_cams(cams: np.ndarray, threshold: float) -> np.ndarray:
     if len(cams) == 0:
         return np.ones(cams.shape[-2:], bool)
     return (cams < threshold).all(axis=0)
+
+
+def fill_from_cams(
+    labels: np.ndarray,
+    cams: np.ndarray,
+    tags: Sequence[int],
+    background: np.ndarray,
+    threshold: float,
+) -> np.ndarray:
+    """Unlabelled (255) pixels that are not `background` take the tag whose CAM is highest
+    there, when that CAM reaches `threshold`; `cams` (K, H, W) in [0, 1], in the order of
+    `tags`. Mined regions keep only each CAM's top, the salient rest of an object stays
+    unlabelled: this gives it the class the CAMs favour."""
+    if cams.shape != (len(tags), *labels.shape):
+        raise ValueError(f"cams {cams.shape} do not match {len(tags)} tags and {labels.shape}")
+    if len(tags) == 0:
+        return labels
+    winner = np.asarray(tags, np.uint8)[cams.argmax(axis=0)]
+    fill = (labels == IGNORE) & ~background & (cams.max(axis=0) >= threshold)
+    return np.where(fill, winner, labels).astype(np.uint8)
 
 
 def label_probabilities(

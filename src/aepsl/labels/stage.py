@@ -50,6 +50,7 @@ from aepsl.labelmap import CONFLICT, IGNORE, colourise
 from aepsl.labels.fusion import (
     background_from_cams,
     background_from_saliency,
+    fill_from_cams,
     fuse_pseudo_label,
     label_probabilities,
     merge_crf_label,
@@ -75,10 +76,13 @@ def run_labels(config: Config, out: Path) -> dict[str, Any]:
     if config.saliency.source == "builtin":
         claim_folder(run.saliency, saliency_cache_digest(config))
     last_cams = _last_step_cams(config, run)
+    fill_cams = _fill_cams(config, run)
     vis_ids = {s.id for s in train[: config.labels.visualise]}
     # written before an interruption with these settings: kept (overlays are redone)
     todo = [s for s in train if s.id in vis_ids or not run.pseudo_label(s.id).is_file()]
-    job = functools.partial(_label_image, run, data.num_classes, last_cams, frozenset(vis_ids))
+    job = functools.partial(
+        _label_image, run, data.num_classes, last_cams, fill_cams, frozenset(vis_ids)
+    )
     workers = min(labels_workers(config, len(todo)), len(todo))
     bar = tqdm(total=len(todo), desc="labels", unit="img", dynamic_ncols=True)
     try:
@@ -97,6 +101,8 @@ def run_labels(config: Config, out: Path) -> dict[str, Any]:
         "low_saliency": config.labels.low_saliency,
         "crf": config.labels.crf,
     }
+    if config.labels.salient_fill:
+        metrics["salient_fill"] = {"threshold": config.labels.fill_threshold}
     if config.labels.crf != "none":
         metrics["crf_confidence"] = config.labels.crf_confidence
     metrics.update(_scores(run.labels, train, data, config))
@@ -134,6 +140,7 @@ def _label_image(
     run: RunLayout,
     num_classes: int,
     last_cams: Path | None,
+    fill_cams: list[Path],
     vis_ids: frozenset[str],
     sample: Sample,
 ) -> None:
@@ -159,6 +166,12 @@ def _label_image(
         cams = image_cams(last_cams, sample, num_classes, regions.shape)
     background, saliency = _background(config, sample, regions.shape, run, cams)
     labels = fuse_pseudo_label(regions, background, config.labels.low_saliency)
+    if fill_cams:
+        steps = [image_cams(f, sample, num_classes, regions.shape) for f in fill_cams]
+        most = np.maximum.reduce(steps)  # each class's evidence in any step
+        labels = fill_from_cams(
+            labels, most, list(sample.labels), background, config.labels.fill_threshold
+        )
     if config.labels.crf != "none":
         labels = _crf_label(config, sample, labels)
     write_index_png(run.pseudo_label(sample.id), labels)
@@ -261,6 +274,25 @@ def _last_step_cams(config: Config, run: RunLayout) -> Path | None:
             "mine.save_cams=true"
         )
     return steps[-1]
+
+
+def _fill_cams(config: Config, run: RunLayout) -> list[Path]:
+    """The CAM folders labels.salient_fill reads: labels.cams_dir, or every mining step's saved
+    CAMs (mining keeps them when salient_fill is set); none without salient_fill."""
+    if not config.labels.salient_fill:
+        return []
+    if config.labels.cams_dir:
+        return [Path(config.labels.cams_dir)]
+    folders = [run.step(s).cams for s in run.steps_on_disk()]
+    if config.mine.step1_cams and folders and not folders[0].is_dir():
+        folders[0] = Path(config.mine.step1_cams)  # step 1's CAMs were made elsewhere
+    missing = [folder for folder in folders if not folder.is_dir()]
+    if missing or not folders:
+        raise UserError(
+            f"{missing[0] if missing else run.mine}: labels.salient_fill needs every mining "
+            "step's CAMs; run `aepsl mine` again with this --out (it keeps them now)"
+        )
+    return folders
 
 
 def _background(

@@ -129,7 +129,7 @@ def compute_cams_strided(
 
 
 def extract_regions(ctx: MineContext, step: MineStep, model: CamClassifier) -> None:
-    """Write the step's regions (and CAMs with mine.save_cams) of this rank's share of the
+    """Write the step's regions (and CAMs when config.keeps_cams()) of this rank's share of the
     images not done yet."""
     config = ctx.config
     todo = [s for s in ctx.train[rank() :: world_size()] if not step.region(s.id).is_file()]
@@ -137,7 +137,7 @@ def extract_regions(ctx: MineContext, step: MineStep, model: CamClassifier) -> N
         model.eval()
         dataset = ErasedImages(todo, ctx.data.num_classes, ctx.erased_before(step), ctx.fill)
         vis_ids = {s.id for s in ctx.train[: config.mine.visualise]}
-        irn = config.mine.save_cams and config.mine.cam_format == "irn"
+        irn = config.keeps_cams() and config.mine.cam_format == "irn"
         bar = tqdm(
             total=len(todo),
             desc=f"step {step.number} CAMs",
@@ -160,7 +160,7 @@ def extract_regions(ctx: MineContext, step: MineStep, model: CamClassifier) -> N
                 if irn:
                     strided_own = coarse[row][[k - 1 for k in keys]].numpy()
                     write_irn_cam(step.cam(sample.id, "irn"), keys, strided_own, own.numpy())
-                elif config.mine.save_cams:
+                elif config.keeps_cams():
                     keys_array = np.array(keys, np.uint8)
                     _save_npz(step.cam(sample.id), keys_array, own.numpy().astype(np.float16))
                 if sample.id in vis_ids:
