@@ -193,3 +193,16 @@ def test_every_image_loads_in_chromium(browser, report, tmp_path):
     broken, total = map(int, found.groups())
     assert broken == 0
     assert total == page.count("<img") > 0
+
+
+def test_labels_section_names_the_salient_fill():
+    from types import SimpleNamespace
+
+    from aepsl.report.render import _labels_section
+
+    metrics = {"saliency_source": "builtin", "bg_threshold": 0.2, "low_saliency": "mined"}
+    plain = _labels_section(SimpleNamespace(labels=metrics))
+    fill = {**metrics, "salient_fill": {"threshold": 0.3}}
+    filled = _labels_section(SimpleNamespace(labels=fill))
+    assert "filled from CAMs" not in plain
+    assert "mined, unmined salient pixels filled from CAMs of at least 0.30.</p>" in filled

@@ -393,8 +393,13 @@ def _labels_section(report: RunReport) -> str:
     info = (
         f"<p>saliency {html.escape(str(metrics.get('saliency_source')))}, background below "
         f"{_num(metrics.get('bg_threshold'), 2)}, low saliency: "
-        f"{html.escape(str(metrics.get('low_saliency')))}.</p>"
+        f"{html.escape(str(metrics.get('low_saliency')))}"
     )
+    fill = metrics.get("salient_fill")
+    if isinstance(fill, dict):
+        floor = _num(fill.get("threshold"), 2)
+        info += f", unmined salient pixels filled from CAMs of at least {floor}"
+    info += ".</p>"
     if metrics.get("mIoU") is None:
         return head + info + '<p class="missing">no ground truth: pseudo labels not scored</p>'
     as_background = (metrics.get("unlabelled_as_background") or {}).get("mIoU")
