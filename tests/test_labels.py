@@ -1,6 +1,7 @@
 """Pseudo-label fusion rules, branch by branch, and `aepsl labels` end to end."""
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -265,6 +266,8 @@ def test_labels_crf_leaves_an_unlabelled_image_unlabelled(tmp_path):
 
 def _fake_step_cams(root: Path, out: Path, steps: int) -> None:
     """Every step's CAMs as mining keeps them: 1 on the ground truth's object of each tag."""
+    mine = out / "mine"
+    (mine / "metrics.json").write_text(json.dumps({"steps_used": list(range(1, steps + 1))}))
     from aepsl.data.datasets import load_dataset
     from aepsl.mine.extract import _save_npz
 
@@ -291,13 +294,20 @@ def test_labels_stage_with_salient_fill(folder_dataset, tmp_path, capsys):
         write_index_png(folder_dataset / "saliency" / mask_path.name, fg)
     argv = ["labels", DEMO, f"data.root={folder_dataset}", "saliency.source=dir"]
     argv += ["labels.salient_fill=true", "--out", str(out)]
+    _fake_step_cams(folder_dataset, out, 2)
+    step2 = out / "mine" / "step2" / "cams"
+    step2.rename(out / "cams2")
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err == (
-        f"aepsl labels: error: {out / 'mine'}: labels.salient_fill needs every mining step's "
-        "CAMs; run `aepsl mine` again with this --out (it keeps them now)"
+        f"aepsl labels: error: {step2}: labels.salient_fill needs the CAMs of every mining "
+        f"step used; delete the folder {out / 'mine'} and run `aepsl mine` again"
     )
-    _fake_step_cams(folder_dataset, out, 2)
+    (out / "mine" / "metrics.json").write_text(json.dumps({"steps_used": [1]}))  # 2 stopped
+    assert main(argv) == 0
+    (out / "cams2").rename(step2)
+    (out / "mine" / "metrics.json").write_text(json.dumps({"steps_used": [1, 2]}))
+    shutil.rmtree(out / "labels")
     assert main(argv) == 0
     metrics = json.loads((out / "labels" / "metrics.json").read_text())
     assert metrics["salient_fill"] == {"threshold": 0.3}

@@ -9,7 +9,8 @@ Stages meet only through these files; this module is the one place that names th
     step<t>/classifier.pt               the step's classifier (state dict + its settings)
     step<t>/train.json                  final training loss
     step<t>/regions/<id>.png            regions mined at step t (k = class, 255 = conflict)
-    step<t>/cams/<id>.npz               with mine.save_cams: keys, cams (float16, K x H x W)
+    step<t>/cams/<id>.npz               with mine.save_cams or labels.salient_fill: keys, cams
+                                        (float16, K x H x W)
     step<t>/cams/<id>.npy               ... with mine.cam_format=irn: IRN's dict (external.py)
     step<t>/vis/<id>.png                erased image | CAM | regions, for a few images
     step<t>/done.json                   the step's metrics, written last

@@ -167,8 +167,9 @@ def _label_image(
     background, saliency = _background(config, sample, regions.shape, run, cams)
     labels = fuse_pseudo_label(regions, background, config.labels.low_saliency)
     if fill_cams:
-        steps = [image_cams(f, sample, num_classes, regions.shape) for f in fill_cams]
-        most = np.maximum.reduce(steps)  # each class's evidence in any step
+        most = image_cams(fill_cams[0], sample, num_classes, regions.shape)
+        for folder in fill_cams[1:]:  # each class's evidence in any step
+            np.maximum(most, image_cams(folder, sample, num_classes, regions.shape), out=most)
         labels = fill_from_cams(
             labels, most, list(sample.labels), background, config.labels.fill_threshold
         )
@@ -277,20 +278,22 @@ def _last_step_cams(config: Config, run: RunLayout) -> Path | None:
 
 
 def _fill_cams(config: Config, run: RunLayout) -> list[Path]:
-    """The CAM folders labels.salient_fill reads: labels.cams_dir, or every mining step's saved
-    CAMs (mining keeps them when salient_fill is set); none without salient_fill."""
+    """The CAM folders labels.salient_fill reads: labels.cams_dir, or the saved CAMs of each
+    mining step the union used (mining keeps them when salient_fill is set; a step
+    mine.auto_stop stopped has none); none without salient_fill."""
     if not config.labels.salient_fill:
         return []
     if config.labels.cams_dir:
         return [Path(config.labels.cams_dir)]
-    folders = [run.step(s).cams for s in run.steps_on_disk()]
-    if config.mine.step1_cams and folders and not folders[0].is_dir():
+    used = read_json(run.mine_metrics, run.redo("mine")).get("steps_used", [])
+    folders = [run.step(s).cams for s in used]
+    if config.mine.step1_cams and 1 in used and not folders[0].is_dir():
         folders[0] = Path(config.mine.step1_cams)  # step 1's CAMs were made elsewhere
     missing = [folder for folder in folders if not folder.is_dir()]
     if missing or not folders:
         raise UserError(
-            f"{missing[0] if missing else run.mine}: labels.salient_fill needs every mining "
-            "step's CAMs; run `aepsl mine` again with this --out (it keeps them now)"
+            f"{missing[0] if missing else run.mine_metrics}: labels.salient_fill needs the "
+            f"CAMs of every mining step used; {run.redo('mine')}"
         )
     return folders
 
