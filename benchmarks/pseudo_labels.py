@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("overrides", nargs="*")
     parser.add_argument("--out", required=True, help="run folder holding mine/ with saved CAMs")
     parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
+    args = parser.parse_intermixed_args()  # --out between the config and its overrides
     source = Path(args.out)
     rows = []
     with tempfile.TemporaryDirectory() as scratch:

@@ -320,3 +320,29 @@ def test_labels_stage_with_salient_fill(folder_dataset, tmp_path, capsys):
     assert stage_digests(fill)["labels"] != stage_digests(plain)["labels"]
     assert fill.keeps_cams() and not plain.keeps_cams()
     assert stage_digests(fill)["mine"] == stage_digests(saved)["mine"]
+
+
+def test_label_breakdown_script(folder_dataset, tmp_path):
+    """benchmarks/label_breakdown.py on a labelled run: object pixels split into shares that sum
+    to 1, and the fill's rows with CAMs on the objects fully precise."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    _fake_mine(folder_dataset, out)
+    _fake_step_cams(folder_dataset, out, 2)
+    argv = [f"data.root={folder_dataset}", "labels.workers=1"]
+    assert main(["labels", DEMO, *argv, "--out", str(out)]) == 0
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "label_breakdown.py"
+    result = subprocess.run(
+        [sys.executable, str(script), DEMO, "--out", str(out), *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    shares = [float(w) for w in lines[1].replace(",", " ").split() if w[0].isdigit()]
+    assert sum(shares[:4]) == pytest.approx(1, abs=0.002)
+    fills = [line.split() for line in lines[4:]]
+    assert len(fills) == 8 and all(float(row[-2]) in (0.0, 1.0) for row in fills)
