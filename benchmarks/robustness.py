@@ -18,7 +18,7 @@ and the method's) and runs `aepsl run` into OUT/<cell>/seed<s>/<variant>:
   (`labels.dir=DATA/masks`: no mining, no pseudo labels; same network, crops, schedule and
   length as after). Every other variant's val mIoU is also given as a fraction of sup's, per
   seed (the columns /sup);
-- steps1 / ms1 / round2 / crfrefine / crffill / fill (--levers), each built on a finished after:
+- steps1 / ms1 / round2 / crfrefine / crffill / nofill (--levers), each built on a finished after:
   steps1 the pseudo labels from after's step-1 CAMs alone (`labels.cams_dir`: one erasing step,
   no mining again); ms1 one erasing step with after's step-1 classifier (copied: its training
   does not depend on how CAMs are taken, so its time leaves that training out) and CAMs at the
@@ -27,8 +27,9 @@ and the method's) and runs `aepsl run` into OUT/<cell>/seed<s>/<variant>:
   retrained on after's CRF-refined predictions of the training images, classes the image is
   not tagged with unlabelled (`aepsl predict --split train --crf`, then labels.dir);
   crfrefine / crffill after's mine/ (copied) with a dense CRF on the pseudo labels
-  (`labels.crf=refine` / `fill`); fill after's mine/ (copied) with the salient pixels no step
-  mined labelled from the steps' CAMs (`labels.salient_fill=true`);
+  (`labels.crf=refine` / `fill`); nofill after's mine/ (copied) with the salient pixels no step
+  mined left unlabelled (`labels.salient_fill=false`, the preset's until the eighth pass of
+  docs/robustness.md; that pass's `fill` runs are today's `after`, its `after` today's `nofill`);
 - psl / nopsl: (--psl-ablation) `after` with `train.psl` the other way round: `psl` (PSL on)
   when the preset trains on the pseudo labels alone, as own_data.yaml does, `nopsl` (the pseudo
   labels alone) when it trains with PSL; it reuses after's mine/ and labels/ (copied), so only
@@ -134,12 +135,12 @@ def ints(text: str) -> list[int]:
 
 
 PSL_RUNS = ("psl", "nopsl")
-LEVERS = ("steps1", "ms1", "round2", "crfrefine", "crffill", "fill")  # --levers: on after
+LEVERS = ("steps1", "ms1", "round2", "crfrefine", "crffill", "nofill")  # --levers: on after
 MULTI_SCALE = ["mine.cam_scales=[1.0,0.5,1.5,2.0]", "mine.cam_flip=true"]  # the field's (IRN's)
 LABEL_CRF = {"crfrefine": "refine", "crffill": "fill"}  # after's regions, labels.crf set
 LABEL_LEVERS = {  # after's mine/ (copied, same settings), labels built another way
     **{name: f"labels.crf={mode}" for name, mode in LABEL_CRF.items()},
-    "fill": "labels.salient_fill=true",
+    "nofill": "labels.salient_fill=false",
 }
 ROUND2_LABELS = "round2_labels"  # the PSL ablation's run, named after its train.psl
 
@@ -540,7 +541,7 @@ def verdicts(
             (("round2", "after"), "a second round", "one round"),
             (("crfrefine", "after"), "the CRF on the pseudo labels (refine)", "none"),
             (("crffill", "after"), "the CRF on the pseudo labels (fill)", "none"),
-            (("fill", "after"), "salient pixels filled from the CAMs", "left unlabelled"),
+            (("after", "nofill"), "salient pixels filled from the CAMs", "left unlabelled"),
         )
         for (first, second), name, other in comparisons:
             missing = {first, second} & left_out
@@ -595,8 +596,8 @@ def main() -> None:
         help="also steps1 (pseudo labels from after's step-1 CAMs: one erasing step), ms1 (one "
         "step, after's step-1 classifier, CAMs at scales 1, 0.5, 1.5, 2 and flipped), round2 "
         "(retrained on after's CRF-refined predictions of the training images), crfrefine and "
-        "crffill (after's regions, labels.crf=refine / fill), fill (after's regions, "
-        "labels.salient_fill=true)",
+        "crffill (after's regions, labels.crf=refine / fill), nofill (after's regions, "
+        "labels.salient_fill=false)",
     )
     parser.add_argument(
         "--only",

@@ -35,12 +35,14 @@ def test_label_crf_levers_reuse_afters_mining(tmp_path):
         assert f"labels.crf={mode}" in robustness.variant_overrides(variant, 1.0, preset, tmp_path)
 
 
-def test_fill_lever_reuses_afters_mining(tmp_path):
-    after, fill = _digests("after", tmp_path), _digests("fill", tmp_path)
-    assert fill["mine"] == after["mine"]  # after keeps its CAMs: the copied mine/ is skipped
-    assert fill["labels"] != after["labels"]
+def test_nofill_lever_reuses_afters_mining(tmp_path):
+    after, nofill = _digests("after", tmp_path), _digests("nofill", tmp_path)
+    assert nofill["mine"] == after["mine"]  # after keeps its CAMs: the copied mine/ is skipped
+    assert nofill["labels"] != after["labels"]
     preset = load_config(robustness.PRESET, ["data.root=."])
-    assert "labels.salient_fill=true" in robustness.variant_overrides("fill", 1.0, preset, tmp_path)
+    assert preset.labels.salient_fill  # the preset fills; the lever leaves them unlabelled
+    overrides = robustness.variant_overrides("nofill", 1.0, preset, tmp_path)
+    assert "labels.salient_fill=false" in overrides
 
 
 def test_only_names_variants_of_the_grid(tmp_path):
