@@ -43,6 +43,12 @@ def test_nofill_lever_reuses_afters_mining(tmp_path):
     assert preset.labels.salient_fill  # the preset fills; the lever leaves them unlabelled
     overrides = robustness.variant_overrides("nofill", 1.0, preset, tmp_path)
     assert "labels.salient_fill=false" in overrides
+    # a user turning the preset's fill off re-runs labels and train, not mining
+    own, off = (
+        stage_digests(load_config(robustness.PRESET, ["data.root=.", *extra]))
+        for extra in ([], ["labels.salient_fill=false"])
+    )
+    assert own["mine"] == off["mine"] and own["labels"] != off["labels"]
 
 
 def test_only_names_variants_of_the_grid(tmp_path):
