@@ -18,11 +18,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-
 from aepsl.config import load_config
 from aepsl.data.datasets import load_dataset
-from aepsl.external import image_cams
+from aepsl.external import image_cams, most_image_cams
 from aepsl.io import read_gray_png, read_index_png, read_json
 from aepsl.labelmap import IGNORE
 from aepsl.labels.fusion import fill_from_cams
@@ -68,12 +66,9 @@ def main() -> None:
         counts["bg_as_object"] += int((bg & (label != 0) & ~unlabelled).sum())
         tags = list(sample.labels)
         shape = mask.shape
-        step1 = image_cams(run.step(used[0]).cams, sample, data.num_classes, shape)
-        most = step1.copy()
-        for step in used[1:]:
-            np.maximum(
-                most, image_cams(run.step(step).cams, sample, data.num_classes, shape), out=most
-            )
+        folders = [run.step(step).cams for step in used]
+        step1 = image_cams(folders[0], sample, data.num_classes, shape)
+        most = most_image_cams(folders, sample, data.num_classes, shape)
         for (name, floor), tally in fills.items():
             cams = step1 if name == "step 1" else most
             filled = fill_from_cams(label, cams, tags, ~salient, floor)

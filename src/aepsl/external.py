@@ -29,7 +29,7 @@ import math
 import pickle
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -364,6 +364,17 @@ def image_cams(
             peak = cam.max()
             out[row] = cam / max(peak, 1e-5)
     return out
+
+
+def most_image_cams(
+    folders: Sequence[str | Path], sample: Sample, num_classes: int, shape: tuple[int, int]
+) -> np.ndarray:
+    """Per class the most of `sample`'s CAMs (image_cams) over `folders` (at least one): each
+    class's evidence in any of them, e.g. any erasing step."""
+    most = image_cams(folders[0], sample, num_classes, shape)
+    for folder in folders[1:]:
+        np.maximum(most, image_cams(folder, sample, num_classes, shape), out=most)
+    return most
 
 
 def write_irn_cam(path: Path, keys: list[int], strided: np.ndarray, high_res: np.ndarray) -> None:

@@ -34,7 +34,7 @@ from aepsl.data.datasets import (
 )
 from aepsl.errors import UserError
 from aepsl.evaluation import evaluate_folder
-from aepsl.external import check_pseudo_labels, image_cams
+from aepsl.external import check_pseudo_labels, image_cams, most_image_cams
 from aepsl.health import check_folder
 from aepsl.inference.crf_params import CrfParams
 from aepsl.inference.meanfield import mean_field_labels
@@ -167,9 +167,7 @@ def _label_image(
     background, saliency = _background(config, sample, regions.shape, run, cams)
     labels = fuse_pseudo_label(regions, background, config.labels.low_saliency)
     if fill_cams:
-        most = image_cams(fill_cams[0], sample, num_classes, regions.shape)
-        for folder in fill_cams[1:]:  # each class's evidence in any step
-            np.maximum(most, image_cams(folder, sample, num_classes, regions.shape), out=most)
+        most = most_image_cams(fill_cams, sample, num_classes, regions.shape)
         labels = fill_from_cams(
             labels, most, list(sample.labels), background, config.labels.fill_threshold
         )
